@@ -1,0 +1,270 @@
+"""Coupling layers: x1 passes unchanged and conditions an invertible map of x2.
+
+x1 = the first ⌈C/2⌉ channels, x2 = the last c = ⌊C/2⌋. A net (the paper's residual ConvNet,
+zero-initialised so that every coupling starts as the identity) maps x1 to parameters h, and each
+coupling only says how h transforms x2. Raw outputs that become scales or matrix entries pass
+through a scale map chosen by name (:data:`SCALE_MAPS`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..linalg import expm_action, phi
+from .actnorm import DataInitAffine
+from .base import FlowLayer, check_input
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "BoundedTanh",
+    "Coupling",
+    "CouplingNet",
+    "ExpScale",
+    "MatrixExpCoupling",
+    "SCALE_MAPS",
+    "SigmoidScale",
+]
+
+
+# ----------------------------------------------------------------------------- scale maps
+
+
+class BoundedTanh(nn.Module):
+    """S = α·tanh(β·o + γ) + δ with learnable scalars (the paper); |S| ≤ |α| + |δ|."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1 / 8) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.beta = nn.Parameter(torch.tensor(float(beta)))
+        self.gamma = nn.Parameter(torch.tensor(0.0))
+        self.delta = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, o: Tensor) -> Tensor:
+        return self.alpha * torch.tanh(self.beta * o + self.gamma) + self.delta
+
+
+class SigmoidScale(nn.Module):
+    """Glow's scale sigmoid(o + 2), as a log-scale: S = log sigmoid(o + 2) < 0."""
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__()
+
+    def forward(self, o: Tensor) -> Tensor:
+        return F.logsigmoid(o + 2.0)
+
+
+class ExpScale(nn.Module):
+    """Unbounded: S = o (scale e^o), as in RealNVP without a bound."""
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__()
+
+    def forward(self, o: Tensor) -> Tensor:
+        return o
+
+
+SCALE_MAPS: dict[str, type[nn.Module]] = {"tanh": BoundedTanh, "sigmoid": SigmoidScale, "exp": ExpScale}
+
+
+def make_scale_map(name: str, alpha: float) -> nn.Module:
+    if name not in SCALE_MAPS:
+        raise ValueError(f"unknown scale map {name!r}; choose one of {sorted(SCALE_MAPS)}")
+    return SCALE_MAPS[name](alpha=alpha)
+
+
+# ----------------------------------------------------------------------------- the coupling net
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+class ResidualBlock(nn.Module):
+    """[conv3×3 + Norm + ELU → conv1×1 + Norm + ELU → conv3×3 + Norm(zero)] + skip."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv(hidden, hidden, 3), DataInitAffine(hidden), nn.ELU(),
+            _conv(hidden, hidden, 1), DataInitAffine(hidden), nn.ELU(),
+            _conv(hidden, hidden, 3), DataInitAffine(hidden, zero=True),
+        )  # fmt: skip
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.body(h)
+
+
+class CouplingNet(nn.Module):
+    """The paper's coupling net: conv3×3 + Norm + ELU, residual blocks, ELU, zero conv3×3 to outputs."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 128, num_blocks: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv(in_channels, hidden_channels, 3), DataInitAffine(hidden_channels), nn.ELU())
+        self.blocks = nn.Sequential(*(ResidualBlock(hidden_channels) for _ in range(num_blocks)))
+        self.head = _conv(hidden_channels, out_channels, 3)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.elu(self.blocks(self.stem(x))))
+
+
+# ----------------------------------------------------------------------------- couplings
+
+
+class Coupling(FlowLayer):
+    """Template: split, run the net on x1, transform x2, concatenate.
+
+    Subclasses set ``params_per_channel`` (net outputs per channel of x2, or override
+    ``num_params``) and implement ``transform`` and ``inverse_transform``.
+    """
+
+    default_alpha = 1.0
+    uses_scale = True
+
+    def __init__(self, channels: int, hidden_channels: int = 128, num_blocks: int = 8, scale: str = "tanh") -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 channels, got {channels}")
+        self.channels = channels
+        self.c1 = (channels + 1) // 2
+        self.c2 = channels // 2
+        self.net = CouplingNet(self.c1, self.num_params(self.c2), hidden_channels, num_blocks)
+        self.scale = make_scale_map(scale, self.alpha(self.c2)) if self.uses_scale else None
+
+    def num_params(self, c: int) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def alpha(self, c: int) -> float:
+        return self.default_alpha
+
+    def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def inverse_transform(self, y2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_input(x, self.channels, type(self).__name__)
+        x1, x2 = x[:, : self.c1], x[:, self.c1 :]
+        y2, logdet = self.transform(x2, self.net(x1))
+        return torch.cat([x1, y2], dim=1), logdet
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_input(y, self.channels, type(self).__name__)
+        y1, y2 = y[:, : self.c1], y[:, self.c1 :]
+        x2, logdet = self.inverse_transform(y2, self.net(y1))
+        return torch.cat([y1, x2], dim=1), logdet
+
+
+class AdditiveCoupling(Coupling):
+    """y2 = x2 + t(x1); log|det| = 0 (NICE). Takes no scale map."""
+
+    uses_scale = False
+
+    def num_params(self, c: int) -> int:
+        return c
+
+    def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        return x2 + h, x2.new_zeros(x2.shape[0])
+
+    def inverse_transform(self, y2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        return y2 - h, y2.new_zeros(y2.shape[0])
+
+
+class AffineCoupling(Coupling):
+    """y2 = e^S ⊙ x2 + t, S = scale_map(o); log|det| = Σ S (RealNVP / Glow)."""
+
+    def num_params(self, c: int) -> int:
+        return 2 * c
+
+    def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.scale(h[:, self.c2 :]), h[:, : self.c2]
+
+    def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        S, t = self._scale_shift(h)
+        return torch.exp(S) * x2 + t, S.sum(dim=(1, 2, 3))
+
+    def inverse_transform(self, y2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        S, t = self._scale_shift(h)
+        return (y2 - t) * torch.exp(-S), -S.sum(dim=(1, 2, 3))
+
+
+class MatrixExpCoupling(Coupling):
+    """The paper's coupling: y2_ij = e^{S_ij} x2_ij + t_ij per pixel; log|det| = Σ_ij tr S_ij.
+
+    S_ij is a full c×c matrix while c ≤ ``full_max`` (24), else of rank k (``rank``, 3):
+    S = A B with A c×k, B k×c, and e^{AB} x = x + A φ(BA) B x (only k×k matrices are formed).
+    The full form applies e^S to x2 directly (:func:`~mefbench.linalg.expm_action`: matrix-vector
+    products only, O(m·c²) per pixel, no c×c exponential is formed). Entries of S (of A and B)
+    pass through the scale map, with α initialised to 1/c (1/√(c·k) for the factors), so
+    ∥S∥∞ ≤ 1 at init.
+
+    Args:
+        rank: None for automatic (full up to full_max), 0 to force full, k > 0 to force rank k.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int = 128,
+        num_blocks: int = 8,
+        scale: str = "tanh",
+        rank: int | None = None,
+        full_max: int = 24,
+        low_rank: int = 3,
+    ) -> None:
+        c2 = channels // 2
+        if rank is None:
+            rank = 0 if c2 <= full_max else low_rank
+        if rank < 0:
+            raise ValueError(f"MatrixExpCoupling rank must be >= 0 (0 = full), got {rank}")
+        self.rank = rank
+        super().__init__(channels, hidden_channels, num_blocks, scale)
+
+    def num_params(self, c: int) -> int:
+        return c * (c + 1) if self.rank == 0 else c * (2 * self.rank + 1)
+
+    def alpha(self, c: int) -> float:
+        return 1.0 / c if self.rank == 0 else 1.0 / math.sqrt(c * self.rank)
+
+    def _unpack(self, h: Tensor) -> tuple[Tensor, ...]:
+        """Shift t (B, c, H, W) and, moved to the last dims per pixel, S (B, H, W, c, c) or A, B."""
+        b, _, hh, ww = h.shape
+        c, k = self.c2, self.rank
+        t = h[:, :c]
+        entries = self.scale(h[:, c:]).permute(0, 2, 3, 1)
+        if k == 0:
+            return t, entries.reshape(b, hh, ww, c, c)
+        A = entries[..., : c * k].reshape(b, hh, ww, c, k)
+        B = entries[..., c * k :].reshape(b, hh, ww, k, c)
+        return t, A, B
+
+    def _exp_action(self, mats: tuple[Tensor, ...], x: Tensor, sign: float) -> tuple[Tensor, Tensor]:
+        """e^{±S} x for x (B, c, H, W), and Σ tr(±S) per sample."""
+        v = x.permute(0, 2, 3, 1)
+        if len(mats) == 1:
+            (S,) = mats
+            out = expm_action(sign * S, v)
+            trace = torch.diagonal(S, dim1=-2, dim2=-1).sum(dim=(1, 2, 3))
+        else:
+            A, B = mats
+            BA = B @ A
+            Bv = (B @ v.unsqueeze(-1))
+            out = v + (A @ (phi(sign * BA) @ Bv)).squeeze(-1) * sign
+            trace = torch.diagonal(BA, dim1=-2, dim2=-1).sum(dim=(1, 2, 3))
+        return out.permute(0, 3, 1, 2), sign * trace
+
+    def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        t, *mats = self._unpack(h)
+        y, logdet = self._exp_action(tuple(mats), x2, 1.0)
+        return y + t, logdet
+
+    def inverse_transform(self, y2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        t, *mats = self._unpack(h)
+        return self._exp_action(tuple(mats), y2 - t, -1.0)

@@ -1,0 +1,214 @@
+import io
+
+import pytest
+import torch
+
+import mefbench.layers as L
+
+
+def _perturb(layer: torch.nn.Module, scale: float = 0.1) -> None:
+    """Move every parameter away from its identity init (data init first, in training mode)."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _ready(layer: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
+    layer.train()
+    layer(torch.randn(8, *shape))  # data-dependent init where the layer has one
+    _perturb(layer)
+    return layer.eval()
+
+
+# name -> (factory, per-sample shape)
+LAYERS = {
+    **{f"conv1x1-{k}": (lambda k=k: L.CONV1X1[k](4), (4, 3, 2)) for k in L.CONV1X1},
+    **{f"coupling-{k}": (lambda k=k: L.COUPLING[k](5, hidden_channels=8, num_blocks=1), (5, 2, 2)) for k in L.COUPLING},
+    "coupling-affine-sigmoid": (lambda: L.AffineCoupling(4, 8, 1, scale="sigmoid"), (4, 2, 2)),
+    "coupling-affine-exp": (lambda: L.AffineCoupling(4, 8, 1, scale="exp"), (4, 2, 2)),
+    "coupling-matexp-exp": (lambda: L.MatrixExpCoupling(6, 8, 1, scale="exp"), (6, 2, 2)),
+    "coupling-matexp-lowrank": (lambda: L.MatrixExpCoupling(8, 8, 1, rank=2), (8, 2, 2)),
+    "coupling-matexp-auto-lowrank": (lambda: L.MatrixExpCoupling(10, 8, 1, full_max=4), (10, 1, 2)),
+    "actnorm-channel": (lambda: L.ActNorm(3), (3, 2, 3)),
+    "actnorm-activation": (lambda: L.ActNorm(3, per="activation", size=(2, 3)), (3, 2, 3)),
+    "squeeze-subpixel": (lambda: L.Squeeze("subpixel"), (2, 4, 2)),
+    "squeeze-channel": (lambda: L.Squeeze("channel"), (2, 4, 2)),
+    "sequential": (
+        lambda: L.FlowSequential(L.ActNorm(4), L.MatrixExpConv1x1(4), L.MatrixExpCoupling(4, 8, 1)),
+        (4, 2, 2),
+    ),
+}
+
+
+@pytest.fixture(params=sorted(LAYERS))
+def layer_and_shape(request):
+    factory, shape = LAYERS[request.param]
+    return _ready(factory(), shape), shape
+
+
+@pytest.fixture(params=sorted(LAYERS))
+def named_layer(request):
+    factory, shape = LAYERS[request.param]
+    return _ready(factory(), shape), shape, factory
+
+
+def test_round_trip_float64(layer_and_shape):
+    layer, shape = layer_and_shape
+    x = torch.randn(3, *shape)
+    y, _ = layer(x)
+    x_back, _ = layer.inverse(y)
+    assert x_back.shape == x.shape
+    assert torch.allclose(x_back, x, atol=1e-10, rtol=0)
+
+
+def test_round_trip_float32(layer_and_shape):
+    layer, shape = layer_and_shape
+    layer = layer.float()
+    x = torch.randn(3, *shape, dtype=torch.float32)
+    x_back, _ = layer.inverse(layer(x)[0])
+    assert torch.allclose(x_back, x, atol=1e-4, rtol=0)
+
+
+def test_logdet_matches_autograd_jacobian(layer_and_shape):
+    layer, shape = layer_and_shape
+    x = torch.randn(2, *shape)
+    y, logdet = layer(x)
+    assert logdet.shape == (2,)
+    for i in range(2):
+        J = torch.autograd.functional.jacobian(lambda v: layer(v.reshape(1, *shape))[0].reshape(-1), x[i].reshape(-1))
+        assert torch.allclose(logdet[i], torch.linalg.slogdet(J).logabsdet, atol=1e-9)
+    _, inv_logdet = layer.inverse(y)
+    assert torch.allclose(inv_logdet, -logdet, atol=1e-9)
+
+
+def test_every_parameter_gets_a_gradient(layer_and_shape):
+    layer, shape = layer_and_shape
+    if not list(layer.parameters()):
+        pytest.skip("no parameters")
+    layer.train()
+    y, logdet = layer(torch.randn(4, *shape))
+    x_back, inv_logdet = layer.inverse(y.detach() + 0.1)
+    ((y**2).sum() + logdet.sum() + (x_back**2).sum() + inv_logdet.sum()).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_state_dict_round_trip_gives_identical_outputs(named_layer):
+    layer, shape, factory = named_layer
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = factory()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.eval()
+    x = torch.randn(2, *shape)
+    y1, ld1 = layer(x)
+    fresh.train()  # an initialised ActNorm must not re-initialise after loading
+    y2, ld2 = fresh(x)
+    assert torch.equal(y1, y2) and torch.equal(ld1, ld2)
+
+
+def test_registries():
+    assert sorted(L.CONV1X1) == ["matexp", "plu", "standard"]
+    assert sorted(L.COUPLING) == ["additive", "affine", "matexp"]
+    for cls in L.CONV1X1.values():
+        cls(3)
+    for cls in L.COUPLING.values():
+        cls(4, hidden_channels=4, num_blocks=1)
+
+
+@pytest.mark.parametrize("name", sorted(L.COUPLING))
+def test_couplings_start_as_identity(name):
+    layer = L.COUPLING[name](6, hidden_channels=8, num_blocks=2)
+    x = torch.randn(4, 6, 2, 2)
+    y, logdet = layer(x)
+    assert torch.allclose(y, x) and torch.allclose(logdet, torch.zeros(4))
+
+
+def test_matexp_conv_init_is_orthogonal_and_cached_in_eval():
+    layer = L.MatrixExpConv1x1(5).eval()
+    W = layer.W.detach()
+    assert torch.allclose(W, -W.T, atol=1e-7)
+    _, logdet = layer(torch.randn(1, 5, 2, 2))
+    assert abs(float(logdet.detach())) < 1e-6
+    with torch.no_grad():
+        layer(torch.randn(1, 5, 2, 2))
+        first = layer._cache[1]
+        layer(torch.randn(1, 5, 2, 2))
+        assert layer._cache[1] is first  # reused
+        layer.W.add_(0.1)
+        layer(torch.randn(1, 5, 2, 2))
+        assert layer._cache[1] is not first  # rebuilt after the parameter changed
+
+
+def test_matexp_coupling_rank_selection():
+    assert L.MatrixExpCoupling(48, 4, 1).rank == 0  # c = 24: full
+    assert L.MatrixExpCoupling(50, 4, 1).rank == 3  # c = 25: rank 3
+    assert L.MatrixExpCoupling(8, 4, 1, rank=2).net.head.out_channels == 4 * 5
+    assert L.MatrixExpCoupling(8, 4, 1).net.head.out_channels == 4 * 5
+
+
+def test_matexp_coupling_bounded_at_init():
+    layer = L.MatrixExpCoupling(12, 8, 1)
+    with torch.no_grad():
+        layer.net.head.weight.normal_(0, 100.0)
+    t, S = layer._unpack(layer.net(torch.randn(2, 6, 3, 3)))
+    assert S.abs().sum(-1).amax() <= 1.0 + 1e-12
+
+
+def test_actnorm_data_init_and_constant_channels():
+    x = torch.randn(16, 3, 4, 4) * torch.tensor([2.0, 0.5, 0.0]).reshape(1, 3, 1, 1) + 3.0
+    for per, size in (("channel", None), ("activation", (4, 4))):
+        layer = L.ActNorm(3, per=per, size=size)
+        y, logdet = layer(x)
+        assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+        assert torch.allclose(y[:, :2].mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-9)
+        assert torch.allclose(y[:, :2].std(dim=(0, 2, 3), unbiased=False), torch.ones(2), atol=1e-6)
+        assert bool(layer.initialized)
+        assert "initialized" in layer.state_dict()
+
+
+def test_squeeze_channel_orders():
+    x = torch.arange(2 * 4 * 4, dtype=torch.float64).reshape(1, 2, 4, 4)
+    sub, _ = L.Squeeze("subpixel")(x)
+    glow, _ = L.Squeeze("channel")(x)
+    C = 2
+    for dy in range(2):
+        for dx in range(2):
+            for c in range(C):
+                assert torch.equal(sub[0, (2 * dy + dx) * C + c], x[0, c, dy::2, dx::2])
+                assert torch.equal(glow[0, c * 4 + 2 * dy + dx], x[0, c, dy::2, dx::2])
+
+
+@pytest.mark.parametrize(
+    "make,bad,match",
+    [
+        (lambda: L.StandardConv1x1(4), torch.zeros(1, 3, 2, 2), "built for 4 channels, got input with 3"),
+        (lambda: L.MatrixExpConv1x1(4), torch.zeros(4, 2, 2), "4-D input"),
+        (lambda: L.PLUConv1x1(4), torch.zeros(1, 5, 2, 2), "built for 4 channels"),
+        (lambda: L.AffineCoupling(4, 4, 1), torch.zeros(1, 6, 2, 2), "built for 4 channels"),
+        (lambda: L.MatrixExpCoupling(4, 4, 1), torch.zeros(2, 4, 2), "4-D input"),
+        (lambda: L.ActNorm(3), torch.zeros(1, 2, 2, 2), "built for 3 channels"),
+        (lambda: L.ActNorm(3, per="activation", size=(2, 2)), torch.zeros(1, 3, 4, 4), r"H×W = \(2, 2\)"),
+        (lambda: L.Squeeze(), torch.zeros(1, 3, 3, 4), "even height and width"),
+        (lambda: L.Squeeze(), torch.zeros(3, 4, 4), "4-D input"),
+    ],
+)
+def test_bad_input_errors(make, bad, match):
+    with pytest.raises(ValueError, match=match):
+        make()(bad)
+
+
+@pytest.mark.parametrize("name", sorted(L.COUPLING))
+def test_coupling_needs_two_channels(name):
+    with pytest.raises(ValueError, match="needs at least 2 channels, got 1"):
+        L.COUPLING[name](1, hidden_channels=4, num_blocks=1)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="scale map"):
+        L.AffineCoupling(4, 4, 1, scale="relu")
+    with pytest.raises(ValueError, match="order"):
+        L.Squeeze("zigzag")
+    with pytest.raises(ValueError, match="size"):
+        L.ActNorm(3, per="activation")
