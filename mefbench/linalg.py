@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "ExpmRecorder",
+    "NonFiniteError",
     "expm",
     "expm_action",
     "inf_norm",
@@ -29,6 +30,10 @@ __all__ = [
     "series_terms",
     "taylor_tolerance",
 ]
+
+class NonFiniteError(ValueError):
+    """A matrix with inf or NaN entries was passed to a matrix exponential."""
+
 
 # ∥X / 2^s∥∞ ≤ THETA after scaling (the paper's choice: s = ⌈log2 max(n, 1/2)⌉ + 1).
 THETA = 0.5
@@ -122,7 +127,7 @@ def _max_norm(X: Tensor) -> float:
         return 0.0
     value = float(inf_norm(X.detach()).max())
     if not math.isfinite(value):
-        raise ValueError(f"matrix exponential of a non-finite matrix (∞-norm {value})")
+        raise NonFiniteError(f"matrix exponential of a non-finite matrix (∞-norm {value})")
     return value
 
 

@@ -1,0 +1,245 @@
+"""The paper's multi-scale flow (DESIGN.md §3), built from a JSON-serialisable config.
+
+Each level: squeeze, ``steps`` flow steps (ActNorm → 1×1 conv → coupling), then, except at the
+last level, half the channels are split off as a latent. Latents have a standard normal prior
+(the paper) or Glow's learned prior, conditioned at each split on the channels that go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .layers import COUPLING, CONV1X1, SCALE_MAPS, SQUEEZE_ORDERS, ActNorm, FlowSequential, Squeeze
+
+__all__ = ["FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class FlowConfig:
+    """Everything that defines a model. ``to_json``/``from_json`` round-trip it exactly."""
+
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    steps: tuple[int, ...] = (8, 4, 2)  # flow steps per level; len(steps) = number of levels
+    conv: str = "matexp"
+    coupling: str = "matexp"
+    hidden_channels: int = 128
+    num_blocks: int = 8
+    actnorm: str = "activation"  # "activation" (paper) or "channel" (Glow)
+    squeeze: str = "subpixel"  # "subpixel" (paper) or "channel" (Glow)
+    prior: str = "standard"  # "standard" (paper) or "learned" (Glow)
+    scale: str = "tanh"  # scale map of affine / matrix-exp couplings
+    coupling_rank: int | None = None  # matrix-exp coupling: None = full up to c = 24, then rank 3
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(v) for v in self.image_shape)
+        self.steps = tuple(int(v) for v in self.steps)
+        choices = {
+            "conv": sorted(CONV1X1),
+            "coupling": sorted(COUPLING),
+            "actnorm": ["activation", "channel"],
+            "squeeze": list(SQUEEZE_ORDERS),
+            "prior": ["learned", "standard"],
+            "scale": sorted(SCALE_MAPS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"FlowConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if len(self.image_shape) != 3:
+            raise ValueError(f"FlowConfig.image_shape must be (C, H, W), got {self.image_shape}")
+        c, h, w = self.image_shape
+        levels = len(self.steps)
+        if levels < 1 or min(self.steps) < 1:
+            raise ValueError(f"FlowConfig.steps needs at least one level of at least one step, got {self.steps}")
+        if h % 2**levels or w % 2**levels:
+            raise ValueError(f"{levels} levels need H and W divisible by {2**levels}, got {h}×{w}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FlowConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown FlowConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> FlowConfig:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def dims(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+
+class LearnedPrior(nn.Module):
+    """Glow's prior for a latent: N(μ, e^{2 log σ}) with (μ, log σ) = zero-init conv3×3(condition)."""
+
+    def __init__(self, cond_channels: int, channels: int, size: tuple[int, int]) -> None:
+        super().__init__()
+        if cond_channels:
+            self.conv = nn.Conv2d(cond_channels, 2 * channels, 3, padding=1)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+        else:  # the top latent: learned constants
+            self.conv = None
+            self.top = nn.Parameter(torch.zeros(1, 2 * channels, *size))
+
+    def params(self, cond: Tensor | None, batch: int) -> tuple[Tensor, Tensor]:
+        h = self.conv(cond) if self.conv is not None else self.top.expand(batch, -1, -1, -1)
+        mean, log_std = h.chunk(2, dim=1)
+        return mean, log_std
+
+
+def _standard_normal_logp(z: Tensor) -> Tensor:
+    return -0.5 * (z**2 + _LOG_2PI).flatten(1).sum(1)
+
+
+class MultiScaleFlow(nn.Module):
+    """The paper's multi-scale flow; ``log_prob``, ``bits_per_dim``, exact ``inverse``, ``sample``."""
+
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, h, w = config.image_shape
+        conv_cls, coupling_cls = CONV1X1[config.conv], COUPLING[config.coupling]
+        coupling_kwargs = {"hidden_channels": config.hidden_channels, "num_blocks": config.num_blocks}
+        if config.coupling != "additive":
+            coupling_kwargs["scale"] = config.scale
+        if config.coupling == "matexp":
+            coupling_kwargs["rank"] = config.coupling_rank
+        self.levels = nn.ModuleList()
+        self.priors = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        levels = len(config.steps)
+        for level, steps in enumerate(config.steps):
+            c, h, w = 4 * c, h // 2, w // 2
+            layers = [Squeeze(config.squeeze)]
+            for _ in range(steps):
+                layers.append(ActNorm(c, per=config.actnorm, size=(h, w)))
+                layers.append(conv_cls(c))
+                layers.append(coupling_cls(c, **coupling_kwargs))
+            self.levels.append(FlowSequential(*layers))
+            last = level == levels - 1
+            z_channels = c if last else c // 2
+            self.latent_shapes.append((z_channels, h, w))
+            if config.prior == "learned":
+                self.priors.append(LearnedPrior(0 if last else c - z_channels, z_channels, (h, w)))
+            if not last:
+                c = c - z_channels
+
+    # ------------------------------------------------------------------ the map and its inverse
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
+            raise ValueError(
+                f"MultiScaleFlow expects images of shape (B, {', '.join(map(str, self.config.image_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """x -> (latents, log|det ∂z/∂x|, log p(z)) per sample."""
+        self._check(x)
+        logdet = x.new_zeros(x.shape[0])
+        logp = x.new_zeros(x.shape[0])
+        zs = []
+        h = x
+        for i, level in enumerate(self.levels):
+            h, ld = level(h)
+            logdet = logdet + ld
+            if i < len(self.levels) - 1:
+                keep = h.shape[1] - self.latent_shapes[i][0]
+                h, z = h[:, :keep], h[:, keep:]
+            else:
+                z, h = h, None
+            zs.append(z)
+            logp = logp + self._prior_logp(i, z, h)
+        return zs, logdet, logp
+
+    def _prior_logp(self, i: int, z: Tensor, cond: Tensor | None) -> Tensor:
+        if self.config.prior == "standard":
+            return _standard_normal_logp(z)
+        mean, log_std = self.priors[i].params(cond, z.shape[0])
+        eps = (z - mean) * torch.exp(-log_std)
+        return _standard_normal_logp(eps) - log_std.flatten(1).sum(1)
+
+    def inverse(self, zs: list[Tensor]) -> Tensor:
+        """The exact inverse: latents (as returned by forward) -> images."""
+        if len(zs) != len(self.levels):
+            raise ValueError(f"inverse needs {len(self.levels)} latents, got {len(zs)}")
+        h = None
+        for i in reversed(range(len(self.levels))):
+            z = zs[i]
+            expected = self.latent_shapes[i]
+            if tuple(z.shape[1:]) != expected:
+                raise ValueError(f"latent {i} must have shape (B, {expected}), got {tuple(z.shape)}")
+            h = z if h is None else torch.cat([h, z], dim=1)
+            h, _ = self.levels[i].inverse(h)
+        return h
+
+    # ------------------------------------------------------------------ densities and samples
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) per sample, x the dequantised image in [−1, 1)."""
+        _, logdet, logp = self(x)
+        return logp + logdet
+
+    def bits_per_dim(self, x: Tensor) -> Tensor:
+        """Per-sample bits/dim of the 8-bit image behind x (DESIGN.md §3)."""
+        return bits_per_dim(self.log_prob(x), self.config.dims)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """n images in [−1, 1) (clamped), latents drawn at the given temperature."""
+        device = next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        zs: list[Tensor | None] = [None] * len(self.levels)
+        h = None
+        for i in reversed(range(len(self.levels))):
+            eps = torch.randn((n, *self.latent_shapes[i]), generator=generator, dtype=dtype).to(device)
+            if self.config.prior == "standard":
+                z = temperature * eps
+            else:
+                mean, log_std = self.priors[i].params(h, n)
+                z = mean + temperature * torch.exp(log_std) * eps
+            zs[i] = z
+            h = z if h is None else torch.cat([h, z], dim=1)
+            h, _ = self.levels[i].inverse(h)
+        return h.clamp(-1, 1 - 1 / 256)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent init (ActNorm and the coupling nets' norms) on one batch."""
+        was_training = self.training
+        self.train()
+        self(x)
+        self.train(was_training)
+
+
+def bits_per_dim(log_prob: Tensor, dims: int) -> Tensor:
+    """bits/dim = −(log p(x) − D·ln 128) / (D·ln 2) for x scaled to [−1, 1) (DESIGN.md §3)."""
+    return -(log_prob - dims * math.log(128)) / (dims * math.log(2))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
