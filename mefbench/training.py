@@ -254,7 +254,9 @@ def evaluate(
     """Mean test bits/dim over uint8 images, one dequantisation sample per image (fixed seed)."""
     was_training = model.training
     model.eval()
-    g = _generator(seed, 7)
+    rank, world = _rank_world()
+    images = images[rank::world]  # each rank its share; the sums are reduced below
+    g = _generator(seed, 7, rank)
     total, count = 0.0, 0
     for start in range(0, len(images), batch_size):
         batch = dequantize(images[start : start + batch_size], generator=g).to(device)
@@ -341,7 +343,13 @@ def train(
                 f"{run_dir} already holds a run (status {previous.get('status')!r}); "
                 "pass --resume to continue it or choose another --out"
             )
-        if previous["model"] != model_config.to_dict() or _comparable(previous["train"]) != _comparable(cfg.to_dict()):
+        try:
+            same = FlowConfig.from_dict(previous["model"]) == model_config and _comparable(
+                TrainConfig.from_dict(previous["train"])
+            ) == _comparable(cfg)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"corrupt run record {record_path}: {exc}") from exc
+        if not same:
             raise RunError(f"{run_dir} holds a run with a different configuration; choose another --out")
         if previous.get("status") in ("finished", "diverged"):
             return previous
@@ -368,7 +376,7 @@ def train(
 
     # ----- model, data-dependent init on the same images on every rank
     torch.manual_seed(cfg.seed)
-    model = MultiScaleFlow(model_config).to(dev)
+    model = MultiScaleFlow(model_config).to(dev, torch.float32)  # training is single precision
     init_idx = torch.randperm(len(train_images), generator=_generator(cfg.seed, 1))[: cfg.init_batch]
     init_x = dequantize(train_images[init_idx], generator=_generator(cfg.seed, 2)).to(dev)
     if world > 1:
@@ -488,9 +496,9 @@ def train(
     return record
 
 
-def _comparable(train_dict: dict) -> dict:
+def _comparable(cfg: TrainConfig) -> TrainConfig:
     """Training settings that must match to resume (where the data lives may move)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in train_dict.items() if k != "data_dir"}
+    return dataclasses.replace(cfg, data_dir=None)
 
 
 def _write(path: Path, record: dict) -> None:
@@ -556,7 +564,7 @@ def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device
     ckpt_path = Path(run_dir) / CHECKPOINT
     if not ckpt_path.exists():
         raise RunError(f"{run_dir} has no {CHECKPOINT}: the run finished no epoch")
-    model = MultiScaleFlow(FlowConfig.from_dict(record["model"]))
+    model = MultiScaleFlow(FlowConfig.from_dict(record["model"])).float()
     ckpt = load_checkpoint(ckpt_path)
     if ema:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}

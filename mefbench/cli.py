@@ -1,0 +1,253 @@
+"""The ``mefbench`` command: train, sample, presets, sweep, report, reproduce, bench."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_common_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _data_dirs(values: list[str] | None) -> dict[str, str]:
+    """--data-dir PATH (every dataset) or --data-dir DATASET=PATH, repeatable."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if sep and not Path(value).exists():
+            out[name] = path
+        else:
+            out["*"] = value
+    return out
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    rows = [
+        (p.name, p.scale, ",".join(map(str, p.tables)) or "-", p.train.dataset, p.description)
+        for p in sorted(PRESETS.values(), key=lambda p: (("smoke", "cpu", "paper").index(p.scale), p.name))
+    ]
+    widths = [max(len(r[i]) for r in rows + [("preset", "scale", "tables", "dataset", "")]) for i in range(4)]
+    print("  ".join(h.ljust(w) for h, w in zip(("preset", "scale", "tables", "dataset"), widths)) + "  description")
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import DATASETS
+    from .presets import get_preset
+    from .training import train
+
+    preset = get_preset(args.preset)
+    model, cfg = preset.configs()
+    changed = []
+    if args.conv:
+        model = dataclasses.replace(model, conv=args.conv)
+        changed.append(f"conv-{args.conv}")
+    if args.coupling:
+        model = dataclasses.replace(model, coupling=args.coupling)
+        changed.append(f"coupling-{args.coupling}")
+    if args.dataset:
+        if args.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
+        model = dataclasses.replace(model, image_shape=DATASETS[args.dataset].shape)
+        cfg = dataclasses.replace(cfg, dataset=args.dataset)
+        changed.append(args.dataset)
+    if args.lr is not None:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
+        changed.append(f"lr{args.lr}")
+    if args.epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=args.epochs)
+        changed.append(f"ep{args.epochs}")
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+    out = Path(args.out) if args.out else Path("runs") / "-".join([preset.name, *changed, f"seed{cfg.seed}"])
+    record = train(
+        model,
+        cfg,
+        out,
+        resume=args.resume,
+        device=args.device,
+        preset=preset.name,
+        tables=() if changed else preset.tables,  # an overridden run no longer fills the preset's cell
+        scale=preset.scale,
+        progress=not args.no_progress,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
+    final = record.get("final") or {}
+    print(f"{out}: {record['status']}", end="")
+    if final:
+        print(f", epoch {final['epochs_done']}, test bits/dim {final['test_bpd']:.4f} (EMA), {final['test_bpd_raw']:.4f} (raw)")
+    else:
+        print()
+    if record.get("diverged"):
+        d = record["diverged"]
+        print(f"diverged at step {d['step']} (epoch {d['epoch']}): loss {d['loss']}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .images import save_grid
+    from .training import load_model
+
+    model = load_model(args.run, ema=not args.raw)
+    g = torch.Generator().manual_seed(args.seed)
+    x = model.sample(args.n, temperature=args.temperature, generator=g)
+    out = Path(args.out) if args.out else Path(args.run) / f"samples-t{args.temperature:g}.png"
+    save_grid(x, out, scale=args.zoom)
+    print(out)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_tables, run_sweep
+
+    records = run_sweep(
+        parse_tables(args.table),
+        args.scale,
+        args.runs,
+        seeds=args.seeds,
+        device=args.device,
+        data_dirs=_data_dirs(args.data_dir),
+        progress=not args.no_progress,
+    )
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{len(records)} runs under {args.runs}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(
+        args.runs,
+        args.out,
+        asv_dir=args.asv,
+        bench_file=args.bench,
+        command=_command_line(),
+        samples=not args.no_samples,
+    )
+    print(path)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    _cmd_sweep(argparse.Namespace(**{**vars(args), "table": "all"}))
+    return _cmd_report(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _command_line() -> str:
+    return "mefbench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mefbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list every preset")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("train", help="train one run from a preset")
+    p.add_argument("--preset", required=True, help="a name from `mefbench presets`")
+    p.add_argument("--conv", choices=["standard", "plu", "matexp"])
+    p.add_argument("--coupling", choices=["additive", "affine", "matexp"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir", help="where cifar10 / imagenet32 / imagenet64 files are")
+    p.add_argument("--out", help="the run directory (default runs/<preset>[-overrides]-seed<N>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_common_train(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="write a PNG grid of samples from a trained run")
+    p.add_argument("--run", required=True, help="a run directory")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zoom", type=int, default=2, help="pixel scale of the PNG")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--out", help="PNG path (default <run>/samples-t<T>.png)")
+    p.set_defaults(func=_cmd_sample)
+
+    def sweep_args(p: argparse.ArgumentParser, with_table: bool) -> None:
+        if with_table:
+            p.add_argument("--table", default="all", help="2, 3, 4, 5, 6, a comma list, or all")
+        p.add_argument("--scale", choices=["smoke", "cpu", "paper"], required=True)
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--runs", default="runs", help="where run directories go")
+        p.add_argument("--data-dir", action="append", help="PATH, or DATASET=PATH (repeatable)")
+        _add_common_train(p)
+
+    def report_args(p: argparse.ArgumentParser, runs: bool) -> None:
+        if runs:
+            p.add_argument("--runs", default="runs")
+        p.add_argument("--asv", default=".asv", help="asv folder whose results/ to include, if present")
+        p.add_argument("--bench", default=None, help="JSON from `mefbench bench --json` to include")
+        p.add_argument("--out", default="reports")
+        p.add_argument("--no-samples", action="store_true", help="skip sample grids")
+
+    p = sub.add_parser("sweep", help="run every run a paper table needs")
+    sweep_args(p, with_table=True)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="write the comparison report from recorded runs")
+    report_args(p, runs=True)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("reproduce", help="sweep all tables, then report")
+    sweep_args(p, with_table=False)
+    report_args(p, runs=False)
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("bench", help="speed and accuracy of the matrix-exponential layers vs their targets")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke check)")
+    p.add_argument("--json", help="also write the rows as JSON here (the report reads it)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .training import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RunError, ValueError, FileNotFoundError) as exc:
+        print(f"mefbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

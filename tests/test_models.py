@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from mefbench.models import FlowConfig, MultiScaleFlow, bits_per_dim, count_parameters
+from mefbench.presets import PRESETS
+
+
+def _perturbed(config: FlowConfig) -> MultiScaleFlow:
+    model = MultiScaleFlow(config)
+    model.initialize(torch.rand(16, *config.image_shape) * 2 - 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+SMALL = dict(image_shape=(3, 8, 8), steps=(2, 1), hidden_channels=8, num_blocks=1)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"prior": "learned", "actnorm": "channel", "squeeze": "channel"},
+        {"conv": "plu", "coupling": "affine"},
+        {"conv": "standard", "coupling": "additive"},
+    ],
+)
+def test_exact_inverse_and_logdet(changes):
+    config = FlowConfig(**SMALL, **changes)
+    model = _perturbed(config)
+    x = torch.rand(3, *config.image_shape) * 2 - 1
+    zs, logdet, _ = model(x)
+    assert torch.allclose(model.inverse(zs), x, atol=1e-10)
+    # log-det of the whole model against the autograd Jacobian of the flattened map
+    def flat(v):
+        return torch.cat([z.reshape(-1) for z in model(v.reshape(1, *config.image_shape))[0]])
+
+    J = torch.autograd.functional.jacobian(flat, x[0].reshape(-1))
+    assert torch.allclose(logdet[0], torch.linalg.slogdet(J).logabsdet, atol=1e-8)
+
+
+def test_log_prob_of_standard_prior_is_normal_density():
+    config = FlowConfig(**SMALL)
+    model = MultiScaleFlow(config)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    zs, logdet, logp = model(x)
+    z = torch.cat([z.flatten(1) for z in zs], 1)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    assert torch.allclose(logp, expected)
+    assert torch.allclose(model.log_prob(x), logp + logdet)
+
+
+def test_bits_per_dim_formula_by_hand():
+    # D = 2 dims, log p = -3 nats: bpd = -(-3 - 2 ln 128) / (2 ln 2) = (3 + 14 ln 2) / (2 ln 2)
+    value = bits_per_dim(torch.tensor([-3.0]), 2)
+    assert value.item() == pytest.approx((3 + 14 * math.log(2)) / (2 * math.log(2)))
+    # a uniform density on [-1, 1)^D (log p = -D ln 2) is exactly 8 bits per dim
+    assert bits_per_dim(torch.tensor([-6 * math.log(2)]), 6).item() == pytest.approx(8.0)
+
+
+def test_sample_shapes_and_temperature_zero():
+    config = FlowConfig(**SMALL, prior="learned")
+    model = _perturbed(config)
+    x = model.sample(5, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, 8, 8) and torch.isfinite(x).all()
+    assert (x >= -1).all() and (x < 1).all()
+
+
+def test_paper_parameter_count():
+    """The paper's CIFAR-10 model has 37.7M parameters (Table 3)."""
+    model = MultiScaleFlow(PRESETS["paper-t2-mef-cifar10"].model)
+    assert round(count_parameters(model) / 1e6, 1) == 37.7
+
+
+def test_config_json_round_trip(tmp_path):
+    config = FlowConfig(**SMALL, prior="learned", coupling_rank=2)
+    config.to_json(tmp_path / "c.json")
+    assert FlowConfig.from_json(tmp_path / "c.json") == config
+    assert FlowConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"conv": "lu"}, "FlowConfig.conv must be one of"),
+        ({"image_shape": (3, 12, 12), "steps": (1, 1, 1)}, "divisible by 8"),
+        ({"steps": ()}, "at least one level"),
+    ],
+)
+def test_bad_config(changes, match):
+    with pytest.raises(ValueError, match=match):
+        FlowConfig(**{**SMALL, **changes})
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    model = MultiScaleFlow(FlowConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 8, 8\)"):
+        model(torch.zeros(1, 1, 8, 8))
