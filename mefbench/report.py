@@ -626,12 +626,27 @@ def _asv_section(asv_dir: str | Path | None, figdir: Path) -> list[str]:
         if df is None or len(df) == 0:
             return out + [f"Not included: no asv results in `{asv_dir}`.", ""]
         table = asv.asv_speed_table(df)
-        out += [f"From `{asv_dir}`.", "", markdown_table(table.reset_index(drop=True) if isinstance(table, pd.DataFrame) else pd.DataFrame(table)), ""]
-        asv.plot_asv_history(df, figdir / "asv_history.png")
-        if (figdir / "asv_history.png").exists():
-            out += ["![asv history](figures/asv_history.png)", ""]
     except Exception as exc:  # noqa: BLE001 -- another module's failure must not lose the rest of the report
-        out += [f"The asv section failed: {type(exc).__name__}: {exc}", ""]
+        return out + [f"Not included: reading the asv results failed: {type(exc).__name__}: {exc}", ""]
+    commits = dict(getattr(table, "attrs", {}).get("commits") or {})
+    table = pd.DataFrame(table)
+    if not isinstance(table.index, pd.RangeIndex):
+        table = table.reset_index()
+    numeric = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    table[numeric] = table[numeric].map(lambda v: f"{v:.4g}" if np.isfinite(v) else _DASH)
+    out += [
+        f"From `{asv_dir}`: times in ms of each machine's latest commit"
+        + (" (" + ", ".join(f"{m}: `{str(c)[:10]}`" for m, c in commits.items()) + ")" if commits else "")
+        + ".",
+        "",
+        markdown_table(table),
+        "",
+    ]
+    try:
+        asv.plot_asv_history(df, figdir / "asv_history.png")
+        out += ["![asv history](figures/asv_history.png)", ""]
+    except Exception as exc:  # noqa: BLE001 -- as above
+        out += [f"History figure not drawn: {type(exc).__name__}: {exc}", ""]
     return out
 
 

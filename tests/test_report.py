@@ -169,11 +169,24 @@ def test_asv_section(tmp_path, monkeypatch):
     asv_dir.mkdir()
     fake = types.ModuleType("mefbench.asv_results")
     fake.load_asv_results = lambda d: pd.DataFrame({"benchmark": ["linalg.Expm.time"], "value": [0.5]})
-    fake.asv_speed_table = lambda df: df.rename(columns={"value": "seconds"})
+
+    def speed_table(df):  # like the real one: indexed by benchmark, the commits in attrs
+        table = df.set_index("benchmark").rename(columns={"value": "vm"})
+        table.attrs["commits"] = {"vm": "0123456789abcdef"}
+        return table
+
+    def no_history(df, path):
+        raise ValueError("none of the key benchmarks has results")
+
+    fake.asv_speed_table = speed_table
     fake.plot_asv_history = lambda df, path: Image.new("RGB", (10, 10)).save(path)
     monkeypatch.setitem(sys.modules, "mefbench.asv_results", fake)
     text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
     assert "| linalg.Expm.time | 0.5 |" in text and "(figures/asv_history.png)" in text
+    assert "(vm: `0123456789`)" in text
+    fake.plot_asv_history = no_history  # the table stays, the figure is explained
+    text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
+    assert "| linalg.Expm.time | 0.5 |" in text and "History figure not drawn: ValueError: none of" in text
     fake.load_asv_results = lambda d: pd.DataFrame()
     text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
     assert "Not included: no asv results in" in text
