@@ -153,7 +153,7 @@ def test_matexp_coupling_bounded_at_init():
     with torch.no_grad():
         layer.net.head.weight.normal_(0, 100.0)
     t, S = layer._unpack(layer.net(torch.randn(2, 6, 3, 3)))
-    assert S.abs().sum(-1).amax() <= 1.0 + 1e-12
+    assert S.abs().sum(2).amax() <= 1.0 + 1e-12  # ∥S∥∞ per pixel; S is (B, c, c, H, W)
 
 
 def test_actnorm_data_init_and_constant_channels():

@@ -110,5 +110,18 @@ def test_errors():
         expm(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="non-finite"):
         expm(torch.full((2, 2), float("nan")))
-    with pytest.raises(ValueError, match="n=3"):
+    with pytest.raises(ValueError, match="to match S"):
         expm_action(torch.zeros(3, 3), torch.zeros(4))
+    with pytest.raises(ValueError, match="layout='channels'"):
+        expm_action(torch.zeros(2, 3, 3, 4), torch.zeros(2, 4, 4), layout="channels")
+
+
+def test_channels_layout_matches_last_layout():
+    S = torch.randn(3, 5, 5, 2, 2) / 3
+    x = torch.randn(3, 5, 2, 2)
+    y = expm_action(S, x, layout="channels")
+    last = expm_action(S.permute(0, 3, 4, 1, 2), x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert torch.allclose(y, last, atol=1e-13)
+    S.requires_grad_()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda S, x: expm_action(S, x, layout="channels"), (S, x))

@@ -234,30 +234,31 @@ class MatrixExpCoupling(Coupling):
         return 1.0 / c if self.rank == 0 else 1.0 / math.sqrt(c * self.rank)
 
     def _unpack(self, h: Tensor) -> tuple[Tensor, ...]:
-        """Shift t (B, c, H, W) and, moved to the last dims per pixel, S (B, H, W, c, c) or A, B."""
+        """Shift t (B, c, H, W) and S (B, c, c, H, W) — a view of the net output — or A, B per pixel."""
         b, _, hh, ww = h.shape
         c, k = self.c2, self.rank
         t = h[:, :c]
-        entries = self.scale(h[:, c:]).permute(0, 2, 3, 1)
+        entries = self.scale(h[:, c:])
         if k == 0:
-            return t, entries.reshape(b, hh, ww, c, c)
+            return t, entries.reshape(b, c, c, hh, ww)
+        entries = entries.permute(0, 2, 3, 1)
         A = entries[..., : c * k].reshape(b, hh, ww, c, k)
         B = entries[..., c * k :].reshape(b, hh, ww, k, c)
         return t, A, B
 
     def _exp_action(self, mats: tuple[Tensor, ...], x: Tensor, sign: float) -> tuple[Tensor, Tensor]:
         """e^{±S} x for x (B, c, H, W), and Σ tr(±S) per sample."""
-        v = x.permute(0, 2, 3, 1)
         if len(mats) == 1:
             (S,) = mats
-            out = expm_action(sign * S, v)
-            trace = torch.diagonal(S, dim1=-2, dim2=-1).sum(dim=(1, 2, 3))
-        else:
-            A, B = mats
-            BA = B @ A
-            Bv = (B @ v.unsqueeze(-1))
-            out = v + (A @ (phi(sign * BA) @ Bv)).squeeze(-1) * sign
-            trace = torch.diagonal(BA, dim1=-2, dim2=-1).sum(dim=(1, 2, 3))
+            out = expm_action(S if sign > 0 else -S, x.contiguous(), layout="channels")
+            trace = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2, 3))
+            return out, sign * trace
+        A, B = mats
+        v = x.permute(0, 2, 3, 1)
+        BA = B @ A
+        Bv = B @ v.unsqueeze(-1)
+        out = v + (A @ (phi(sign * BA) @ Bv)).squeeze(-1) * sign
+        trace = torch.diagonal(BA, dim1=-2, dim2=-1).sum(dim=(1, 2, 3))
         return out.permute(0, 3, 1, 2), sign * trace
 
     def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
