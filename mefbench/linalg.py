@@ -184,33 +184,47 @@ def _action_plan(norm: float, tol: float) -> tuple[int, int]:
 _BROADCAST_MAX = 1 << 20
 
 
-def _mv(A: Tensor, v: Tensor) -> Tensor:
-    """A v per (b, p)."""
+def _mv(A: Tensor, v: Tensor, out: Tensor) -> Tensor:
+    """out = A v per (b, p)."""
     if A.numel() <= _BROADCAST_MAX:
-        return (A * v.unsqueeze(1)).sum(2)
-    y = A[:, :, 0] * v[:, 0:1]
+        return torch.sum(A * v.unsqueeze(1), 2, out=out)
+    torch.mul(A[:, :, 0], v[:, 0:1], out=out)
     for c in range(1, A.shape[2]):
-        y.addcmul_(A[:, :, c], v[:, c : c + 1])
-    return y
+        out.addcmul_(A[:, :, c], v[:, c : c + 1])
+    return out
 
 
-def _mv_t(A: Tensor, w: Tensor) -> Tensor:
-    """Aᵀ w per (b, p)."""
+def _mv_t(A: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """out = Aᵀ w per (b, p)."""
     if A.numel() <= _BROADCAST_MAX:
-        return (A * w.unsqueeze(2)).sum(1)
-    y = A[:, 0] * w[:, 0:1]
+        return torch.sum(A * w.unsqueeze(2), 1, out=out)
+    torch.mul(A[:, 0], w[:, 0:1], out=out)
     for r in range(1, A.shape[1]):
-        y.addcmul_(A[:, r], w[:, r : r + 1])
-    return y
+        out.addcmul_(A[:, r], w[:, r : r + 1])
+    return out
 
 
-def _hankel(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False) -> Tensor:
+    """The m Krylov vectors v, Av, …, A^{m−1}v (or with Aᵀ), stacked: (m, B, n, P)."""
+    V = v.new_empty((m, *v.shape))
+    V[0] = v
+    step = _mv_t if transpose else _mv
+    for k in range(1, m):
+        step(A, V[k - 1], V[k])
+    return V
+
+
+def _taylor_weights(m: int, like: Tensor) -> Tensor:
+    return torch.tensor([1.0 / math.factorial(k) for k in range(m)], dtype=like.dtype, device=like.device)
+
+
+def _hankel(m: int, like: Tensor) -> Tensor:
     """C[i, j] = 1/(i+j+1)! for i + j ≤ m − 2, else 0: dA = Σ_j w_j (Σ_i C[i, j] v_i)ᵀ."""
-    C = torch.zeros(m, m, dtype=torch.float64)
+    C = torch.zeros(m - 1, m - 1, dtype=torch.float64)
     for i in range(m - 1):
         for j in range(m - 1 - i):
             C[i, j] = 1.0 / math.factorial(i + j + 1)
-    return C.to(dtype=dtype, device=device)
+    return C.to(dtype=like.dtype, device=like.device)
 
 
 class _ExpmActionCF(torch.autograd.Function):
@@ -223,19 +237,13 @@ class _ExpmActionCF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: Tensor, x: Tensor, steps: int, m: int) -> Tensor:
+        coeff = _taylor_weights(m, A)
         krylov = []
-        y = x
+        y = x.contiguous()
         for _ in range(steps):
-            vs = [y]
-            for _ in range(1, m):
-                vs.append(_mv(A, vs[-1]))
-            krylov.append(torch.stack(vs))
-            total = vs[0].clone()
-            fact = 1.0
-            for k in range(1, m):
-                fact *= k
-                total.add_(vs[k], alpha=1.0 / fact)
-            y = total
+            V = _series(A, y, m)
+            krylov.append(V)
+            y = torch.tensordot(coeff, V, dims=1)
         ctx.save_for_backward(A, *krylov)
         ctx.m = m
         return y
@@ -244,23 +252,18 @@ class _ExpmActionCF(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         A, *krylov = ctx.saved_tensors
         m = ctx.m
-        C = _hankel(m, A.dtype, A.device)
-        dA = torch.zeros_like(A) if ctx.needs_input_grad[0] else None
+        coeff = _taylor_weights(m, A)
+        dA = torch.zeros_like(A) if ctx.needs_input_grad[0] and m > 1 else None
         g = g.contiguous()
         for V in reversed(krylov):
-            ws = [g]
-            for _ in range(1, m):
-                ws.append(_mv_t(A, ws[-1]))
-            if dA is not None and m > 1:
-                U = torch.tensordot(C, V, dims=([0], [0]))  # U_j = Σ_i C[i, j] v_i
+            W = _series(A, g, m, transpose=True)
+            if dA is not None:
+                U = torch.tensordot(_hankel(m, A), V[:-1], dims=([0], [0]))  # U_j = Σ_i C[i, j] v_i
                 for j in range(m - 1):
-                    dA.addcmul_(ws[j].unsqueeze(2), U[j].unsqueeze(1))
-            g_prev = ws[0].clone()
-            fact = 1.0
-            for k in range(1, m):
-                fact *= k
-                g_prev.add_(ws[k], alpha=1.0 / fact)
-            g = g_prev
+                    dA.addcmul_(W[j].unsqueeze(2), U[j].unsqueeze(1))
+            g = torch.tensordot(coeff, W, dims=1)
+        if ctx.needs_input_grad[0] and dA is None:
+            dA = torch.zeros_like(A)
         return dA, g, None, None
 
 

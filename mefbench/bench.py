@@ -1,0 +1,253 @@
+"""`mefbench bench`: the matrix-exponential layers' costs against the layers they replace.
+
+Every row times its candidates side by side in one process, interleaved (A, B, A, B, …), and
+reports the ratio of medians, so machine noise hits both sides alike. Targets are the
+performance issue's; each row prints measured value, target and whether it is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+from . import __version__
+from .layers import MatrixExpCoupling
+from .linalg import expm, expm_action, inf_norm
+from .models import FlowConfig, MultiScaleFlow
+from .presets import PRESETS
+from .training import train_step
+
+__all__ = ["PARTS", "Row", "main", "measure", "run_bench"]
+
+LEVELS = ((12, 16), (24, 8), (48, 4))  # (channels, H = W) at the paper's three levels
+
+
+@dataclass
+class Row:
+    what: str
+    shape: str
+    measured: float
+    target: str
+    unit: str
+    ok: bool | None
+    note: str = ""
+
+
+def measure(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, timed interleaved."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _backward(out: torch.Tensor) -> None:
+    out.backward()
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _action_rows(quick: bool) -> list[Row]:
+    rows = []
+    batch = 1024 if quick else 16384
+    for n in (6, 12, 24):
+        S0 = torch.randn(batch, n, n) / n
+        x0 = torch.randn(batch, n)
+
+        def ours() -> None:
+            S, x = S0.clone().requires_grad_(), x0.clone().requires_grad_()
+            expm_action(S, x).sum().backward()
+
+        def torch_ref() -> None:
+            S, x = S0.clone().requires_grad_(), x0.clone().requires_grad_()
+            (torch.linalg.matrix_exp(S) @ x.unsqueeze(-1)).sum().backward()
+
+        t = measure({"ours": ours, "torch": torch_ref}, repeats=3 if quick else 7)
+        speedup = t["torch"] / t["ours"]
+        rows.append(Row("expm_action fwd+bwd speed-up vs matrix_exp(S) @ x", f"{batch}×{n}×{n}", speedup,
+                        "≥ 10×", "×", speedup >= 10))  # fmt: skip
+    return rows
+
+
+def _coupling_rows(quick: bool) -> list[Row]:
+    rows = []
+    for hidden in (32,) if quick else (32, 128):
+        for c, hw in LEVELS:
+            layer = MatrixExpCoupling(c, hidden_channels=hidden, num_blocks=1)
+            x = torch.randn(16, c, hw, hw)
+            layer.train()
+            layer(x)  # data-dependent init
+            with torch.no_grad():
+                layer.net.head.weight.normal_(0, 0.01)  # away from the identity
+            x1 = x[:, : layer.c1]
+            g_y = torch.randn(16, c, hw, hw)
+
+            def full() -> None:
+                layer.zero_grad(set_to_none=True)
+                y, logdet = layer(x)
+                ((y * g_y).sum() + logdet.sum()).backward()
+
+            h_shape = layer.net(x1).shape
+            g_h = torch.randn(h_shape)
+
+            def net_only() -> None:
+                layer.zero_grad(set_to_none=True)
+                (layer.net(x1) * g_h).sum().backward()
+
+            t = measure({"layer": full, "net": net_only}, repeats=5 if quick else 15)
+            overhead = max(t["layer"] - t["net"], 0.0) / t["layer"]
+            rows.append(Row("MatrixExpCoupling fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch 16, hidden {hidden}",
+                            100 * overhead, "≤ 15%", "%", overhead <= 0.15))  # fmt: skip
+    return rows
+
+
+def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats: int) -> float:
+    """Median time of one training step of model b over model a."""
+    models, opts = {}, {}
+    x = torch.rand(batch, *config_a.image_shape) * 2 - 1
+    for name, cfg in (("a", config_a), ("b", config_b)):
+        torch.manual_seed(0)
+        model = MultiScaleFlow(cfg)
+        model.initialize(x)
+        models[name] = model.train()
+        opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    t = measure({k: (lambda k=k: train_step(models[k], opts[k], x)) for k in models}, repeats=repeats)
+    return t["b"] / t["a"]
+
+
+def _head_flops_floor(config: FlowConfig, baseline: FlowConfig) -> float:
+    """Ratio of the model's conv flops to the baseline's: the floor set by the larger net output."""
+
+    def flops(cfg: FlowConfig) -> float:
+        model = MultiScaleFlow(cfg)
+        total = 0.0
+        h, w = cfg.image_shape[1:]
+        for level in model.levels:
+            h, w = h // 2, w // 2
+            for m in level.modules():
+                if isinstance(m, nn.Conv2d):
+                    total += m.weight.numel() * h * w
+        return total
+
+    return flops(config) / flops(baseline)
+
+
+def _model_rows(quick: bool) -> list[Row]:
+    rows = []
+    repeats = 3 if quick else 9
+    # Table 5's time column: matexp vs standard 1×1 conv, both with matexp coupling
+    cpu = PRESETS["cpu-t5-matexp"].model
+    standard = dataclasses.replace(cpu, conv="standard")
+    ratio = _step_ratio(standard, cpu, 64 if not quick else 16, repeats)
+    rows.append(Row("training step: matexp conv / standard conv (matexp coupling)", "CPU Table 5 model, batch 64",
+                    ratio, "≤ 1.05×", "×", ratio <= 1.05))  # fmt: skip
+    # MEF vs Glow-like at the paper's net width
+    mef = FlowConfig(image_shape=(3, 16, 16), steps=(8, 4), hidden_channels=128, num_blocks=8)
+    if quick:
+        mef = dataclasses.replace(mef, steps=(1, 1), num_blocks=1)
+    glow = dataclasses.replace(mef, conv="standard", coupling="affine")
+    ratio = _step_ratio(glow, mef, 16, max(3, repeats // 3))
+    rows.append(Row("training step: MEF / Glow-like (standard conv + affine)", f"hidden 128, {mef.num_blocks} blocks, "
+                    "16×16, batch 16", ratio, "≤ 1.1×", "×", ratio <= 1.1))  # fmt: skip
+    # the same at the CPU table preset, with its floor
+    glow_cpu = dataclasses.replace(cpu, conv="standard", coupling="affine")
+    ratio = _step_ratio(glow_cpu, cpu, 64 if not quick else 16, repeats)
+    floor = _head_flops_floor(cpu, glow_cpu)
+    rows.append(Row("training step: MEF / Glow-like at the CPU preset", "CPU Table 5 model, batch 64", ratio,
+                    f"report (floor {floor:.2f}×: conv flops of the larger net output)", "×", None,
+                    f"{ratio / floor:.2f}× of the floor"))  # fmt: skip
+    return rows
+
+
+def _accuracy_rows(quick: bool) -> list[Row]:
+    worst = {"expm": 0.0, "expm_action": 0.0}
+    nan = False
+    g = torch.Generator().manual_seed(0)
+    for n in (6, 12, 24):
+        for norm in (1e-3, 0.1, 1.0, 5.0, 15.0, 30.0):
+            X = torch.randn(8 if quick else 32, n, n, generator=g, dtype=torch.float64)
+            X = X / inf_norm(X)[:, None, None] * norm
+            v = torch.randn(X.shape[0], n, generator=g, dtype=torch.float64)
+            ref = np.stack([scipy.linalg.expm(m) for m in X.numpy()])
+            E = expm(X.float()).double().numpy()
+            y = expm_action(X.float(), v.float()).double().numpy()
+            nan |= not (np.isfinite(E).all() and np.isfinite(y).all())
+            y_ref = np.einsum("bij,bj->bi", ref, v.numpy())
+            err_e = np.linalg.norm(E - ref, axis=(1, 2)) / np.linalg.norm(ref, axis=(1, 2))
+            err_y = np.linalg.norm(y - y_ref, axis=1) / np.linalg.norm(y_ref, axis=1)
+            worst["expm"] = max(worst["expm"], float(err_e.max()))
+            worst["expm_action"] = max(worst["expm_action"], float(err_y.max()))
+    return [
+        Row(f"{k} float32 relative error vs scipy float64", "n ∈ {6, 12, 24}, ∥X∥∞ ≤ 30", v, "≤ 1e-5, never NaN", "",
+            v <= 1e-5 and not nan)  # fmt: skip
+        for k, v in worst.items()
+    ]
+
+
+PARTS: dict[str, Callable[[bool], list[Row]]] = {
+    "accuracy": _accuracy_rows,
+    "action": _action_rows,
+    "coupling": _coupling_rows,
+    "model": _model_rows,
+}
+
+
+def run_bench(quick: bool = False, threads: int = 2, only: tuple[str, ...] = tuple(PARTS)) -> list[Row]:
+    unknown = set(only) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {list(PARTS)}")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rows: list[Row] = []
+    for name in only:
+        rows += PARTS[name](quick)
+    return rows
+
+
+def _format(rows: list[Row]) -> str:
+    lines = [f"{'what':62} {'shape':42} {'measured':>10}  target  ok"]
+    for r in rows:
+        value = f"{r.measured:.2e}" if r.unit == "" else f"{r.measured:.2f}{r.unit}"
+        ok = "-" if r.ok is None else ("yes" if r.ok else "NO")
+        note = f"  ({r.note})" if r.note else ""
+        lines.append(f"{r.what:62} {r.shape:42} {value:>10}  {r.target}  {ok}{note}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device != "cpu":
+        raise ValueError("mefbench bench measures on the CPU here; --device cuda is not supported yet")
+    only = tuple(args.only.split(",")) if args.only else tuple(PARTS)
+    rows = run_bench(quick=args.quick, threads=args.threads, only=only)
+    print(_format(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "quick": args.quick,
+            "threads": args.threads,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+            "versions": {"mefbench": __version__, "torch": torch.__version__},
+            "command": "mefbench bench" + (" --quick" if args.quick else "") + f" --threads {args.threads}"
+            + (f" --only {args.only}" if args.only else ""),
+        }, indent=2))  # fmt: skip
+    return 0

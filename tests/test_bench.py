@@ -1,0 +1,31 @@
+import json
+
+from mefbench.bench import measure, run_bench
+from mefbench.cli import main
+
+
+def test_measure_times_each_candidate():
+    calls = {"a": 0, "b": 0}
+
+    def bump(k):
+        calls[k] += 1
+
+    t = measure({"a": lambda: bump("a"), "b": lambda: bump("b")}, repeats=3, warmup=1)
+    assert set(t) == {"a", "b"} and calls == {"a": 4, "b": 4}
+
+
+def test_accuracy_rows_meet_their_target():
+    rows = run_bench(quick=True, threads=1, only=("accuracy",))
+    assert [r.what.split()[0] for r in rows] == ["expm", "expm_action"]
+    assert all(r.ok for r in rows), rows
+
+
+def test_bench_cli_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--threads", "1", "--only", "accuracy,action", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "expm_action fwd+bwd speed-up" in printed
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 5 and data["quick"] is True
+    assert {"what", "shape", "measured", "target", "unit", "ok", "note"} <= set(data["rows"][0])
+    assert main(["bench", "--only", "nothing"]) == 2
