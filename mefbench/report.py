@@ -26,6 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from . import __version__
+from .images import save_grid
 from .models import MultiScaleFlow, count_parameters
 from .presets import PRESETS
 from .results import epochs_frame, runs_frame, scan_records
@@ -478,9 +479,10 @@ class _Report:
             paths = []
             for t in SAMPLE_TEMPERATURES:
                 g = torch.Generator().manual_seed(0)
-                x = model.sample(n, temperature=t, generator=g).to(torch.float64)
+                x = model.sample(n, temperature=t, generator=g)
                 name = f"samples_t{t:g}.png"
-                _image_grid(x, self.figdir / name)
+                h = x.shape[-1]
+                save_grid(x, self.figdir / name, scale=max(1, math.ceil(64 / h)))
                 paths.append((t, f"figures/{name}"))
         except (RunError, RuntimeError, ValueError, OSError) as exc:
             return out + [f"Sampling from run `{best['run']}` failed: {type(exc).__name__}: {exc}", ""]
@@ -494,26 +496,6 @@ class _Report:
             "",
         ]
         return out
-
-
-def _image_grid(x: torch.Tensor, path: Path, min_size: int = 64) -> None:
-    """Save images in [-1, 1) (B, C, H, W) as one PNG grid, upscaled to at least min_size px."""
-    from PIL import Image
-
-    u8 = ((x + 1) / 2 * 256).floor().clamp(0, 255).to(torch.uint8)
-    b, c, h, w = u8.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    pad = 1
-    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = u8[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0], mode="L") if c == 1 else Image.fromarray(arr[:, :, :3], mode="RGB")
-    scale = max(1, math.ceil(min_size / max(h, w)))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
 
 
 # ----------------------------------------------------------------------------- header, extras

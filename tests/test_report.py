@@ -221,17 +221,3 @@ def test_real_run_report_with_samples(tmp_path):
     for name in ("curves_table2.png", "curves_table6.png", "table6_m_patches16-smoke-scale.png"):
         with Image.open(tmp_path / "out" / "figures" / name) as im:
             im.load()
-
-
-@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
-def test_image_grid(tmp_path, channels, mode):
-    import torch
-
-    from mefbench.report import _image_grid
-
-    x = torch.linspace(-1, 1 - 1 / 256, 5 * channels * 8 * 8).reshape(5, channels, 8, 8)
-    _image_grid(x, tmp_path / "g.png")
-    with Image.open(tmp_path / "g.png") as im:
-        assert im.mode == mode
-        # 3×2 grid of 8-px images with 1-px borders (28×19 px), upscaled ×8 to show 64-px images
-        assert im.size == ((3 * 9 + 1) * 8, (2 * 9 + 1) * 8)
