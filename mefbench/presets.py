@@ -70,14 +70,14 @@ _SMALL = {
         model=dict(image_shape=(3, 16, 16), steps=(4, 2), hidden_channels=32, num_blocks=1),
         train=dict(
             dataset="patches16", epochs=4, batch_size=64, warmup_epochs=0.5, decay_epochs=(3,),
-            ema_decay=0.99, init_batch=256, max_train_batches=30, max_test=512,
+            ema_decay=0.95, init_batch=256, max_train_batches=30, max_test=512,
         ),
     ),
     "smoke": dict(
         model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=8, num_blocks=1),
         train=dict(
             dataset="patches16", epochs=2, batch_size=32, warmup_epochs=0.5, decay_epochs=(),
-            ema_decay=0.9, init_batch=64, max_train_batches=6, max_test=128,
+            ema_decay=0.8, init_batch=64, max_train_batches=6, max_test=128,
         ),
     ),
 }  # fmt: skip
