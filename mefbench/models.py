@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .config import DictConfig
 from .layers import COUPLING, CONV1X1, SCALE_MAPS, SQUEEZE_ORDERS, ActNorm, FlowSequential, Squeeze
 
 __all__ = ["FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
@@ -24,7 +25,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(DictConfig):
     """Everything that defines a model. ``to_json``/``from_json`` round-trip it exactly."""
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
@@ -61,17 +62,6 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.steps needs at least one level of at least one step, got {self.steps}")
         if h % 2**levels or w % 2**levels:
             raise ValueError(f"{levels} levels need H and W divisible by {2**levels}, got {h}×{w}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FlowConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown FlowConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)

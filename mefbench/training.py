@@ -39,6 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .config import DictConfig
 from .data import DATASETS, dequantize, load_dataset, random_hflip
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .models import FlowConfig, MultiScaleFlow, bits_per_dim, count_parameters
@@ -68,7 +69,7 @@ class RunError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """The training recipe. Defaults are the paper's CIFAR-10 settings."""
 
     dataset: str = "cifar10"
@@ -97,17 +98,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 # ----------------------------------------------------------------------------- small helpers
