@@ -11,6 +11,7 @@ The number of terms and squarings of every call can be recorded for the paper's 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "expm",
     "expm_action",
+    "expm_action_trace",
     "inf_norm",
     "phi",
     "record_expm",
@@ -194,76 +196,71 @@ def _mv(A: Tensor, v: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def _mv_t(A: Tensor, w: Tensor, out: Tensor) -> Tensor:
-    """out = Aᵀ w per (b, p)."""
-    if A.numel() <= _BROADCAST_MAX:
-        return torch.sum(A * w.unsqueeze(2), 1, out=out)
-    torch.mul(A[:, 0], w[:, 0:1], out=out)
-    for r in range(1, A.shape[1]):
-        out.addcmul_(A[:, r], w[:, r : r + 1])
-    return out
-
-
-def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False) -> Tensor:
-    """The m Krylov vectors v, Av, …, A^{m−1}v (or with Aᵀ), stacked: (m, B, n, P)."""
+def _series(A: Tensor, v: Tensor, m: int) -> Tensor:
+    """The m Krylov vectors v, Av, …, A^{m−1}v, stacked: (m, B, n, P)."""
     V = v.new_empty((m, *v.shape))
     V[0] = v
-    step = _mv_t if transpose else _mv
     for k in range(1, m):
-        step(A, V[k - 1], V[k])
+        _mv(A, V[k - 1], V[k])
     return V
 
 
-def _taylor_weights(m: int, like: Tensor) -> Tensor:
-    return torch.tensor([1.0 / math.factorial(k) for k in range(m)], dtype=like.dtype, device=like.device)
+@functools.lru_cache(maxsize=256)
+def _taylor_weights(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1/k! for k < m (cached: building small tensors costs more than using them)."""
+    return torch.tensor([1.0 / math.factorial(k) for k in range(m)], dtype=dtype, device=device)
 
 
-def _hankel(m: int, like: Tensor) -> Tensor:
+@functools.lru_cache(maxsize=256)
+def _hankel(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """C[i, j] = 1/(i+j+1)! for i + j ≤ m − 2, else 0: dA = Σ_j w_j (Σ_i C[i, j] v_i)ᵀ."""
-    C = torch.zeros(m - 1, m - 1, dtype=torch.float64)
-    for i in range(m - 1):
-        for j in range(m - 1 - i):
-            C[i, j] = 1.0 / math.factorial(i + j + 1)
-    return C.to(dtype=like.dtype, device=like.device)
+    C = [[1.0 / math.factorial(i + j + 1) if i + j <= m - 2 else 0.0 for j in range(m - 1)] for i in range(m - 1)]
+    return torch.tensor(C, dtype=dtype, device=device)
 
 
 class _ExpmActionCF(torch.autograd.Function):
-    """e^{A·steps} x = (Σ_{k<m} A^k/k!)^steps x in the channels layout, with a hand-written backward.
+    """e^S x = (Σ_{k<m} A^k/k!)^steps x with A = S/steps, in the channels layout; and Σ tr S per sample.
 
     For one factor y = Σ_k A^k x/k! with Krylov vectors v_i = A^i x and w_j = (Aᵀ)^j g:
     ∂L/∂x = Σ_k (Aᵀ)^k g/k! and ∂L/∂A = Σ_{i+j≤m−2} w_j v_iᵀ/(i+j+1)! (exact for the truncated
-    series), so the backward costs about two forward passes and keeps no autograd graph.
+    series), so the backward costs about two forward passes and keeps no autograd graph. The trace
+    (the log-det of a coupling) rides along so that its gradient is one in-place add.
     """
 
     @staticmethod
-    def forward(ctx, A: Tensor, x: Tensor, steps: int, m: int) -> Tensor:
-        coeff = _taylor_weights(m, A)
+    def forward(ctx, S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor]:
+        A = S / steps if steps > 1 else S
+        coeff = _taylor_weights(m, S.dtype, S.device)
         krylov = []
         y = x.contiguous()
         for _ in range(steps):
             V = _series(A, y, m)
             krylov.append(V)
             y = torch.tensordot(coeff, V, dims=1)
+        trace = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
         ctx.save_for_backward(A, *krylov)
-        ctx.m = m
-        return y
+        ctx.m, ctx.steps = m, steps
+        return y, trace
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor, g_trace: Tensor):
         A, *krylov = ctx.saved_tensors
-        m = ctx.m
-        coeff = _taylor_weights(m, A)
-        dA = torch.zeros_like(A) if ctx.needs_input_grad[0] and m > 1 else None
+        m, steps = ctx.m, ctx.steps
+        coeff = _taylor_weights(m, A.dtype, A.device)
+        dA = torch.zeros_like(A) if ctx.needs_input_grad[0] else None
         g = g.contiguous()
+        At = A.transpose(1, 2).contiguous()  # Aᵀ w as a plain product is faster than a strided one
         for V in reversed(krylov):
-            W = _series(A, g, m, transpose=True)
-            if dA is not None:
-                U = torch.tensordot(_hankel(m, A), V[:-1], dims=([0], [0]))  # U_j = Σ_i C[i, j] v_i
+            W = _series(At, g, m)
+            if dA is not None and m > 1:
+                U = torch.tensordot(_hankel(m, A.dtype, A.device), V[:-1], dims=([0], [0]))  # U_j = Σ_i C[i, j] v_i
                 for j in range(m - 1):
                     dA.addcmul_(W[j].unsqueeze(2), U[j].unsqueeze(1))
             g = torch.tensordot(coeff, W, dims=1)
-        if ctx.needs_input_grad[0] and dA is None:
-            dA = torch.zeros_like(A)
+        if dA is not None:
+            if steps > 1:
+                dA.div_(steps)
+            torch.diagonal(dA, dim1=1, dim2=2).add_(g_trace[:, None, None])
         return dA, g, None, None
 
 
@@ -289,26 +286,31 @@ def expm_action(S: Tensor, x: Tensor, layout: str = "last") -> Tensor:
         batch = S.shape[:-2]
         A = S.reshape(-1, n, n).permute(1, 2, 0).unsqueeze(0)  # (1, n, n, N)
         v = x.reshape(-1, n).T.unsqueeze(0)  # (1, n, N)
-        y = _expm_action_channels(A.contiguous(), v.contiguous())
+        y, _ = expm_action_trace(A.contiguous(), v.contiguous())
         return y.squeeze(0).T.reshape(*batch, n)
     if layout == "channels":
-        if S.dim() < 3 or S.shape[1] != S.shape[2] or x.shape[0] != S.shape[0] or x.shape[1:] != (S.shape[1], *S.shape[3:]):
-            raise ValueError(
-                f"expm_action(layout='channels') needs S (B, n, n, *spatial) and x (B, n, *spatial), "
-                f"got {tuple(S.shape)} and {tuple(x.shape)}"
-            )
-        b, n = S.shape[:2]
-        y = _expm_action_channels(S.reshape(b, n, n, -1), x.reshape(b, n, -1))
-        return y.reshape(x.shape)
+        return expm_action_trace(S, x)[0]
     raise ValueError(f"expm_action layout must be 'last' or 'channels', got {layout!r}")
 
 
-def _expm_action_channels(S: Tensor, x: Tensor) -> Tensor:
-    norm = _max_norm_channels(S)
+def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(e^S x, Σ tr S per sample) in the channels layout: S (B, n, n, *spatial), x (B, n, *spatial).
+
+    What a matrix-exponential coupling needs: the action and its log-determinant, in one call
+    whose backward is hand-written.
+    """
+    if S.dim() < 3 or S.shape[1] != S.shape[2] or x.shape[0] != S.shape[0] or x.shape[1:] != (S.shape[1], *S.shape[3:]):
+        raise ValueError(
+            f"expm_action(layout='channels') needs S (B, n, n, *spatial) and x (B, n, *spatial), "
+            f"got {tuple(S.shape)} and {tuple(x.shape)}"
+        )
+    b, n = S.shape[:2]
+    S3 = S.reshape(b, n, n, -1)
+    norm = _max_norm_channels(S3)
     steps, m = _action_plan(norm, taylor_tolerance(S.dtype))
-    _record("expm_action", m, steps, S.shape[0] * S.shape[3])
-    A = S / steps if steps > 1 else S
-    return _ExpmActionCF.apply(A, x, steps, m)
+    _record("expm_action", m, steps, S3.shape[0] * S3.shape[3])
+    y, trace = _ExpmActionCF.apply(S3, x.reshape(b, n, -1), steps, m)
+    return y.reshape(x.shape), trace
 
 
 def _max_norm_channels(S: Tensor) -> float:

@@ -212,3 +212,19 @@ def test_bad_options():
         L.Squeeze("zigzag")
     with pytest.raises(ValueError, match="size"):
         L.ActNorm(3, per="activation")
+
+
+def test_bounded_tanh_gradients():
+    scale = L.BoundedTanh(alpha=0.7, beta=0.3)
+    with torch.no_grad():
+        scale.gamma.fill_(0.2)
+        scale.delta.fill_(-0.1)
+    o = torch.randn(2, 3, 2, 2, requires_grad=True)
+    params = (o, scale.alpha, scale.beta, scale.gamma, scale.delta)
+
+    def f(o, a, b, g, d):
+        return type(scale).forward.__globals__["_BoundedTanhFn"].apply(o, a, b, g, d)
+
+    assert torch.autograd.gradcheck(f, params)
+    expected = 0.7 * torch.tanh(0.3 * o + 0.2) - 0.1
+    assert torch.allclose(scale(o), expected)
