@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ValueError, FileNotFoundError) as exc:
         print(f"mefbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mefbench {args.command}: interrupted; the record says so, and --resume continues", file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 

@@ -26,8 +26,12 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +271,23 @@ def _all_reduce_mean(total: float, count: int, device: torch.device | str) -> fl
 # ----------------------------------------------------------------------------- the run
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so the record is marked interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Linear warm-up over warmup_epochs, then × decay_factor at each decay epoch (stepped per batch)."""
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
@@ -402,83 +423,84 @@ def train(
 
     dims = model_config.dims
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start_epoch + stop_after_epochs)
-    try:
-        for epoch in range(start_epoch, end_epoch):
-            g = _generator(cfg.seed, 100, epoch)
-            order = torch.randperm(len(train_images), generator=g)[: steps_per_epoch * cfg.batch_size]
-            order = order.reshape(steps_per_epoch, cfg.batch_size)[:, rank * per_rank_batch : (rank + 1) * per_rank_batch]
-            recorder = ExpmRecorder()
-            losses = []
-            model.train()
-            bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
-            t0 = time.perf_counter()
-            with record_expm(recorder):
-                for idx in bar:
-                    batch = train_images[idx]
-                    if flip:
-                        batch = random_hflip(batch, generator=g)
-                    x = dequantize(batch, generator=g).to(dev, non_blocking=True)
-                    try:
-                        loss = train_step(ddp_model, optimizer, x, cfg.grad_clip)
-                    except NonFiniteError:
-                        loss = float("nan")
-                    step += 1
-                    if not math.isfinite(loss):
-                        record["status"] = "diverged"
-                        record["diverged"] = {"epoch": epoch + 1, "step": step, "loss": loss}
-                        record["updated_at"] = _now()
-                        if rank == 0:
-                            _write(record_path, record)
-                        if progress and rank == 0:
-                            print(f"run diverged at step {step} (epoch {epoch + 1}): loss {loss}", file=sys.stderr)
-                        return record
-                    scheduler.step()
-                    ema.update_parameters(model)
-                    losses.append(loss)
-                    bar.set_postfix(bpd=f"{loss:.3f}")
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            train_time = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            entry = {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_bpd": _all_reduce_mean(sum(losses), len(losses), dev),
-                "train_bpd_ema": evaluate(ema.module, train_eval, cfg.eval_batch_size, cfg.seed + 1, dev),
-                "test_bpd": evaluate(ema.module, test_images, cfg.eval_batch_size, cfg.seed, dev),
-                "test_bpd_raw": evaluate(model, test_images, cfg.eval_batch_size, cfg.seed, dev),
-                "train_time_s": train_time,
-                "eval_time_s": time.perf_counter() - t1,
-                "expm": recorder.summary(),
-            }
-            if not math.isfinite(entry["test_bpd"]):
-                record["status"] = "diverged"
-                record["diverged"] = {"epoch": epoch + 1, "step": step, "loss": entry["test_bpd"]}
-            record["epochs"].append(entry)
-            record["final"] = _final(record)
+    with _sigterm_as_interrupt():
+        try:
+            for epoch in range(start_epoch, end_epoch):
+                g = _generator(cfg.seed, 100, epoch)
+                order = torch.randperm(len(train_images), generator=g)[: steps_per_epoch * cfg.batch_size]
+                order = order.reshape(steps_per_epoch, cfg.batch_size)[:, rank * per_rank_batch : (rank + 1) * per_rank_batch]
+                recorder = ExpmRecorder()
+                losses = []
+                model.train()
+                bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
+                t0 = time.perf_counter()
+                with record_expm(recorder):
+                    for idx in bar:
+                        batch = train_images[idx]
+                        if flip:
+                            batch = random_hflip(batch, generator=g)
+                        x = dequantize(batch, generator=g).to(dev, non_blocking=True)
+                        try:
+                            loss = train_step(ddp_model, optimizer, x, cfg.grad_clip)
+                        except NonFiniteError:
+                            loss = float("nan")
+                        step += 1
+                        if not math.isfinite(loss):
+                            record["status"] = "diverged"
+                            record["diverged"] = {"epoch": epoch + 1, "step": step, "loss": loss}
+                            record["updated_at"] = _now()
+                            if rank == 0:
+                                _write(record_path, record)
+                            if progress and rank == 0:
+                                print(f"run diverged at step {step} (epoch {epoch + 1}): loss {loss}", file=sys.stderr)
+                            return record
+                        scheduler.step()
+                        ema.update_parameters(model)
+                        losses.append(loss)
+                        bar.set_postfix(bpd=f"{loss:.3f}")
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                train_time = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                entry = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "train_bpd": _all_reduce_mean(sum(losses), len(losses), dev),
+                    "train_bpd_ema": evaluate(ema.module, train_eval, cfg.eval_batch_size, cfg.seed + 1, dev),
+                    "test_bpd": evaluate(ema.module, test_images, cfg.eval_batch_size, cfg.seed, dev),
+                    "test_bpd_raw": evaluate(model, test_images, cfg.eval_batch_size, cfg.seed, dev),
+                    "train_time_s": train_time,
+                    "eval_time_s": time.perf_counter() - t1,
+                    "expm": recorder.summary(),
+                }
+                if not math.isfinite(entry["test_bpd"]):
+                    record["status"] = "diverged"
+                    record["diverged"] = {"epoch": epoch + 1, "step": step, "loss": entry["test_bpd"]}
+                record["epochs"].append(entry)
+                record["final"] = _final(record)
+                record["updated_at"] = _now()
+                if rank == 0:
+                    _save_atomic(
+                        {
+                            "model": model.state_dict(),
+                            "ema": ema.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "epoch": epoch + 1,
+                            "step": step,
+                        },
+                        ckpt_path,
+                    )
+                    _write(record_path, record)
+                if record["status"] == "diverged":
+                    return record
+        except KeyboardInterrupt:
+            record["status"] = "interrupted"
             record["updated_at"] = _now()
             if rank == 0:
-                _save_atomic(
-                    {
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1,
-                        "step": step,
-                    },
-                    ckpt_path,
-                )
                 _write(record_path, record)
-            if record["status"] == "diverged":
-                return record
-    except KeyboardInterrupt:
-        record["status"] = "interrupted"
-        record["updated_at"] = _now()
-        if rank == 0:
-            _write(record_path, record)
-        raise
+            raise
     record["status"] = "finished" if len(record["epochs"]) >= cfg.epochs else "interrupted"
     record["updated_at"] = _now()
     if rank == 0:

@@ -136,3 +136,21 @@ def test_kill_then_resume_from_the_cli(tmp_path):
     record = json.loads((tmp_path / "run" / RECORD).read_text())
     assert record["status"] == "finished" and len(record["epochs"]) == 4
     assert record["resumes"] and record["resumes"][0]["from_epoch"] == len(killed["epochs"])
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_interrupted(tmp_path):
+    """A scheduler's SIGTERM ends the run cleanly: status interrupted, exit 130, --resume finishes."""
+    args = ["train", "--preset", "smoke-t2-mef", "--epochs", "30", "--out", "run", "--no-progress"]
+    proc = _cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / CHECKPOINT).exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    record = json.loads((tmp_path / "run" / RECORD).read_text())
+    assert record["status"] == "interrupted" and 1 <= len(record["epochs"]) < 30
