@@ -7,7 +7,6 @@ last level, half the channels are split off as a latent. Latents have a standard
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -203,7 +202,6 @@ class MultiScaleFlow(nn.Module):
         """n images in [−1, 1) (clamped), latents drawn at the given temperature."""
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
-        zs: list[Tensor | None] = [None] * len(self.levels)
         h = None
         for i in reversed(range(len(self.levels))):
             eps = torch.randn((n, *self.latent_shapes[i]), generator=generator, dtype=dtype).to(device)
@@ -212,7 +210,6 @@ class MultiScaleFlow(nn.Module):
             else:
                 mean, log_std = self.priors[i].params(h, n)
                 z = mean + temperature * torch.exp(log_std) * eps
-            zs[i] = z
             h = z if h is None else torch.cat([h, z], dim=1)
             h, _ = self.levels[i].inverse(h)
         return h.clamp(-1, 1 - 1 / 256)

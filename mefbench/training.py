@@ -421,7 +421,6 @@ def train(
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    dims = model_config.dims
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start_epoch + stop_after_epochs)
     with _sigterm_as_interrupt():
         try:
