@@ -116,16 +116,22 @@ def _cli(*args, cwd, **kw):
     return subprocess.Popen([sys.executable, "-m", "mefbench", *args], cwd=cwd, env=env, **kw)
 
 
+def _start_until_first_checkpoint(args: list[str], cwd) -> subprocess.Popen:
+    """Start `mefbench ARGS` and return once the run's first checkpoint is on disk."""
+    proc = _cli(*args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (cwd / "run" / CHECKPOINT).exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.mark.slow
 def test_kill_then_resume_from_the_cli(tmp_path):
     """A CPU run killed halfway (SIGKILL after its first checkpoint) finishes with --resume."""
     args = ["train", "--preset", "smoke-t2-mef", "--epochs", "4", "--out", "run", "--no-progress"]
-    proc = _cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / CHECKPOINT).exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = _start_until_first_checkpoint(args, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = json.loads((tmp_path / "run" / RECORD).read_text())
@@ -140,14 +146,9 @@ def test_kill_then_resume_from_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted(tmp_path):
-    """A scheduler's SIGTERM ends the run cleanly: status interrupted, exit 130, --resume finishes."""
+    """A scheduler's SIGTERM ends the run cleanly: status interrupted, exit 130 (resuming: test above)."""
     args = ["train", "--preset", "smoke-t2-mef", "--epochs", "30", "--out", "run", "--no-progress"]
-    proc = _cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / CHECKPOINT).exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = _start_until_first_checkpoint(args, tmp_path)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out
