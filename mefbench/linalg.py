@@ -123,11 +123,14 @@ def inf_norm(X: Tensor) -> Tensor:
     return X.abs().sum(-1).amax(-1)
 
 
-def _max_norm(X: Tensor) -> float:
-    """The largest ∞-norm in the batch, read back to the host once."""
+def _max_norm(X: Tensor, row_dim: int = -1) -> float:
+    """The largest ∞-norm in the batch, read back to the host once.
+
+    row_dim is the dimension summed within a row: −1 for (..., n, n), 2 for the channels layout.
+    """
     if X.numel() == 0:
         return 0.0
-    value = float(inf_norm(X.detach()).max())
+    value = float(X.detach().abs().sum(row_dim).amax())
     if not math.isfinite(value):
         raise NonFiniteError(f"matrix exponential of a non-finite matrix (∞-norm {value})")
     return value
@@ -306,20 +309,11 @@ def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         )
     b, n = S.shape[:2]
     S3 = S.reshape(b, n, n, -1)
-    norm = _max_norm_channels(S3)
+    norm = _max_norm(S3, row_dim=2)
     steps, m = _action_plan(norm, taylor_tolerance(S.dtype))
     _record("expm_action", m, steps, S3.shape[0] * S3.shape[3])
     y, trace = _ExpmActionCF.apply(S3, x.reshape(b, n, -1), steps, m)
     return y.reshape(x.shape), trace
-
-
-def _max_norm_channels(S: Tensor) -> float:
-    if S.numel() == 0:
-        return 0.0
-    value = float(S.detach().abs().sum(2).amax())
-    if not math.isfinite(value):
-        raise NonFiniteError(f"matrix exponential of a non-finite matrix (∞-norm {value})")
-    return value
 
 
 def phi(X: Tensor) -> Tensor:
