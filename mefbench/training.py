@@ -111,17 +111,15 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _replace_atomic(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside path, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file beside path, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    os.replace(tmp, path)
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _replace_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=True)))
 
 
 def read_record(run_dir: str | Path) -> dict:
@@ -414,8 +412,14 @@ def train(
         else:
             record["epochs"] = []
         record.setdefault("resumes", []).append({"from_epoch": start_epoch, "at": _now()})
-    if rank == 0:
-        _write(record_path, record)
+
+    def save_record(**changes) -> None:
+        """Update the record, stamp it and (on rank 0) write it atomically."""
+        record.update(changes, updated_at=_now())
+        if rank == 0:
+            write_json_atomic(record_path, record)
+
+    save_record()
 
     ddp_model: nn.Module = model
     if world > 1:
@@ -445,11 +449,7 @@ def train(
                             loss = float("nan")
                         step += 1
                         if not math.isfinite(loss):
-                            record["status"] = "diverged"
-                            record["diverged"] = {"epoch": epoch + 1, "step": step, "loss": loss}
-                            record["updated_at"] = _now()
-                            if rank == 0:
-                                _write(record_path, record)
+                            save_record(status="diverged", diverged={"epoch": epoch + 1, "step": step, "loss": loss})
                             if progress and rank == 0:
                                 print(f"run diverged at step {step} (epoch {epoch + 1}): loss {loss}", file=sys.stderr)
                             return record
@@ -477,43 +477,29 @@ def train(
                     record["status"] = "diverged"
                     record["diverged"] = {"epoch": epoch + 1, "step": step, "loss": entry["test_bpd"]}
                 record["epochs"].append(entry)
-                record["final"] = _final(record)
-                record["updated_at"] = _now()
                 if rank == 0:
-                    _save_atomic(
-                        {
-                            "model": model.state_dict(),
-                            "ema": ema.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "epoch": epoch + 1,
-                            "step": step,
-                        },
-                        ckpt_path,
-                    )
-                    _write(record_path, record)
+                    state = {
+                        "model": model.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": step,
+                    }
+                    _replace_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
+                save_record(final=_final(record))
                 if record["status"] == "diverged":
                     return record
         except KeyboardInterrupt:
-            record["status"] = "interrupted"
-            record["updated_at"] = _now()
-            if rank == 0:
-                _write(record_path, record)
+            save_record(status="interrupted")
             raise
-    record["status"] = "finished" if len(record["epochs"]) >= cfg.epochs else "interrupted"
-    record["updated_at"] = _now()
-    if rank == 0:
-        _write(record_path, record)
+    save_record(status="finished" if len(record["epochs"]) >= cfg.epochs else "interrupted")
     return record
 
 
 def _comparable(cfg: TrainConfig) -> TrainConfig:
     """Training settings that must match to resume (where the data lives may move)."""
     return dataclasses.replace(cfg, data_dir=None)
-
-
-def _write(path: Path, record: dict) -> None:
-    write_json_atomic(path, record)
 
 
 def _check_same_on_all_ranks(x: Tensor, device: torch.device) -> None:
