@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BATCH", "LEVELS", "backward", "set_up_torch"]
+__all__ = ["BATCH", "LEVELS", "_LayerTimings", "backward", "set_up_torch"]
 
 # The paper's three levels of a CIFAR-10 model: channels and spatial size after each squeeze.
 LEVELS: dict[str, tuple[int, int, int]] = {
@@ -33,3 +33,30 @@ def backward(loss: Tensor, *modules: nn.Module) -> None:
     for module in modules:
         module.zero_grad(set_to_none=True)
     loss.backward()
+
+
+class _LayerTimings:
+    """forward, inverse and forward+backward of ``self.layer`` on ``self.x``, for any grid.
+
+    A subclass's setup builds the layer and calls ``self._prepare(x)``. The leading underscore
+    keeps asv from collecting this base itself; its subclasses inherit the benchmarks.
+    """
+
+    def _prepare(self, x: Tensor) -> None:
+        self.x = x
+        self.x_grad = x.clone().requires_grad_(True)
+        with torch.no_grad():
+            self.y = self.layer(x)[0]
+
+    def time_forward(self, *params: object) -> None:
+        with torch.no_grad():
+            self.layer(self.x)
+
+    def time_inverse(self, *params: object) -> None:
+        with torch.no_grad():
+            self.layer.inverse(self.y)
+
+    def time_forward_backward(self, *params: object) -> None:
+        self.x_grad.grad = None
+        y, logdet = self.layer(self.x_grad)
+        backward(0.5 * y.square().sum() - logdet.sum(), self.layer)

@@ -14,12 +14,12 @@ import torch
 
 from mefbench.layers import CONV1X1
 
-from ._common import BATCH, LEVELS, backward, set_up_torch
+from ._common import BATCH, LEVELS, _LayerTimings, set_up_torch
 
 __all__ = ["Conv1x1"]
 
 
-class Conv1x1:
+class Conv1x1(_LayerTimings):
     params = [list(CONV1X1), list(LEVELS)]
     param_names = ["conv", "level"]
 
@@ -27,20 +27,4 @@ class Conv1x1:
         set_up_torch()
         c, h, w = LEVELS[level]
         self.layer = CONV1X1[conv](c)
-        self.x = torch.randn(BATCH, c, h, w)
-        self.x_grad = self.x.clone().requires_grad_(True)
-        with torch.no_grad():
-            self.y = self.layer(self.x)[0]
-
-    def time_forward(self, conv: str, level: str) -> None:
-        with torch.no_grad():
-            self.layer(self.x)
-
-    def time_inverse(self, conv: str, level: str) -> None:
-        with torch.no_grad():
-            self.layer.inverse(self.y)
-
-    def time_forward_backward(self, conv: str, level: str) -> None:
-        self.x_grad.grad = None
-        y, logdet = self.layer(self.x_grad)
-        backward(0.5 * y.square().sum() - logdet.sum(), self.layer)
+        self._prepare(torch.randn(BATCH, c, h, w))

@@ -18,7 +18,7 @@ from torch import nn
 
 from mefbench.layers import COUPLING, Coupling, MatrixExpCoupling
 
-from ._common import BATCH, LEVELS, backward, set_up_torch
+from ._common import BATCH, LEVELS, _LayerTimings, set_up_torch
 
 __all__ = ["HIDDEN", "KINDS", "NUM_BLOCKS", "CouplingLayer", "make_coupling"]
 
@@ -38,7 +38,7 @@ def make_coupling(
     return COUPLING[kind](channels, hidden, num_blocks)
 
 
-class CouplingLayer:
+class CouplingLayer(_LayerTimings):
     params = [KINDS, list(LEVELS)]
     param_names = ["coupling", "level"]
 
@@ -46,24 +46,10 @@ class CouplingLayer:
         set_up_torch()
         c, h, w = LEVELS[level]
         self.layer = make_coupling(coupling, c)
-        self.x = torch.randn(BATCH, c, h, w)
-        self.x_grad = self.x.clone().requires_grad_(True)
+        x = torch.randn(BATCH, c, h, w)
         head = self.layer.net.head
         with torch.no_grad():
-            self.layer(self.x)  # data-dependent init of the net's norms
+            self.layer(x)  # data-dependent init of the net's norms
             fan_in = head.weight[0].numel()
             nn.init.normal_(head.weight, std=4 / math.sqrt(fan_in))
-            self.y = self.layer(self.x)[0]
-
-    def time_forward(self, coupling: str, level: str) -> None:
-        with torch.no_grad():
-            self.layer(self.x)
-
-    def time_inverse(self, coupling: str, level: str) -> None:
-        with torch.no_grad():
-            self.layer.inverse(self.y)
-
-    def time_forward_backward(self, coupling: str, level: str) -> None:
-        self.x_grad.grad = None
-        y, logdet = self.layer(self.x_grad)
-        backward(0.5 * y.square().sum() - logdet.sum(), self.layer)
+        self._prepare(x)
