@@ -104,25 +104,26 @@ def run_sweep(
     records = []
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
-        status = None
+        existing: dict = {}
         if (run_dir / RECORD).exists():
             try:
-                status = read_record(run_dir).get("status")
+                existing = read_record(run_dir)
             except RunError as exc:
                 raise RunError(f"{exc}; move it away to rerun that run") from exc
+        status = existing.get("status")
         if status in ("finished", "diverged"):
             if progress:
                 print(f"[{i}/{len(specs)}] {spec.name}: {status}, kept")
-            records.append(read_record(run_dir))
+            records.append(existing)
             continue
         if progress:
-            verb = "resuming" if status else "running"
+            verb = "resuming" if existing else "running"
             print(f"[{i}/{len(specs)}] {verb} {spec.name} (tables {', '.join(map(str, spec.tables))})")
         record = train(
             spec.model,
             spec.train,
             run_dir,
-            resume=status is not None,
+            resume=bool(existing),
             device=device,
             preset=spec.presets[0],
             tables=spec.tables,
