@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,6 +179,8 @@ def _action_plan(norm: float, tol: float) -> tuple[int, int]:
     best = (1, MAX_TERMS, math.inf)
     s_min = max(1, math.ceil(norm / (MAX_TERMS / 2)))
     for s in range(s_min, s_min + 64):
+        if s >= best[2] and series_terms(norm / (s_min + 63), tol) > 1:
+            break  # every later s costs at least s products: none has m = 1
         m = series_terms(norm / s, tol)
         if m < MAX_TERMS and s * (m - 1) < best[2]:
             best = (s, m, s * (m - 1))
@@ -189,23 +193,65 @@ def _action_plan(norm: float, tol: float) -> tuple[int, int]:
 _BROADCAST_MAX = 1 << 20
 
 
-def _mv(A: Tensor, v: Tensor, out: Tensor) -> Tensor:
-    """out = A v per (b, p)."""
-    if A.numel() <= _BROADCAST_MAX:
-        return torch.sum(A * v.unsqueeze(1), 2, out=out)
-    torch.mul(A[:, :, 0], v[:, 0:1], out=out)
-    for c in range(1, A.shape[2]):
-        out.addcmul_(A[:, :, c], v[:, c : c + 1])
+def _mv_loop(A: Tensor, v: Tensor, out: Tensor, row: int) -> Tensor:
+    """out = Σ_c A.select(row, c) v_c per (b, p), without the broadcast temporary (for large batches)."""
+    torch.mul(A.select(row, 0), v[:, 0:1], out=out)
+    for c in range(1, A.shape[row]):
+        out.addcmul_(A.select(row, c), v[:, c : c + 1])
     return out
 
 
-def _series(A: Tensor, v: Tensor, m: int) -> Tensor:
-    """The m Krylov vectors v, Av, …, A^{m−1}v, stacked: (m, B, n, P)."""
+_WORKSPACE = threading.local()
+_WORKSPACE_SLOTS = 16
+
+
+def _workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch buffer kept per thread and reused from call to call.
+
+    A fresh large CPU buffer page-faults on first touch, which costs about as much as the work
+    done in it. Only for values that die inside one forward or one backward: never saved for
+    backward, never returned.
+    """
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = OrderedDict()
+    key = (slot, tuple(shape), dtype, device)
+    buffer = cache.pop(key, None)
+    if buffer is None:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+    cache[key] = buffer
+    while len(cache) > _WORKSPACE_SLOTS:
+        cache.popitem(last=False)
+    return buffer
+
+
+def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False, scratch: Tensor | None = None) -> Tensor:
+    """The m Krylov vectors v, Av, …, A^{m−1}v (or of Aᵀ), stacked: (m, B, n, P).
+
+    Aᵀ v is the same product summed over A's other index, so no transposed copy of A is made.
+    scratch (A's shape) holds the broadcast products; by default a reused workspace.
+    """
     V = v.new_empty((m, *v.shape))
-    V[0] = v
+    out = V.unbind(0)  # views made once: each indexing op costs as much as a small product
+    out[0].copy_(v)
+    row = 1 if transpose else 2  # the dimension of A that the product sums over
+    if m == 1:
+        return V
+    if A.numel() > _BROADCAST_MAX:
+        for k in range(1, m):
+            _mv_loop(A, out[k - 1], out[k], row)
+        return V
+    if scratch is None:
+        scratch = _workspace("series", A.shape, A.dtype, A.device)
+    broadcast = V.unsqueeze(1 + (3 - row)).unbind(0)  # v as (B, 1, n, P), or (B, n, 1, P) for Aᵀ
     for k in range(1, m):
-        _mv(A, V[k - 1], V[k])
+        torch.sum(torch.mul(A, broadcast[k - 1], out=scratch), row, out=out[k])
     return V
+
+
+def _combine(weights: Tensor, V: Tensor) -> Tensor:
+    """Σ_k weights_k V_k for V stacked (m, …): one matrix-vector product."""
+    return torch.matmul(weights, V.flatten(1)).view(V.shape[1:])
 
 
 @functools.lru_cache(maxsize=256)
@@ -216,55 +262,92 @@ def _taylor_weights(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _hankel(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """C[i, j] = 1/(i+j+1)! for i + j ≤ m − 2, else 0: dA = Σ_j w_j (Σ_i C[i, j] v_i)ᵀ."""
-    C = [[1.0 / math.factorial(i + j + 1) if i + j <= m - 2 else 0.0 for j in range(m - 1)] for i in range(m - 1)]
+    """C[j, i] = 1/(i+j+1)! for i + j ≤ m − 2, else 0: dA = Σ_j w_j (Σ_i C[j, i] v_i)ᵀ (symmetric)."""
+    C = [[1.0 / math.factorial(i + j + 1) if i + j <= m - 2 else 0.0 for i in range(m - 1)] for j in range(m - 1)]
     return torch.tensor(C, dtype=dtype, device=device)
 
 
-class _ExpmActionCF(torch.autograd.Function):
-    """e^S x = (Σ_{k<m} A^k/k!)^steps x with A = S/steps, in the channels layout; and Σ tr S per sample.
+def _action_forward(S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """e^S x = (Σ_{k<m} A^k/k!)^steps x with A = S/steps, channels layout (B, n, n, P), (B, n, P).
+
+    Returns the result, A, and the Krylov vectors of every step: what the backward needs.
+    """
+    A = S / steps if steps > 1 else S
+    coeff = _taylor_weights(m, S.dtype, S.device)
+    krylov = []
+    y = x
+    for _ in range(steps):
+        V = _series(A, y, m)
+        krylov.append(V)
+        y = _combine(coeff, V)
+    return y, A, krylov
+
+
+def _action_backward(
+    A: Tensor, krylov: list[Tensor], g: Tensor, m: int, need_dS: bool, dS_out: Tensor | None = None
+) -> tuple[Tensor | None, Tensor]:
+    """(∂L/∂S, ∂L/∂x) of :func:`_action_forward` for the output gradient g; ∂L/∂S into dS_out if given.
 
     For one factor y = Σ_k A^k x/k! with Krylov vectors v_i = A^i x and w_j = (Aᵀ)^j g:
     ∂L/∂x = Σ_k (Aᵀ)^k g/k! and ∂L/∂A = Σ_{i+j≤m−2} w_j v_iᵀ/(i+j+1)! (exact for the truncated
-    series), so the backward costs about two forward passes and keeps no autograd graph. The trace
-    (the log-det of a coupling) rides along so that its gradient is one in-place add.
+    series), so the backward costs about two forward passes and keeps no autograd graph.
+    """
+    steps = len(krylov)
+    coeff = _taylor_weights(m, A.dtype, A.device)
+    dA = (torch.empty_like(A) if dS_out is None else dS_out) if need_dS else None
+    # with one step, dA is not yet written while the first series runs: it can hold the products
+    scratch = dA if steps == 1 else None
+    empty = True
+    for V in reversed(krylov):
+        W = _series(A, g, m, transpose=True, scratch=scratch)
+        if dA is not None and m > 1:
+            U = torch.matmul(_hankel(m, A.dtype, A.device), V[:-1].flatten(1)).view(m - 1, *V.shape[1:])
+            w = W.unsqueeze(3).unbind(0)  # w_j as columns (B, n, 1, P), u_j as rows (B, 1, n, P)
+            u = U.unsqueeze(2).unbind(0)
+            for j in range(m - 1):
+                if empty:
+                    torch.mul(w[j], u[j], out=dA)
+                    empty = False
+                else:
+                    dA.addcmul_(w[j], u[j])
+        g = _combine(coeff, W)
+    if dA is not None:
+        if empty:  # m = 1: the series is the identity
+            dA.zero_()
+        elif steps > 1:
+            dA.div_(steps)
+    return dA, g
+
+
+class _ExpmActionCF(torch.autograd.Function):
+    """(e^S x, Σ tr S per sample) in the channels layout, with a hand-written backward.
+
+    The trace (the log-det of a coupling) rides along so that its gradient is one in-place add.
     """
 
     @staticmethod
     def forward(ctx, S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor]:
-        A = S / steps if steps > 1 else S
-        coeff = _taylor_weights(m, S.dtype, S.device)
-        krylov = []
-        y = x.contiguous()
-        for _ in range(steps):
-            V = _series(A, y, m)
-            krylov.append(V)
-            y = torch.tensordot(coeff, V, dims=1)
+        y, A, krylov = _action_forward(S, x, steps, m)
         trace = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
         ctx.save_for_backward(A, *krylov)
-        ctx.m, ctx.steps = m, steps
+        ctx.m = m
         return y, trace
 
     @staticmethod
     def backward(ctx, g: Tensor, g_trace: Tensor):
         A, *krylov = ctx.saved_tensors
-        m, steps = ctx.m, ctx.steps
-        coeff = _taylor_weights(m, A.dtype, A.device)
-        dA = torch.zeros_like(A) if ctx.needs_input_grad[0] else None
-        g = g.contiguous()
-        At = A.transpose(1, 2).contiguous()  # Aᵀ w as a plain product is faster than a strided one
-        for V in reversed(krylov):
-            W = _series(At, g, m)
-            if dA is not None and m > 1:
-                U = torch.tensordot(_hankel(m, A.dtype, A.device), V[:-1], dims=([0], [0]))  # U_j = Σ_i C[i, j] v_i
-                for j in range(m - 1):
-                    dA.addcmul_(W[j].unsqueeze(2), U[j].unsqueeze(1))
-            g = torch.tensordot(coeff, W, dims=1)
-        if dA is not None:
-            if steps > 1:
-                dA.div_(steps)
-            torch.diagonal(dA, dim1=1, dim2=2).add_(g_trace[:, None, None])
-        return dA, g, None, None
+        dS, gx = _action_backward(A, krylov, g, ctx.m, ctx.needs_input_grad[0])
+        if dS is not None:
+            torch.diagonal(dS, dim1=1, dim2=2).add_(g_trace[:, None, None])
+        return dS, gx, None, None
+
+
+def _plan(S3: Tensor, kind: str = "expm_action") -> tuple[int, int]:
+    """Steps and terms for e^S x from the largest ∞-norm of S (B, n, n, P), recorded for Table 6."""
+    norm = _max_norm(S3, row_dim=2)
+    steps, m = _action_plan(norm, taylor_tolerance(S3.dtype))
+    _record(kind, m, steps, S3.shape[0] * S3.shape[3])
+    return steps, m
 
 
 def expm_action(S: Tensor, x: Tensor, layout: str = "last") -> Tensor:
@@ -309,9 +392,7 @@ def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         )
     b, n = S.shape[:2]
     S3 = S.reshape(b, n, n, -1)
-    norm = _max_norm(S3, row_dim=2)
-    steps, m = _action_plan(norm, taylor_tolerance(S.dtype))
-    _record("expm_action", m, steps, S3.shape[0] * S3.shape[3])
+    steps, m = _plan(S3)
     y, trace = _ExpmActionCF.apply(S3, x.reshape(b, n, -1), steps, m)
     return y.reshape(x.shape), trace
 

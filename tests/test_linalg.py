@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from mefbench import linalg
 from mefbench.linalg import expm, expm_action, inf_norm, phi, record_expm, series_terms
 
 
@@ -125,3 +126,27 @@ def test_channels_layout_matches_last_layout():
     S.requires_grad_()
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda S, x: expm_action(S, x, layout="channels"), (S, x))
+
+
+def test_large_batch_products_match_the_broadcast_path(monkeypatch):
+    """Beyond _BROADCAST_MAX the products loop over columns; the results and gradients agree."""
+    S = (torch.randn(2, 4, 4, 3) / 2).requires_grad_()
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    g = torch.randn(2, 4, 3)
+    broadcast = torch.autograd.grad((expm_action(S, x, layout="channels") * g).sum(), (S, x))
+    monkeypatch.setattr(linalg, "_BROADCAST_MAX", 0)
+    looped = torch.autograd.grad((expm_action(S, x, layout="channels") * g).sum(), (S, x))
+    for a, b in zip(broadcast, looped):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda S, x: expm_action(S, x, layout="channels"), (S, x))
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-16])
+def test_action_plan_minimises_products(tol):
+    """The early stop of the plan search finds the same plan as trying every step count."""
+    for norm in [0.0, 1e-12, 5e-9, 1e-8, 0.05, 0.5, 1.0, 3.0, 17.0, 60.0, 300.0]:
+        s_min = max(1, math.ceil(norm / (linalg.MAX_TERMS / 2)))
+        plans = [(s * (series_terms(norm / s, tol) - 1), s) for s in range(s_min, s_min + 64)
+                 if series_terms(norm / s, tol) < linalg.MAX_TERMS]  # fmt: skip
+        cost, s = min(plans)
+        assert linalg._action_plan(norm, tol) == (s, series_terms(norm / s, tol))
