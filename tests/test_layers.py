@@ -5,6 +5,7 @@ import torch
 
 import mefbench.layers as L
 from mefbench.layers.coupling import _BoundedTanhFn
+from mefbench.linalg import record_expm
 
 
 def _perturb(layer: torch.nn.Module, scale: float = 0.1) -> None:
@@ -226,3 +227,64 @@ def test_bounded_tanh_gradients():
     assert torch.autograd.gradcheck(_BoundedTanhFn.apply, params)
     expected = 0.7 * torch.tanh(0.3 * o + 0.2) - 0.1
     assert torch.allclose(scale(o), expected)
+
+
+def _generic_matexp_transform(layer: L.MatrixExpCoupling, x2: torch.Tensor, h: torch.Tensor):
+    """The unfused path: the scale map module, then expm_action_trace."""
+    t, S = layer._unpack(h)
+    y, logdet = layer._exp_action((S,), x2, 1.0)
+    return y + t, logdet
+
+
+@pytest.mark.parametrize("size", [0.0, 0.3, 6.0])  # m = 1; one step; several steps
+def test_fused_matexp_coupling_matches_unfused_path(size):
+    torch.manual_seed(0)
+    layer = L.MatrixExpCoupling(7, hidden_channels=4, num_blocks=1)
+    with torch.no_grad():
+        layer.scale.alpha.fill_(0.9 if size > 1 else 0.2)
+        layer.scale.beta.fill_(0.7)
+        layer.scale.gamma.fill_(0.1 if size else 0.0)
+        layer.scale.delta.fill_(size / 3 if size > 1 else 0.0)
+    c = layer.c2
+    h = (size * torch.randn(2, c + c * c, 2, 3)).requires_grad_()
+    x2 = torch.randn(2, c, 2, 3, requires_grad=True)
+    g_y, g_ld = torch.randn(2, c, 2, 3), torch.randn(2)
+    results = []
+    for fn in (layer.transform, lambda x2, h: _generic_matexp_transform(layer, x2, h)):
+        y, logdet = fn(x2, h)
+        params = [h, x2, *layer.scale.parameters()]
+        grads = torch.autograd.grad((y * g_y).sum() + (logdet * g_ld).sum(), params)
+        results.append((y, logdet, *grads))
+    for fused, generic in zip(*results):
+        torch.testing.assert_close(fused, generic, rtol=1e-10, atol=1e-11)
+    if size > 1:
+        with record_expm() as rec:
+            layer.transform(x2, h)
+        assert rec.s[0] > 1
+
+
+def test_fused_matexp_coupling_gradcheck():
+    from mefbench.layers.coupling import _TanhExpmCouplingFn
+
+    torch.manual_seed(1)
+    c = 3
+    h = (2.0 * torch.randn(2, c + c * c, 1, 2)).requires_grad_()
+    x = torch.randn(2, c, 1, 2, requires_grad=True)
+    scalars = [torch.tensor(v, requires_grad=True) for v in (1.5, 0.6, 0.2, -0.3)]  # ∥S∥ > 1: two steps
+    assert torch.autograd.gradcheck(lambda *a: _TanhExpmCouplingFn.apply(*a, c), (h, x, *scalars))
+
+
+def test_matexp_coupling_accumulates_gradients_over_several_forwards():
+    """Two forwards before one backward (gradient accumulation) give the sum of both gradients."""
+    torch.manual_seed(2)
+    layer = _ready(L.MatrixExpCoupling(6, hidden_channels=4, num_blocks=1), (6, 3, 3)).train()
+    xs = [torch.randn(3, 6, 3, 3) for _ in range(2)]
+
+    def loss(x):
+        y, logdet = layer(x)
+        return (y**2).sum() + logdet.sum()
+
+    separate = [torch.autograd.grad(loss(x), list(layer.parameters())) for x in xs]
+    together = torch.autograd.grad(loss(xs[0]) + loss(xs[1]), list(layer.parameters()))
+    for a, b, both in zip(*separate, together):
+        torch.testing.assert_close(a + b, both)
