@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ["linalg", "conv1x1", "coupling", "model"]
+MODULES = ["linalg", "conv1x1", "coupling", "model", "targets"]
 PREFIXES = ("time_", "timeraw_", "peakmem_", "mem_", "track_")
 
 
@@ -108,6 +108,19 @@ def test_benchmark_runs(module: str, cls_name: str, point: tuple):
     finally:
         if hasattr(bench, "teardown"):
             bench.teardown(*point)
+
+
+def test_targets_name_every_quick_bench_row():
+    from mefbench.bench import PARTS
+
+    targets = _module("targets")
+    assert set(targets.ROWS_PER_PART) == set(PARTS)
+    assert max(targets.ROWS_PER_PART.values()) == len(targets.Targets.params[1])
+    with pytest.raises(NotImplementedError):
+        targets.Targets().setup("accuracy", 2)
+    accuracy = targets.Targets()
+    accuracy.setup("accuracy", 1)
+    assert "expm_action" in accuracy.row.what
 
 
 def test_slow_gradient_cases_are_skipped():
