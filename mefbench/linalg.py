@@ -342,11 +342,11 @@ class _ExpmActionCF(torch.autograd.Function):
         return dS, gx, None, None
 
 
-def _plan(S3: Tensor, kind: str = "expm_action") -> tuple[int, int]:
+def _plan(S3: Tensor) -> tuple[int, int]:
     """Steps and terms for e^S x from the largest ∞-norm of S (B, n, n, P), recorded for Table 6."""
     norm = _max_norm(S3, row_dim=2)
     steps, m = _action_plan(norm, taylor_tolerance(S3.dtype))
-    _record(kind, m, steps, S3.shape[0] * S3.shape[3])
+    _record("expm_action", m, steps, S3.shape[0] * S3.shape[3])
     return steps, m
 
 

@@ -71,7 +71,7 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         # tanh(z) = 2·sigmoid(2z) − 1 (torch's CPU sigmoid is several times faster than its tanh),
         # so S = 2α·σ + (δ − α) with σ = sigmoid(2β·o + 2γ)
         sig = torch.mul(o, 2 * beta).add_(2 * gamma).sigmoid_()
-        S = torch.mul(sig, 2 * alpha).add_(delta - alpha).view(b, c, c, hh * ww)
+        S = torch.mul(sig, 2 * alpha).add_(delta - alpha).reshape(b, c, c, hh * ww)
         steps, m = _plan(S)
         y, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m)
         logdet = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
