@@ -125,6 +125,31 @@ def inf_norm(X: Tensor) -> Tensor:
     return X.abs().sum(-1).amax(-1)
 
 
+_WORKSPACE = threading.local()
+_WORKSPACE_SLOTS = 16
+
+
+def _workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch buffer kept per thread and reused from call to call.
+
+    A fresh large CPU buffer page-faults on first touch, which costs about as much as the work
+    done in it. Only for values that die inside one forward or one backward: never saved for
+    backward, never returned.
+    """
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = OrderedDict()
+    # a buffer made under torch.inference_mode() cannot be written outside it, nor the other way round
+    key = (slot, tuple(shape), dtype, device, torch.is_inference_mode_enabled())
+    buffer = cache.pop(key, None)
+    if buffer is None:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+    cache[key] = buffer
+    while len(cache) > _WORKSPACE_SLOTS:
+        cache.popitem(last=False)
+    return buffer
+
+
 def _max_norm(X: Tensor, row_dim: int = -1) -> float:
     """The largest ∞-norm in the batch, read back to the host once.
 
@@ -132,7 +157,8 @@ def _max_norm(X: Tensor, row_dim: int = -1) -> float:
     """
     if X.numel() == 0:
         return 0.0
-    value = float(X.detach().abs().sum(row_dim).amax())
+    absolute = torch.abs(X.detach(), out=_workspace("scratch", X.shape, X.dtype, X.device))
+    value = float(absolute.sum(row_dim).amax())
     if not math.isfinite(value):
         raise NonFiniteError(f"matrix exponential of a non-finite matrix (∞-norm {value})")
     return value
@@ -201,30 +227,6 @@ def _mv_loop(A: Tensor, v: Tensor, out: Tensor, row: int) -> Tensor:
     return out
 
 
-_WORKSPACE = threading.local()
-_WORKSPACE_SLOTS = 16
-
-
-def _workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A scratch buffer kept per thread and reused from call to call.
-
-    A fresh large CPU buffer page-faults on first touch, which costs about as much as the work
-    done in it. Only for values that die inside one forward or one backward: never saved for
-    backward, never returned.
-    """
-    cache = getattr(_WORKSPACE, "buffers", None)
-    if cache is None:
-        cache = _WORKSPACE.buffers = OrderedDict()
-    key = (slot, tuple(shape), dtype, device)
-    buffer = cache.pop(key, None)
-    if buffer is None:
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-    cache[key] = buffer
-    while len(cache) > _WORKSPACE_SLOTS:
-        cache.popitem(last=False)
-    return buffer
-
-
 def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False, scratch: Tensor | None = None) -> Tensor:
     """The m Krylov vectors v, Av, …, A^{m−1}v (or of Aᵀ), stacked: (m, B, n, P).
 
@@ -242,7 +244,7 @@ def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False, scratch: Tens
             _mv_loop(A, out[k - 1], out[k], row)
         return V
     if scratch is None:
-        scratch = _workspace("series", A.shape, A.dtype, A.device)
+        scratch = _workspace("scratch", A.shape, A.dtype, A.device)
     broadcast = V.unsqueeze(1 + (3 - row)).unbind(0)  # v as (B, 1, n, P), or (B, n, 1, P) for Aᵀ
     for k in range(1, m):
         torch.sum(torch.mul(A, broadcast[k - 1], out=scratch), row, out=out[k])

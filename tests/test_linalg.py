@@ -150,3 +150,22 @@ def test_action_plan_minimises_products(tol):
                  if series_terms(norm / s, tol) < linalg.MAX_TERMS]  # fmt: skip
         cost, s = min(plans)
         assert linalg._action_plan(norm, tol) == (s, series_terms(norm / s, tol))
+
+
+def test_scratch_buffers_survive_inference_mode_and_threads():
+    """Reused scratch buffers: a call under inference_mode, then one with autograd, then one in a thread."""
+    import threading
+
+    S = torch.randn(2, 3, 3) / 4
+    x = torch.randn(2, 3)
+    expected = torch.from_numpy(np.stack([scipy.linalg.expm(m) @ v for m, v in zip(S.numpy(), x.numpy())]))
+    with torch.inference_mode():
+        torch.testing.assert_close(expm_action(S, x), expected)
+    S.requires_grad_()
+    expm_action(S, x).sum().backward()
+    assert S.grad is not None and torch.isfinite(S.grad).all()
+    results = []
+    thread = threading.Thread(target=lambda: results.append(expm_action(S.detach(), x)))
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(results[0], expected)
