@@ -253,7 +253,7 @@ def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False, scratch: Tens
 
 def _combine(weights: Tensor, V: Tensor) -> Tensor:
     """Σ_k weights_k V_k for V stacked (m, …): one matrix-vector product."""
-    return torch.matmul(weights, V.flatten(1)).view(V.shape[1:])
+    return torch.mv(V.flatten(1).t(), weights).view(V.shape[1:])
 
 
 @functools.lru_cache(maxsize=256)
@@ -303,7 +303,7 @@ def _action_backward(
     for V in reversed(krylov):
         W = _series(A, g, m, transpose=True, scratch=scratch)
         if dA is not None and m > 1:
-            U = torch.matmul(_hankel(m, A.dtype, A.device), V[:-1].flatten(1)).view(m - 1, *V.shape[1:])
+            U = torch.mm(_hankel(m, A.dtype, A.device), V[:-1].flatten(1)).view(m - 1, *V.shape[1:])
             w = W.unsqueeze(3).unbind(0)  # w_j as columns (B, n, 1, P), u_j as rows (B, 1, n, P)
             u = U.unsqueeze(2).unbind(0)
             for j in range(m - 1):
@@ -340,7 +340,7 @@ class _ExpmActionCF(torch.autograd.Function):
         A, *krylov = ctx.saved_tensors
         dS, gx = _action_backward(A, krylov, g, ctx.m, ctx.needs_input_grad[0])
         if dS is not None:
-            torch.diagonal(dS, dim1=1, dim2=2).add_(g_trace[:, None, None])
+            torch.diagonal(dS, dim1=1, dim2=2).add_(g_trace.view(-1, 1, 1))
         return dS, gx, None, None
 
 

@@ -86,19 +86,20 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         b, _, hh, ww = h.shape
         dS_out = _workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
         dS, gx = _action_backward(A, krylov, g.reshape(b, c, -1), ctx.m, need_dS=True, dS_out=dS_out)
-        torch.diagonal(dS, dim1=1, dim2=2).add_(g_logdet[:, None, None])
+        torch.diagonal(dS, dim1=1, dim2=2).add_(g_logdet.view(-1, 1, 1))
         dS = dS.view(b, c * c, hh, ww)
         # S = α(2σ − 1) + δ, σ = sigmoid(z), z = 2β·o + 2γ: ∂S/∂z = 2α·σ(1 − σ). The gradient of o
         # is built in place in its slice of ∂L/∂h, and dS's buffer takes the last product.
         gh = torch.empty_like(h, memory_format=torch.contiguous_format)
-        gh[:, :c] = g
-        e = torch.mul(dS, sig, out=gh[:, c:])
+        g_t, e = gh.split([c, c * c], dim=1)
+        g_t.copy_(g)
+        torch.mul(dS, sig, out=e)
         g_delta = dS.sum()
         g_alpha = 2 * e.sum() - g_delta
         e.addcmul_(e, sig, value=-1)  # dS·σ(1 − σ)
         four_alpha = 4 * alpha
         g_gamma = four_alpha * e.sum()
-        g_beta = four_alpha * torch.mul(e, h[:, c:], out=dS).sum()
+        g_beta = four_alpha * torch.mul(e, h.narrow(1, c, c * c), out=dS).sum()
         e.mul_(four_alpha * beta)
         return gh, gx.view(b, c, hh, ww), g_alpha, g_beta, g_gamma, g_delta, None
 
