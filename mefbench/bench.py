@@ -3,6 +3,9 @@
 Every row times its candidates side by side in one process, interleaved (A, B, A, B, …), and
 reports the ratio of medians, so machine noise hits both sides alike. Targets are the
 performance issue's; each row prints measured value, target and whether it is met.
+
+On a GPU (``--device cuda``) every timing is bracketed by a device synchronisation, and the layer
+and model rows use the paper's batch of 64 instead of the CPU's 16.
 """
 
 from __future__ import annotations
@@ -45,34 +48,54 @@ class Row:
     note: str = ""
 
 
-def measure(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, timed interleaved."""
+def measure(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, sync: Callable[[], object] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each fn, timed interleaved; sync() waits for queued device work."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _backward(out: torch.Tensor) -> None:
-    out.backward()
+@dataclass(frozen=True)
+class Setting:
+    """Where the bench runs: the device, its synchronisation and the layer/model batch."""
+
+    device: torch.device
+    quick: bool
+
+    @property
+    def batch(self) -> int:
+        return 64 if self.device.type == "cuda" else 16
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+        return measure(fns, repeats, sync=self.sync)
 
 
 # ----------------------------------------------------------------------------- rows
 
 
-def _action_rows(quick: bool) -> list[Row]:
+def _action_rows(setting: Setting) -> list[Row]:
     rows = []
+    quick, dev = setting.quick, setting.device
     batch = 1024 if quick else 16384
     for n in (6, 12, 24):
         # entries of the size the paper's bounded map gives at init, |S_ij| ≲ 1/n (∥S∥∞ about 1)
-        S0 = torch.randn(batch, n, n) / n
-        x0 = torch.randn(batch, n)
+        S0 = (torch.randn(batch, n, n) / n).to(dev)
+        x0 = torch.randn(batch, n).to(dev)
 
         def ours() -> None:
             S, x = S0.clone().requires_grad_(), x0.clone().requires_grad_()
@@ -82,7 +105,7 @@ def _action_rows(quick: bool) -> list[Row]:
             S, x = S0.clone().requires_grad_(), x0.clone().requires_grad_()
             (torch.linalg.matrix_exp(S) @ x.unsqueeze(-1)).sum().backward()
 
-        t = measure({"ours": ours, "torch": torch_ref}, repeats=3 if quick else 7)
+        t = setting.measure({"ours": ours, "torch": torch_ref}, repeats=3 if quick else 7)
         speedup = t["torch"] / t["ours"]
         rows.append(Row("expm_action fwd+bwd speed-up vs matrix_exp(S) @ x", f"{batch}×{n}×{n}", speedup,
                         "≥ 10×", "×", speedup >= 10,
@@ -90,34 +113,35 @@ def _action_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def _per_call_cost(layer: MatrixExpCoupling, repeats: int) -> float:
+def _per_call_cost(layer: MatrixExpCoupling, setting: Setting, repeats: int) -> float:
     """Median fwd+bwd seconds of the layer's transform at one sample of one pixel: the cost that
     does not shrink with the work (Python, op dispatch, the norm's read-back), measured."""
     c = layer.c2
-    h = torch.randn(1, layer.num_params(c), 1, 1) * 0.1
-    x2, g = torch.randn(1, c, 1, 1), torch.randn(1, c, 1, 1)
+    h = (torch.randn(1, layer.num_params(c), 1, 1) * 0.1).to(setting.device)
+    x2, g = torch.randn(1, c, 1, 1).to(setting.device), torch.randn(1, c, 1, 1).to(setting.device)
 
     def tiny() -> None:
         layer.zero_grad(set_to_none=True)
         y, logdet = layer.transform(x2, h.requires_grad_())
         ((y * g).sum() + logdet.sum()).backward()
 
-    return measure({"tiny": tiny}, repeats)["tiny"]
+    return setting.measure({"tiny": tiny}, repeats)["tiny"]
 
 
-def _coupling_rows(quick: bool) -> list[Row]:
+def _coupling_rows(setting: Setting) -> list[Row]:
     rows = []
+    quick, batch = setting.quick, setting.batch
     repeats = 5 if quick else 15
     for hidden in (32,) if quick else (32, 128):
         for c, hw in LEVELS:
-            layer = MatrixExpCoupling(c, hidden_channels=hidden, num_blocks=1)
-            x = torch.randn(16, c, hw, hw)
+            layer = MatrixExpCoupling(c, hidden_channels=hidden, num_blocks=1).to(setting.device)
+            x = torch.randn(batch, c, hw, hw).to(setting.device)
             layer.train()
             layer(x)  # data-dependent init
             with torch.no_grad():
                 layer.net.head.weight.normal_(0, 0.01)  # away from the identity
             x1 = x[:, : layer.c1]
-            g_y = torch.randn(16, c, hw, hw)
+            g_y = torch.randn(batch, c, hw, hw).to(setting.device)
 
             def full() -> None:
                 layer.zero_grad(set_to_none=True)
@@ -125,39 +149,39 @@ def _coupling_rows(quick: bool) -> list[Row]:
                 ((y * g_y).sum() + logdet.sum()).backward()
 
             h_shape = layer.net(x1).shape
-            g_h = torch.randn(h_shape)
+            g_h = torch.randn(h_shape).to(setting.device)
 
             def net_only() -> None:
                 layer.zero_grad(set_to_none=True)
                 (layer.net(x1) * g_h).sum().backward()
 
-            t = measure({"layer": full, "net": net_only}, repeats=repeats)
+            t = setting.measure({"layer": full, "net": net_only}, repeats=repeats)
             extra = max(t["layer"] - t["net"], 0.0)
             overhead = extra / t["layer"]
             note = f"layer {t['layer'] * 1e3:.2f} ms, net {t['net'] * 1e3:.2f} ms"
             if overhead > 0.15:
-                fixed = _per_call_cost(layer, repeats)
-                entries = 16 * (c // 2) ** 2 * hw * hw
+                fixed = _per_call_cost(layer, setting, repeats)
+                entries = batch * (c // 2) ** 2 * hw * hw
                 note += (f"; {extra * 1e3:.2f} ms beyond the net, of which {fixed * 1e3:.2f} ms is per-call cost "
                          f"(the same transform at one pixel: Python, op dispatch, the norm's read-back) and the rest "
                          f"passes over S's {entries:,} entries; a hidden-{hidden} net is too small to hide it: "
                          f"{(overhead - 0.15) * 100:.0f} points over")
-            rows.append(Row("MatrixExpCoupling fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch 16, hidden {hidden}",
+            rows.append(Row("MatrixExpCoupling fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch {batch}, hidden {hidden}",
                             100 * overhead, "≤ 15%", "%", overhead <= 0.15, note))  # fmt: skip
     return rows
 
 
-def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats: int) -> float:
+def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats: int, setting: Setting) -> float:
     """Median time of one training step of model b over model a."""
     models, opts = {}, {}
-    x = torch.rand(batch, *config_a.image_shape) * 2 - 1
+    x = (torch.rand(batch, *config_a.image_shape) * 2 - 1).to(setting.device)
     for name, cfg in (("a", config_a), ("b", config_b)):
         torch.manual_seed(0)
-        model = MultiScaleFlow(cfg)
+        model = MultiScaleFlow(cfg).to(setting.device)
         model.initialize(x)
         models[name] = model.train()
         opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-3)
-    t = measure({k: (lambda k=k: train_step(models[k], opts[k], x)) for k in models}, repeats=repeats)
+    t = setting.measure({k: (lambda k=k: train_step(models[k], opts[k], x)) for k in models}, repeats=repeats)
     return t["b"] / t["a"]
 
 
@@ -178,13 +202,14 @@ def _head_flops_floor(config: FlowConfig, baseline: FlowConfig) -> float:
     return flops(config) / flops(baseline)
 
 
-def _model_rows(quick: bool) -> list[Row]:
+def _model_rows(setting: Setting) -> list[Row]:
     rows = []
+    quick = setting.quick
     repeats = 3 if quick else 9
     # Table 5's time column: matexp vs standard 1×1 conv, both with matexp coupling
     cpu = PRESETS["cpu-t5-matexp"].model
     standard = dataclasses.replace(cpu, conv="standard")
-    ratio = _step_ratio(standard, cpu, 64 if not quick else 16, repeats)
+    ratio = _step_ratio(standard, cpu, 64 if not quick else 16, repeats, setting)
     rows.append(Row("training step: matexp conv / standard conv (matexp coupling)", "CPU Table 5 model, batch 64",
                     ratio, "≤ 1.05×", "×", ratio <= 1.05))  # fmt: skip
     # MEF vs Glow-like at the paper's net width
@@ -192,12 +217,12 @@ def _model_rows(quick: bool) -> list[Row]:
     if quick:
         mef = dataclasses.replace(mef, steps=(1, 1), num_blocks=1)
     glow = dataclasses.replace(mef, conv="standard", coupling="affine")
-    ratio = _step_ratio(glow, mef, 16, max(3, repeats // 3))
+    ratio = _step_ratio(glow, mef, setting.batch, max(3, repeats // 3), setting)
     rows.append(Row("training step: MEF / Glow-like (standard conv + affine)", f"hidden 128, {mef.num_blocks} blocks, "
-                    "16×16, batch 16", ratio, "≤ 1.1×", "×", ratio <= 1.1))  # fmt: skip
+                    f"16×16, batch {setting.batch}", ratio, "≤ 1.1×", "×", ratio <= 1.1))  # fmt: skip
     # the same at the CPU table preset, with its floor
     glow_cpu = dataclasses.replace(cpu, conv="standard", coupling="affine")
-    ratio = _step_ratio(glow_cpu, cpu, 64 if not quick else 16, repeats)
+    ratio = _step_ratio(glow_cpu, cpu, 64 if not quick else 16, repeats, setting)
     floor = _head_flops_floor(cpu, glow_cpu)
     rows.append(Row("training step: MEF / Glow-like at the CPU preset", "CPU Table 5 model, batch 64", ratio,
                     f"report (floor {floor:.2f}×: conv flops of the larger net output)", "×", None,
@@ -205,18 +230,19 @@ def _model_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def _accuracy_rows(quick: bool) -> list[Row]:
+def _accuracy_rows(setting: Setting) -> list[Row]:
     worst = {"expm": 0.0, "expm_action": 0.0}
     nan = False
     g = torch.Generator().manual_seed(0)
     for n in (6, 12, 24):
         for norm in (1e-3, 0.1, 1.0, 5.0, 15.0, 30.0):
-            X = torch.randn(8 if quick else 32, n, n, generator=g, dtype=torch.float64)
+            X = torch.randn(8 if setting.quick else 32, n, n, generator=g, dtype=torch.float64)
             X = X / inf_norm(X)[:, None, None] * norm
             v = torch.randn(X.shape[0], n, generator=g, dtype=torch.float64)
             ref = np.stack([scipy.linalg.expm(m) for m in X.numpy()])
-            E = expm(X.float()).double().numpy()
-            y = expm_action(X.float(), v.float()).double().numpy()
+            Xd, vd = X.float().to(setting.device), v.float().to(setting.device)
+            E = expm(Xd).double().cpu().numpy()
+            y = expm_action(Xd, vd).double().cpu().numpy()
             nan |= not (np.isfinite(E).all() and np.isfinite(y).all())
             y_ref = np.einsum("bij,bj->bi", ref, v.numpy())
             err_e = np.linalg.norm(E - ref, axis=(1, 2)) / np.linalg.norm(ref, axis=(1, 2))
@@ -230,7 +256,7 @@ def _accuracy_rows(quick: bool) -> list[Row]:
     ]
 
 
-PARTS: dict[str, Callable[[bool], list[Row]]] = {
+PARTS: dict[str, Callable[[Setting], list[Row]]] = {
     "accuracy": _accuracy_rows,
     "action": _action_rows,
     "coupling": _coupling_rows,
@@ -238,15 +264,26 @@ PARTS: dict[str, Callable[[bool], list[Row]]] = {
 }
 
 
-def run_bench(quick: bool = False, threads: int = 2, only: tuple[str, ...] = tuple(PARTS)) -> list[Row]:
+def run_bench(
+    quick: bool = False, threads: int = 2, only: tuple[str, ...] = tuple(PARTS), device: str = "cpu"
+) -> list[Row]:
     unknown = set(only) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {list(PARTS)}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:index], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device here")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    setting = Setting(dev, quick)
     rows: list[Row] = []
     for name in only:
-        rows += PARTS[name](quick)
+        rows += PARTS[name](setting)
     return rows
 
 
@@ -261,10 +298,8 @@ def _format(rows: list[Row]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.device != "cpu":
-        raise ValueError("mefbench bench measures on the CPU here; --device cuda is not supported yet")
     only = tuple(args.only.split(",")) if args.only else tuple(PARTS)
-    rows = run_bench(quick=args.quick, threads=args.threads, only=only)
+    rows = run_bench(quick=args.quick, threads=args.threads, only=only, device=args.device)
     print(_format(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -272,9 +307,11 @@ def main(args: argparse.Namespace) -> int:
             "rows": [dataclasses.asdict(r) for r in rows],
             "quick": args.quick,
             "threads": args.threads,
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+            "device": args.device,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "accelerator": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
             "versions": {"mefbench": __version__, "torch": torch.__version__},
             "command": "mefbench bench" + (" --quick" if args.quick else "") + f" --threads {args.threads}"
-            + (f" --only {args.only}" if args.only else ""),
+            + (f" --only {args.only}" if args.only else "") + (f" --device {args.device}" if args.device != "cpu" else ""),
         }, indent=2))  # fmt: skip
     return 0

@@ -29,3 +29,23 @@ def test_bench_cli_quick_writes_json(tmp_path, capsys):
     assert len(data["rows"]) == 5 and data["quick"] is True
     assert {"what", "shape", "measured", "target", "unit", "ok", "note"} <= set(data["rows"][0])
     assert main(["bench", "--only", "nothing"]) == 2
+
+
+def test_bench_device_errors_are_clear(capsys):
+    import torch
+
+    assert main(["bench", "--quick", "--only", "accuracy", "--device", "tpu"]) == 2
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--quick", "--only", "accuracy", "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_setting_batch_and_sync_follow_the_device():
+    import torch
+
+    from mefbench.bench import Setting
+
+    cpu = Setting(torch.device("cpu"), quick=True)
+    assert cpu.batch == 16 and cpu.sync() is None
+    assert Setting(torch.device("cuda"), quick=False).batch == 64
