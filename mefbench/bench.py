@@ -1,7 +1,8 @@
 """`mefbench bench`: the matrix-exponential layers' costs against the layers they replace.
 
 Every row times its candidates side by side in one process, interleaved (A, B, A, B, …), and
-reports the ratio of medians, so machine noise hits both sides alike. Targets are the
+reports the median over repeats of each repeat's ratio (or difference) of neighbouring calls, so
+machine noise and slow drifts hit both sides alike. Targets are the
 performance issue's; each row prints measured value, target and whether it is met.
 
 On a GPU (``--device cuda``) every timing is bracketed by a device synchronisation, and the layer
@@ -32,7 +33,7 @@ from .models import FlowConfig, MultiScaleFlow
 from .presets import PRESETS
 from .training import train_step
 
-__all__ = ["PARTS", "Row", "main", "measure", "run_bench"]
+__all__ = ["PARTS", "Row", "main", "measure", "paired_ratio", "run_bench", "time_interleaved"]
 
 LEVELS = ((12, 16), (24, 8), (48, 4))  # (channels, H = W) at the paper's three levels
 
@@ -48,10 +49,13 @@ class Row:
     note: str = ""
 
 
-def measure(
+def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, sync: Callable[[], object] = lambda: None
-) -> dict[str, float]:
-    """Median seconds per call of each fn, timed interleaved; sync() waits for queued device work."""
+) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, interleaved: the i-th calls of all fns are neighbours in time.
+
+    sync() waits for queued device work before and after each call.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -63,7 +67,19 @@ def measure(
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def measure(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, sync: Callable[[], object] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each fn, timed interleaved."""
+    return {k: statistics.median(v) for k, v in time_interleaved(fns, repeats, warmup, sync).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repeats of num's time over den's time in the same repeat."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,9 @@ class Setting:
 
     def measure(self, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
         return measure(fns, repeats, sync=self.sync)
+
+    def times(self, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+        return time_interleaved(fns, repeats, sync=self.sync)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -105,8 +124,9 @@ def _action_rows(setting: Setting) -> list[Row]:
             S, x = S0.clone().requires_grad_(), x0.clone().requires_grad_()
             (torch.linalg.matrix_exp(S) @ x.unsqueeze(-1)).sum().backward()
 
-        t = setting.measure({"ours": ours, "torch": torch_ref}, repeats=3 if quick else 7)
-        speedup = t["torch"] / t["ours"]
+        times = setting.times({"ours": ours, "torch": torch_ref}, repeats=3 if quick else 7)
+        speedup = paired_ratio(times, "torch", "ours")
+        t = {k: statistics.median(v) for k, v in times.items()}
         rows.append(Row("expm_action fwd+bwd speed-up vs matrix_exp(S) @ x", f"{batch}×{n}×{n}", speedup,
                         "≥ 10×", "×", speedup >= 10,
                         f"ours {t['ours'] * 1e3:.2f} ms, torch {t['torch'] * 1e3:.2f} ms"))  # fmt: skip
@@ -155,8 +175,9 @@ def _coupling_rows(setting: Setting) -> list[Row]:
                 layer.zero_grad(set_to_none=True)
                 (layer.net(x1) * g_h).sum().backward()
 
-            t = setting.measure({"layer": full, "net": net_only}, repeats=repeats)
-            extra = max(t["layer"] - t["net"], 0.0)
+            times = setting.times({"layer": full, "net": net_only}, repeats=repeats)
+            t = {k: statistics.median(v) for k, v in times.items()}
+            extra = max(statistics.median(a - b for a, b in zip(times["layer"], times["net"])), 0.0)
             overhead = extra / t["layer"]
             note = f"layer {t['layer'] * 1e3:.2f} ms, net {t['net'] * 1e3:.2f} ms"
             if overhead > 0.15:
@@ -181,8 +202,8 @@ def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats:
         model.initialize(x)
         models[name] = model.train()
         opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-3)
-    t = setting.measure({k: (lambda k=k: train_step(models[k], opts[k], x)) for k in models}, repeats=repeats)
-    return t["b"] / t["a"]
+    times = setting.times({k: (lambda k=k: train_step(models[k], opts[k], x)) for k in models}, repeats=repeats)
+    return paired_ratio(times, "b", "a")
 
 
 def _head_flops_floor(config: FlowConfig, baseline: FlowConfig) -> float:

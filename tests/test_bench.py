@@ -49,3 +49,12 @@ def test_setting_batch_and_sync_follow_the_device():
     cpu = Setting(torch.device("cpu"), quick=True)
     assert cpu.batch == 16 and cpu.sync() is None
     assert Setting(torch.device("cuda"), quick=False).batch == 64
+
+
+def test_paired_ratio_follows_each_repeat():
+    from mefbench.bench import paired_ratio, time_interleaved
+
+    times = {"a": [1.0, 2.0, 10.0], "b": [2.0, 4.0, 20.0]}  # the machine slows down; b stays twice a
+    assert paired_ratio(times, "b", "a") == 2.0
+    t = time_interleaved({"x": lambda: None, "y": lambda: None}, repeats=4, warmup=0)
+    assert [len(v) for v in t.values()] == [4, 4]
