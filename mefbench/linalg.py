@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ExpmRecorder",
@@ -336,6 +337,7 @@ class _ExpmActionCF(torch.autograd.Function):
         return y, trace
 
     @staticmethod
+    @once_differentiable  # the backward writes into buffers: no graph of it for a second derivative
     def backward(ctx, g: Tensor, g_trace: Tensor):
         A, *krylov = ctx.saved_tensors
         dS, gx = _action_backward(A, krylov, g, ctx.m, ctx.needs_input_grad[0])

@@ -169,3 +169,11 @@ def test_scratch_buffers_survive_inference_mode_and_threads():
     thread.start()
     thread.join()
     torch.testing.assert_close(results[0], expected)
+
+
+def test_second_derivatives_are_refused_clearly():
+    S = (torch.randn(2, 3, 3) / 4).requires_grad_()
+    x = torch.randn(2, 3)
+    (g,) = torch.autograd.grad(expm_action(S, x).sum(), S, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..linalg import _action_backward, _action_forward, _plan, _workspace, expm_action_trace, phi
 from .actnorm import DataInitAffine
@@ -80,6 +81,7 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         return y.view(b, c, hh, ww).add_(t), logdet
 
     @staticmethod
+    @once_differentiable  # the backward writes into buffers: no graph of it for a second derivative
     def backward(ctx, g: Tensor, g_logdet: Tensor):
         h, sig, A, alpha, beta, *krylov = ctx.saved_tensors
         c = ctx.c
