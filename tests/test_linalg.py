@@ -148,7 +148,7 @@ def test_action_plan_minimises_products(tol):
         s_min = max(1, math.ceil(norm / (linalg.MAX_TERMS / 2)))
         plans = [(s * (series_terms(norm / s, tol) - 1), s) for s in range(s_min, s_min + 64)
                  if series_terms(norm / s, tol) < linalg.MAX_TERMS]  # fmt: skip
-        cost, s = min(plans)
+        _, s = min(plans)
         assert linalg._action_plan(norm, tol) == (s, series_terms(norm / s, tol))
 
 
