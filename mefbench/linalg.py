@@ -270,10 +270,11 @@ def _hankel(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(C, dtype=dtype, device=device)
 
 
-def _action_forward(S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+def _action_forward(S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """e^S x = (Σ_{k<m} A^k/k!)^steps x with A = S/steps, channels layout (B, n, n, P), (B, n, P).
 
-    Returns the result, A, and the Krylov vectors of every step: what the backward needs.
+    Returns the result, Σ tr S per sample (a coupling's log-det), and A and the Krylov vectors of
+    every step: what the backward needs.
     """
     A = S / steps if steps > 1 else S
     coeff = _taylor_weights(m, S.dtype, S.device)
@@ -283,13 +284,14 @@ def _action_forward(S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, T
         V = _series(A, y, m)
         krylov.append(V)
         y = _combine(coeff, V)
-    return y, A, krylov
+    return y, torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2)), A, krylov
 
 
 def _action_backward(
-    A: Tensor, krylov: list[Tensor], g: Tensor, m: int, need_dS: bool, dS_out: Tensor | None = None
+    A: Tensor, krylov: list[Tensor], g: Tensor, g_trace: Tensor, m: int, need_dS: bool, dS_out: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor]:
-    """(∂L/∂S, ∂L/∂x) of :func:`_action_forward` for the output gradient g; ∂L/∂S into dS_out if given.
+    """(∂L/∂S, ∂L/∂x) of :func:`_action_forward` for the gradients g of the result and g_trace of
+    the trace; ∂L/∂S into dS_out if given. The trace's gradient is one in-place add to the diagonal.
 
     For one factor y = Σ_k A^k x/k! with Krylov vectors v_i = A^i x and w_j = (Aᵀ)^j g:
     ∂L/∂x = Σ_k (Aᵀ)^k g/k! and ∂L/∂A = Σ_{i+j≤m−2} w_j v_iᵀ/(i+j+1)! (exact for the truncated
@@ -319,19 +321,16 @@ def _action_backward(
             dA.zero_()
         elif steps > 1:
             dA.div_(steps)
+        torch.diagonal(dA, dim1=1, dim2=2).add_(g_trace.view(-1, 1, 1))
     return dA, g
 
 
 class _ExpmActionCF(torch.autograd.Function):
-    """(e^S x, Σ tr S per sample) in the channels layout, with a hand-written backward.
-
-    The trace (the log-det of a coupling) rides along so that its gradient is one in-place add.
-    """
+    """(e^S x, Σ tr S per sample) in the channels layout, with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor]:
-        y, A, krylov = _action_forward(S, x, steps, m)
-        trace = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
+        y, trace, A, krylov = _action_forward(S, x, steps, m)
         ctx.save_for_backward(A, *krylov)
         ctx.m = m
         return y, trace
@@ -340,9 +339,7 @@ class _ExpmActionCF(torch.autograd.Function):
     @once_differentiable  # the backward writes into buffers: no graph of it for a second derivative
     def backward(ctx, g: Tensor, g_trace: Tensor):
         A, *krylov = ctx.saved_tensors
-        dS, gx = _action_backward(A, krylov, g, ctx.m, ctx.needs_input_grad[0])
-        if dS is not None:
-            torch.diagonal(dS, dim1=1, dim2=2).add_(g_trace.view(-1, 1, 1))
+        dS, gx = _action_backward(A, krylov, g, g_trace, ctx.m, ctx.needs_input_grad[0])
         return dS, gx, None, None
 
 

@@ -74,8 +74,7 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         sig = torch.mul(o, 2 * beta).add_(2 * gamma).sigmoid_()
         S = torch.mul(sig, 2 * alpha).add_(delta - alpha).reshape(b, c, c, hh * ww)
         steps, m = _plan(S)
-        y, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m)
-        logdet = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
+        y, logdet, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m)
         ctx.save_for_backward(h, sig, A, alpha, beta, *krylov)
         ctx.m, ctx.c = m, c
         return y.view(b, c, hh, ww).add_(t), logdet
@@ -87,8 +86,7 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         c = ctx.c
         b, _, hh, ww = h.shape
         dS_out = _workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
-        dS, gx = _action_backward(A, krylov, g.reshape(b, c, -1), ctx.m, need_dS=True, dS_out=dS_out)
-        torch.diagonal(dS, dim1=1, dim2=2).add_(g_logdet.view(-1, 1, 1))
+        dS, gx = _action_backward(A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out)
         dS = dS.view(b, c * c, hh, ww)
         # S = α(2σ − 1) + δ, σ = sigmoid(z), z = 2β·o + 2γ: ∂S/∂z = 2α·σ(1 − σ). The gradient of o
         # is built in place in its slice of ∂L/∂h, and dS's buffer takes the last product.
