@@ -5,7 +5,7 @@ import torch
 
 import mefbench.layers as L
 from mefbench.layers.coupling import _BoundedTanhFn
-from mefbench.linalg import record_expm
+from mefbench.linalg import expm_action_trace, record_expm
 
 
 def _perturb(layer: torch.nn.Module, scale: float = 0.1) -> None:
@@ -230,9 +230,11 @@ def test_bounded_tanh_gradients():
 
 
 def _generic_matexp_transform(layer: L.MatrixExpCoupling, x2: torch.Tensor, h: torch.Tensor):
-    """The unfused path: the scale map module, then expm_action_trace."""
-    t, S = layer._unpack(h)
-    y, logdet = layer._exp_action((S,), x2, 1.0)
+    """The unfused path: the BoundedTanh module (torch.tanh), then expm_action_trace."""
+    c = layer.c2
+    t, o = h.split([c, c * c], dim=1)
+    S = layer.scale(o).reshape(h.shape[0], c, c, *h.shape[2:])
+    y, logdet = expm_action_trace(S, x2)
     return y + t, logdet
 
 
@@ -288,3 +290,23 @@ def test_matexp_coupling_accumulates_gradients_over_several_forwards():
     together = torch.autograd.grad(loss(xs[0]) + loss(xs[1]), list(layer.parameters()))
     for a, b, both in zip(*separate, together):
         torch.testing.assert_close(a + b, both)
+
+
+def test_matexp_coupling_inverse_uses_the_forwards_matrices():
+    """The inverse builds S exactly as the fused forward does: e^{-S} e^{S} x = x to rounding."""
+    torch.manual_seed(3)
+    layer = _ready(L.MatrixExpCoupling(8, hidden_channels=4, num_blocks=1), (8, 3, 3))
+    c = layer.c2
+    h = torch.randn(2, c + c * c, 3, 3)
+    t, o = h.split([c, c * c], dim=1)
+    s = layer.scale
+    from mefbench.layers.coupling import _bounded_tanh_via_sigmoid
+
+    _, S = _bounded_tanh_via_sigmoid(o, s.alpha, s.beta, s.gamma, s.delta)
+    assert torch.equal(layer._unpack(h)[1], S.reshape(2, c, c, 3, 3))
+    torch.testing.assert_close(S, s.alpha * torch.tanh(s.beta * o + s.gamma) + s.delta, rtol=1e-12, atol=1e-13)
+    x2 = torch.randn(2, c, 3, 3)
+    y2, logdet = layer.transform(x2, h)
+    back, inv_logdet = layer.inverse_transform(y2, h)
+    torch.testing.assert_close(back, x2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inv_logdet, -logdet)
