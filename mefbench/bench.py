@@ -33,7 +33,7 @@ from .models import FlowConfig, MultiScaleFlow
 from .presets import PRESETS
 from .training import train_step
 
-__all__ = ["PARTS", "Row", "main", "measure", "paired_ratio", "run_bench", "time_interleaved"]
+__all__ = ["PARTS", "Row", "main", "measure", "medians", "paired_ratio", "run_bench", "time_interleaved"]
 
 LEVELS = ((12, 16), (24, 8), (48, 4))  # (channels, H = W) at the paper's three levels
 
@@ -74,7 +74,11 @@ def measure(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, sync: Callable[[], object] = lambda: None
 ) -> dict[str, float]:
     """Median seconds per call of each fn, timed interleaved."""
-    return {k: statistics.median(v) for k, v in time_interleaved(fns, repeats, warmup, sync).items()}
+    return medians(time_interleaved(fns, repeats, warmup, sync))
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
@@ -96,9 +100,6 @@ class Setting:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def measure(self, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-        return measure(fns, repeats, sync=self.sync)
 
     def times(self, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
         return time_interleaved(fns, repeats, sync=self.sync)
@@ -126,7 +127,7 @@ def _action_rows(setting: Setting) -> list[Row]:
 
         times = setting.times({"ours": ours, "torch": torch_ref}, repeats=3 if quick else 7)
         speedup = paired_ratio(times, "torch", "ours")
-        t = {k: statistics.median(v) for k, v in times.items()}
+        t = medians(times)
         rows.append(Row("expm_action fwd+bwd speed-up vs matrix_exp(S) @ x", f"{batch}×{n}×{n}", speedup,
                         "≥ 10×", "×", speedup >= 10,
                         f"ours {t['ours'] * 1e3:.2f} ms, torch {t['torch'] * 1e3:.2f} ms"))  # fmt: skip
@@ -145,7 +146,7 @@ def _per_call_cost(layer: MatrixExpCoupling, setting: Setting, repeats: int) -> 
         y, logdet = layer.transform(x2, h.requires_grad_())
         ((y * g).sum() + logdet.sum()).backward()
 
-    return setting.measure({"tiny": tiny}, repeats)["tiny"]
+    return statistics.median(setting.times({"tiny": tiny}, repeats)["tiny"])
 
 
 def _coupling_rows(setting: Setting) -> list[Row]:
@@ -176,7 +177,7 @@ def _coupling_rows(setting: Setting) -> list[Row]:
                 (layer.net(x1) * g_h).sum().backward()
 
             times = setting.times({"layer": full, "net": net_only}, repeats=repeats)
-            t = {k: statistics.median(v) for k, v in times.items()}
+            t = medians(times)
             extra = max(statistics.median(a - b for a, b in zip(times["layer"], times["net"])), 0.0)
             overhead = extra / t["layer"]
             note = f"layer {t['layer'] * 1e3:.2f} ms, net {t['net'] * 1e3:.2f} ms"
