@@ -95,15 +95,17 @@ def test_digits() -> None:
 # CIFAR-10 on tiny files in the official layouts
 
 
-def _cifar_images(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+def _cifar_batches(folder: Path, rng: np.random.Generator, suffix: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """15 train images in five batch files and 2 test images, named as CIFAR-10 names them."""
+    folder.mkdir(parents=True)
+    train, test = (rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8) for n in (15, 2))
+    batches = {f"data_batch_{i + 1}{suffix}": train[3 * i : 3 * i + 3] for i in range(5)}
+    batches[f"test_batch{suffix}"] = test
+    return train, test, batches
 
 
 def _write_cifar_bin(folder: Path, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    folder.mkdir(parents=True)
-    train, test = _cifar_images(rng, 15), _cifar_images(rng, 2)
-    batches = {f"data_batch_{i + 1}.bin": train[3 * i : 3 * i + 3] for i in range(5)}
-    batches["test_batch.bin"] = test
+    train, test, batches = _cifar_batches(folder, rng, ".bin")
     for fname, imgs in batches.items():
         labels = rng.integers(0, 10, size=(len(imgs), 1), dtype=np.uint8)
         (folder / fname).write_bytes(np.hstack([labels, imgs.reshape(len(imgs), -1)]).tobytes())
@@ -111,10 +113,7 @@ def _write_cifar_bin(folder: Path, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 def _write_cifar_py(folder: Path, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    folder.mkdir(parents=True)
-    train, test = _cifar_images(rng, 15), _cifar_images(rng, 2)
-    batches = {f"data_batch_{i + 1}": train[3 * i : 3 * i + 3] for i in range(5)}
-    batches["test_batch"] = test
+    train, test, batches = _cifar_batches(folder, rng, "")
     for fname, imgs in batches.items():
         d = {
             b"batch_label": fname.encode(),
