@@ -270,9 +270,13 @@ def _hankel(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(C, dtype=dtype, device=device)
 
 
-def _action_forward(S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def _action_forward(
+    S: Tensor, x: Tensor, steps: int, m: int, transposed: bool = False
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """e^S x = (Σ_{k<m} A^k/k!)^steps x with A = S/steps, channels layout (B, n, n, P), (B, n, P).
 
+    ``transposed``: the array holds Sᵀ (S[i, j] stored at [j, i], the official MEF code's channel
+    order); the products then sum over the other index, so no transposed copy is made.
     Returns the result, Σ tr S per sample (a coupling's log-det), and A and the Krylov vectors of
     every step: what the backward needs.
     """
@@ -281,14 +285,21 @@ def _action_forward(S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, T
     krylov = []
     y = x
     for _ in range(steps):
-        V = _series(A, y, m)
+        V = _series(A, y, m, transpose=transposed)
         krylov.append(V)
         y = _combine(coeff, V)
     return y, torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2)), A, krylov
 
 
 def _action_backward(
-    A: Tensor, krylov: list[Tensor], g: Tensor, g_trace: Tensor, m: int, need_dS: bool, dS_out: Tensor | None = None
+    A: Tensor,
+    krylov: list[Tensor],
+    g: Tensor,
+    g_trace: Tensor,
+    m: int,
+    need_dS: bool,
+    dS_out: Tensor | None = None,
+    transposed: bool = False,
 ) -> tuple[Tensor | None, Tensor]:
     """(∂L/∂S, ∂L/∂x) of :func:`_action_forward` for the gradients g of the result and g_trace of
     the trace; ∂L/∂S into dS_out if given. The trace's gradient is one in-place add to the diagonal.
@@ -304,11 +315,12 @@ def _action_backward(
     scratch = dA if steps == 1 else None
     empty = True
     for V in reversed(krylov):
-        W = _series(A, g, m, transpose=True, scratch=scratch)
+        W = _series(A, g, m, transpose=not transposed, scratch=scratch)
         if dA is not None and m > 1:
             U = torch.mm(_hankel(m, A.dtype, A.device), V[:-1].flatten(1)).view(m - 1, *V.shape[1:])
-            w = W.unsqueeze(3).unbind(0)  # w_j as columns (B, n, 1, P), u_j as rows (B, 1, n, P)
-            u = U.unsqueeze(2).unbind(0)
+            # w_j as columns (B, n, 1, P), u_j as rows (B, 1, n, P); the other way round for Aᵀ
+            w = W.unsqueeze(2 if transposed else 3).unbind(0)
+            u = U.unsqueeze(3 if transposed else 2).unbind(0)
             for j in range(m - 1):
                 if empty:
                     torch.mul(w[j], u[j], out=dA)
@@ -343,9 +355,12 @@ class _ExpmActionCF(torch.autograd.Function):
         return dS, gx, None, None
 
 
-def _plan(S3: Tensor) -> tuple[int, int]:
-    """Steps and terms for e^S x from the largest ∞-norm of S (B, n, n, P), recorded for Table 6."""
-    norm = _max_norm(S3, row_dim=2)
+def _plan(S3: Tensor, transposed: bool = False) -> tuple[int, int]:
+    """Steps and terms for e^S x from the largest ∞-norm of S (B, n, n, P), recorded for Table 6.
+
+    ``transposed``: S3 holds Sᵀ, so a row of S is summed over dimension 1.
+    """
+    norm = _max_norm(S3, row_dim=1 if transposed else 2)
     steps, m = _action_plan(norm, taylor_tolerance(S3.dtype))
     _record("expm_action", m, steps, S3.shape[0] * S3.shape[3])
     return steps, m

@@ -7,78 +7,25 @@ last level, half the channels are split off as a latent. Latents have a standard
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .config import DictConfig
-from .layers import COUPLING, CONV1X1, SCALE_MAPS, SQUEEZE_ORDERS, ActNorm, FlowSequential, Squeeze
+from .config import FlowConfig
+from .layers import COUPLING, MIXING, ActNorm, FlowSequential, Squeeze
 
-__all__ = ["FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
+__all__ = ["MODEL_REVISION", "FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
-
-@dataclass
-class FlowConfig(DictConfig):
-    """Everything that defines a model. ``to_json``/``from_json`` round-trip it exactly."""
-
-    image_shape: tuple[int, int, int] = (3, 32, 32)
-    steps: tuple[int, ...] = (8, 4, 2)  # flow steps per level; len(steps) = number of levels
-    conv: str = "matexp"
-    coupling: str = "matexp"
-    hidden_channels: int = 128
-    num_blocks: int = 8
-    actnorm: str = "activation"  # "activation" (paper) or "channel" (Glow)
-    squeeze: str = "subpixel"  # "subpixel" (paper) or "channel" (Glow)
-    prior: str = "standard"  # "standard" (paper) or "learned" (Glow)
-    scale: str = "tanh"  # scale map of affine / matrix-exp couplings
-    coupling_rank: int | None = None  # matrix-exp coupling: None = full up to c = 24, then rank 3
-
-    def __post_init__(self) -> None:
-        self.image_shape = tuple(int(v) for v in self.image_shape)
-        self.steps = tuple(int(v) for v in self.steps)
-        choices = {
-            "conv": sorted(CONV1X1),
-            "coupling": sorted(COUPLING),
-            "actnorm": ["activation", "channel"],
-            "squeeze": list(SQUEEZE_ORDERS),
-            "prior": ["learned", "standard"],
-            "scale": sorted(SCALE_MAPS),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"FlowConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if len(self.image_shape) != 3:
-            raise ValueError(f"FlowConfig.image_shape must be (C, H, W), got {self.image_shape}")
-        c, h, w = self.image_shape
-        levels = len(self.steps)
-        if levels < 1 or min(self.steps) < 1:
-            raise ValueError(f"FlowConfig.steps needs at least one level of at least one step, got {self.steps}")
-        if h % 2**levels or w % 2**levels:
-            raise ValueError(f"{levels} levels need H and W divisible by {2**levels}, got {h}×{w}")
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> FlowConfig:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
-
-    @property
-    def dims(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
+# What the same FlowConfig builds. Records store it, so that runs of different revisions are never
+# mixed in one table and an old checkpoint is refused with a clear message.
+#   1: one ELU after all residual blocks, conv biases, PyTorch's default conv init, α = 1/√(c·k)
+#      for low-rank factors, S stored row by row in the net output
+#   2: the official MEF code's model (ELU after every block, no bias before a Norm, kaiming init
+#      rescaled by the output std, S column by column, α = 1/c), Bessel-corrected init stds
+MODEL_REVISION = 2
 
 
 class LearnedPrior(nn.Module):
@@ -111,12 +58,7 @@ class MultiScaleFlow(nn.Module):
         super().__init__()
         self.config = config
         c, h, w = config.image_shape
-        conv_cls, coupling_cls = CONV1X1[config.conv], COUPLING[config.coupling]
-        coupling_kwargs = {"hidden_channels": config.hidden_channels, "num_blocks": config.num_blocks}
-        if config.coupling != "additive":
-            coupling_kwargs["scale"] = config.scale
-        if config.coupling == "matexp":
-            coupling_kwargs["rank"] = config.coupling_rank
+        net = {"hidden_channels": config.hidden_channels, "num_blocks": config.num_blocks}
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
@@ -126,8 +68,8 @@ class MultiScaleFlow(nn.Module):
             layers = [Squeeze(config.squeeze)]
             for _ in range(steps):
                 layers.append(ActNorm(c, per=config.actnorm, size=(h, w)))
-                layers.append(conv_cls(c))
-                layers.append(coupling_cls(c, **coupling_kwargs))
+                layers.append(MIXING.build(config.conv, c, size=(h, w), **config.conv_options))
+                layers.append(COUPLING.build(config.coupling, c, size=(h, w), **net, **config.coupling_options))
             self.levels.append(FlowSequential(*layers))
             last = level == levels - 1
             z_channels = c if last else c // 2

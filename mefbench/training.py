@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import DictConfig
+from .config import TrainConfig
 from .data import DATASETS, dequantize, load_dataset, random_hflip
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .models import FlowConfig, MultiScaleFlow, bits_per_dim, count_parameters
@@ -70,38 +69,6 @@ SCHEMA = 1
 
 class RunError(RuntimeError):
     """A run directory that cannot be used as asked (exists already, corrupt, mismatched)."""
-
-
-@dataclass
-class TrainConfig(DictConfig):
-    """The training recipe. Defaults are the paper's CIFAR-10 settings."""
-
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 0.01
-    warmup_epochs: float = 1.0
-    decay_epochs: tuple[int, ...] = (40,)
-    decay_factor: float = 0.5
-    ema_decay: float = 0.999
-    init_batch: int = 512
-    seed: int = 0
-    flip: bool | None = None  # None: the dataset's standard (horizontal flips on CIFAR-10 and patches)
-    max_train_batches: int | None = None  # cap on optimiser steps per epoch (CPU-scale runs)
-    max_test: int | None = None  # evaluate on the first max_test test images
-    eval_batch_size: int = 256
-    grad_clip: float | None = None  # the paper uses none
-
-    def __post_init__(self) -> None:
-        self.decay_epochs = tuple(int(e) for e in self.decay_epochs)
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
-        for name in ("epochs", "batch_size", "init_batch", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
 
 
 # ----------------------------------------------------------------------------- small helpers

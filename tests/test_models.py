@@ -76,16 +76,29 @@ def test_paper_parameter_count():
 
 
 def test_config_json_round_trip(tmp_path):
-    config = FlowConfig(**SMALL, prior="learned", coupling_rank=2)
+    config = FlowConfig(**SMALL, prior="learned", coupling_options={"rank": 2}, conv_options={})
     config.to_json(tmp_path / "c.json")
     assert FlowConfig.from_json(tmp_path / "c.json") == config
     assert FlowConfig.from_json(config.to_json()) == config
+
+
+def test_deprecated_flat_options_move_into_coupling_options():
+    with pytest.warns(DeprecationWarning, match=r"FlowConfig\(scale=...\) is deprecated"):
+        config = FlowConfig(**SMALL, coupling="affine", scale="sigmoid")
+    assert config.coupling_options == {"scale": "sigmoid"}
+    # a model dict of the first record schema loads, defaults dropped
+    old = {**FlowConfig(**SMALL).to_dict(), "scale": "tanh", "coupling_rank": None}
+    del old["conv_options"], old["coupling_options"]
+    assert FlowConfig.from_dict(old) == FlowConfig(**SMALL)
 
 
 @pytest.mark.parametrize(
     "changes,match",
     [
         ({"conv": "lu"}, "FlowConfig.conv must be one of"),
+        ({"conv_options": {"diagonal": "free"}}, "MatrixExpConv1x1 has no option 'diagonal'"),
+        ({"coupling_options": {"hidden_channels": 3}}, "cannot set hidden_channels"),
+        ({"coupling_options": {"scale": object()}}, "JSON-serialisable"),
         ({"image_shape": (3, 12, 12), "steps": (1, 1, 1)}, "divisible by 8"),
         ({"steps": ()}, "at least one level"),
     ],

@@ -1,22 +1,37 @@
-"""The layer zoo: every layer maps (B, C, H, W) -> (y, logdet) and back, registries by name."""
+"""The layer zoo: every layer maps (B, C, H, W) -> (y, logdet) and back, registries by name.
+
+Two registries, each name -> class, every class built as ``cls(channels, size=(H, W), **options)``
+and carrying its :class:`LayerInfo` (family, log-det exactness, costs, reference):
+
+- :data:`MIXING`: the invertible linear mixing layers, per-pixel (1×1) and spatial;
+  :data:`CONV1X1` is the live view of its per-pixel entries.
+- :data:`COUPLING`: the coupling layers.
+
+Adding a layer is one class and one line in a registry below; the CLI, the presets that list
+every layer, the asv grids, ``mefbench bench``, ``mefbench layers`` and the reports follow.
+"""
 
 from __future__ import annotations
 
-from .actnorm import ActNorm, DataInitAffine
-from .base import FlowLayer, FlowSequential, check_input
-from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
-from .coupling import (
-    SCALE_MAPS,
-    AdditiveCoupling,
-    AffineCoupling,
-    BoundedTanh,
-    Coupling,
-    CouplingNet,
-    ExpScale,
-    MatrixExpCoupling,
-    SigmoidScale,
+from .actnorm import ActNorm, inverse_softplus
+from .base import (
+    FAMILIES,
+    Cost,
+    FlowLayer,
+    FlowSequential,
+    LayerInfo,
+    Registry,
+    RegistryView,
+    check_input,
+    check_options,
+    option_names,
+    summary,
 )
+from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MatrixExpCoupling
+from .nets import ConvNorm, CouplingNet, DataInitAffine, NetFactory, ResidualBlock, coupling_net
 from .reshape import SQUEEZE_ORDERS, Squeeze
+from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, HardClamp, SigmoidScale, SoftClamp
 
 __all__ = [
     "ActNorm",
@@ -26,31 +41,58 @@ __all__ = [
     "CONV1X1",
     "COUPLING",
     "Conv1x1",
+    "ConvNorm",
+    "Cost",
     "Coupling",
     "CouplingNet",
     "DataInitAffine",
     "ExpScale",
+    "FAMILIES",
     "FlowLayer",
     "FlowSequential",
+    "HardClamp",
+    "LayerInfo",
+    "MIXING",
     "MatrixExpConv1x1",
     "MatrixExpCoupling",
+    "NetFactory",
     "PLUConv1x1",
+    "REGISTRIES",
+    "Registry",
+    "RegistryView",
+    "ResidualBlock",
     "SCALE_MAPS",
     "SQUEEZE_ORDERS",
     "SigmoidScale",
+    "SoftClamp",
     "Squeeze",
     "StandardConv1x1",
     "check_input",
+    "check_options",
+    "coupling_net",
+    "inverse_softplus",
+    "option_names",
+    "summary",
 ]
 
-CONV1X1: dict[str, type[Conv1x1]] = {
-    "standard": StandardConv1x1,
-    "plu": PLUConv1x1,
-    "matexp": MatrixExpConv1x1,
-}
+MIXING = Registry(
+    "mixing layer",
+    {
+        "standard": StandardConv1x1,
+        "plu": PLUConv1x1,
+        "matexp": MatrixExpConv1x1,
+    },
+)
 
-COUPLING: dict[str, type[Coupling]] = {
-    "additive": AdditiveCoupling,
-    "affine": AffineCoupling,
-    "matexp": MatrixExpCoupling,
-}
+COUPLING = Registry(
+    "coupling",
+    {
+        "additive": AdditiveCoupling,
+        "affine": AffineCoupling,
+        "matexp": MatrixExpCoupling,
+    },
+)
+
+CONV1X1 = RegistryView(MIXING, "per-pixel")
+
+REGISTRIES: dict[str, Registry] = {"mixing": MIXING, "coupling": COUPLING}

@@ -6,24 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FlowLayer, check_input
+from .base import Cost, FlowLayer, LayerInfo, check_input
+from .nets import DataInitAffine, init_stats, inverse_std
 
 __all__ = ["ActNorm", "DataInitAffine", "inverse_softplus"]
-
-_EPS = 1e-6
 
 
 def inverse_softplus(s: Tensor) -> Tensor:
     """θ with softplus(θ) = s, for s > 0 (stable for small and large s)."""
     return s + torch.log(-torch.expm1(-s))
-
-
-def _init_scale_bias(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Scale and bias that give zero mean and unit variance over dims; constant entries get scale 1."""
-    mean = x.mean(dim=dims)
-    std = x.std(dim=dims, unbiased=False)
-    scale = torch.where(std > _EPS, 1.0 / std.clamp_min(_EPS), torch.ones_like(std))
-    return scale, -mean * scale
 
 
 class ActNorm(FlowLayer):
@@ -35,9 +26,17 @@ class ActNorm(FlowLayer):
         size: (H, W), required when per="activation".
 
     The first forward in training mode sets s and b so that the batch has zero mean and unit
-    variance per channel (or per activation); the ``initialized`` buffer keeps that fact across
-    save/load. Constant channels get s = 1 instead of an infinite scale.
+    variance per channel (or per activation), as the official code does: s = 1/(std + 1e-8) with
+    torch's default (n − 1) std. The ``initialized`` buffer keeps that fact across save/load. A
+    constant channel gets s = 1 instead of 1e8; a batch of one sample (per activation), an empty
+    batch or non-finite values are a ValueError, and the layer stays uninitialised.
     """
+
+    info = LayerInfo(
+        family="elementwise",
+        reference="Kingma & Dhariwal 2018 (Glow); per activation: Xiao & Liu 2020 (MEF)",
+        cost=Cost("O(C·n)", "O(C) (O(C·n) per activation)", "O(C·n)"),
+    )
 
     def __init__(self, channels: int, per: str = "channel", size: tuple[int, int] | None = None) -> None:
         super().__init__()
@@ -54,16 +53,17 @@ class ActNorm(FlowLayer):
         self.register_buffer("initialized", torch.tensor(False))
 
     def _check(self, x: Tensor) -> None:
-        check_input(x, self.channels, "ActNorm")
+        check_input(x, self.channels, "ActNorm", self)
         if self.per == "activation" and tuple(x.shape[2:]) != self.size:
             raise ValueError(f"ActNorm was built for H×W = {self.size}, got {tuple(x.shape[2:])}")
 
     @torch.no_grad()
     def data_init(self, x: Tensor) -> None:
         dims = (0, 2, 3) if self.per == "channel" else (0,)
-        scale, bias = _init_scale_bias(x, dims)
+        mean, std = init_stats(x, dims, "ActNorm")
+        scale = inverse_std(std)
         self.theta.copy_(inverse_softplus(scale).reshape(self.theta.shape))
-        self.bias.copy_(bias.reshape(self.bias.shape))
+        self.bias.copy_((-mean * scale).reshape(self.bias.shape))
         self.initialized.fill_(True)
 
     def _logdet(self, x: Tensor, log_s: Tensor) -> Tensor:
@@ -81,27 +81,3 @@ class ActNorm(FlowLayer):
         self._check(y)
         s = F.softplus(self.theta)
         return (y - self.bias) / s, -self._logdet(y, torch.log(s))
-
-
-class DataInitAffine(nn.Module):
-    """Per-channel affine z = w ⊙ h + b inside coupling nets (not a flow layer: no log-det).
-
-    Data-dependent init gives zero mean and unit variance on the init batch; with ``zero=True`` it
-    starts at w = b = 0 and skips that init, so that a residual block starts as the identity.
-    """
-
-    def __init__(self, channels: int, zero: bool = False) -> None:
-        super().__init__()
-        self.zero = zero
-        self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1) if zero else torch.ones(1, channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.register_buffer("initialized", torch.tensor(zero))
-
-    def forward(self, h: Tensor) -> Tensor:
-        if not bool(self.initialized) and self.training:
-            with torch.no_grad():
-                scale, bias = _init_scale_bias(h, (0, 2, 3))
-                self.weight.copy_(scale.reshape(self.weight.shape))
-                self.bias.copy_(bias.reshape(self.bias.shape))
-                self.initialized.fill_(True)
-        return h * self.weight + self.bias

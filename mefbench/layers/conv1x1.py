@@ -1,4 +1,8 @@
-"""Invertible 1×1 convolutions: y_ij = W x_ij at every pixel, with three parametrisations of W."""
+"""Invertible 1×1 convolutions: y_ij = W x_ij at every pixel, with several parametrisations of W.
+
+Every class is built as ``cls(channels, size=None, **options)`` (the size is not needed: the same
+matrix acts at every pixel) and caches W and W⁻¹ in eval mode.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,40 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import expm
-from .base import FlowLayer, check_input
+from .base import Cost, FlowLayer, LayerInfo, check_input
 
-__all__ = ["Conv1x1", "MatrixExpConv1x1", "PLUConv1x1", "StandardConv1x1", "random_rotation"]
+__all__ = [
+    "Conv1x1",
+    "MatrixExpConv1x1",
+    "PLUConv1x1",
+    "StandardConv1x1",
+    "random_orthogonal",
+    "random_rotation",
+]
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
 def random_rotation(n: int, generator: torch.Generator | None = None) -> np.ndarray:
-    """A random rotation (orthogonal, det +1) drawn with torch's RNG so that seeds reproduce."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    """A random rotation (orthogonal, det +1, Haar) drawn with torch's RNG so that seeds reproduce."""
+    seed = _seed(generator)
     if n == 1:
         return np.ones((1, 1))
     return scipy.stats.special_ortho_group.rvs(n, random_state=seed)
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> np.ndarray:
+    """A random orthogonal matrix (det ±1, Haar), drawn with torch's RNG so that seeds reproduce."""
+    seed = _seed(generator)
+    if n == 1:
+        return np.ones((1, 1))
+    return scipy.stats.ortho_group.rvs(n, random_state=seed)
+
+
+def _as_param(a: np.ndarray) -> nn.Parameter:
+    return nn.Parameter(torch.as_tensor(a, dtype=torch.get_default_dtype()))
 
 
 def _apply(W: Tensor, x: Tensor) -> Tensor:
@@ -33,9 +60,9 @@ class Conv1x1(FlowLayer):
     matrices are cached and rebuilt only when a parameter changes (its version counter moves).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if channels < 1:
+        if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"{type(self).__name__} needs at least 1 channel, got {channels}")
         self.channels = channels
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
@@ -59,27 +86,34 @@ class Conv1x1(FlowLayer):
         return self._cache[1], self._cache[2]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_input(x, self.channels, type(self).__name__)
+        check_input(x, self.channels, type(self).__name__, self)
         W, _ = self._matrices(need_inverse=False)
         logdet = self.pixel_logdet() * (x.shape[2] * x.shape[3])
         return _apply(W, x), logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        check_input(y, self.channels, type(self).__name__)
+        check_input(y, self.channels, type(self).__name__, self)
         _, W_inv = self._matrices(need_inverse=True)
         logdet = -self.pixel_logdet() * (y.shape[2] * y.shape[3])
         return _apply(W_inv, y), logdet.expand(y.shape[0])
 
 
 class StandardConv1x1(Conv1x1):
-    """Glow's 1×1 conv: y = W x per pixel; log|det| = H·W·log|det W| (slogdet). Init: random orthogonal.
+    """y = W x per pixel; log|det| = H·W·log|det W| (slogdet). Init: random orthogonal (Haar).
 
-    W can become singular during training; inverse then fails (the paper's "collapse").
+    W can become singular during training; the inverse then fails (the paper's "collapse").
     """
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels)
-        self.W = nn.Parameter(torch.as_tensor(random_rotation(channels), dtype=torch.get_default_dtype()))
+    info = LayerInfo(
+        family="per-pixel",
+        reference="Kingma & Dhariwal 2018 (Glow)",
+        cost=Cost("O(C²·n)", "O(C³)", "O(C³ + C²·n)"),
+        inverse="solve",
+    )
+
+    def __init__(self, channels: int, *, size: tuple[int, int] | None = None) -> None:
+        super().__init__(channels, size=size)
+        self.W = _as_param(random_orthogonal(channels))
 
     def weight(self) -> Tensor:
         return self.W
@@ -92,27 +126,52 @@ class StandardConv1x1(Conv1x1):
 
 
 class PLUConv1x1(Conv1x1):
-    """Glow's LU 1×1 conv: W = P L (U + diag(sign·e^{log_s})); log|det| = H·W·Σ log_s.
+    """y = P L U x per pixel; log|det| = H·W·Σ log|u_ii|; inverse by two triangular solves.
 
-    P (a permutation) and sign are fixed buffers; L is unit lower and U strictly upper triangular.
-    Init: the LU factors of a random rotation. Inverse by two triangular solves.
+    P is a fixed permutation, L unit lower triangular. Init: the LU factors of a random orthogonal
+    matrix (Haar). Two forms of U's diagonal (option ``diagonal``):
+
+    - ``"exp"`` (Glow, the default): U = strictly-upper + diag(sign·e^{log_s}), sign fixed; W can
+      never become singular. 2C² + C parameters (L, U and log_s as parameters).
+    - ``"free"`` (the official MEF code, the paper's Table 5): U's diagonal is learned directly, can
+      cross 0, and W can then become singular ("collapse"). 2C² parameters (L and U as full C×C
+      parameters, masked), as in the official code.
     """
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels)
-        P, L, U = scipy.linalg.lu(random_rotation(channels))
-        diag = np.diag(U)
-        self.register_buffer("P", torch.as_tensor(P, dtype=torch.get_default_dtype()))
-        self.register_buffer("sign", torch.as_tensor(np.sign(diag), dtype=torch.get_default_dtype()))
+    info = LayerInfo(
+        family="per-pixel",
+        reference="Kingma & Dhariwal 2018 (Glow); diagonal='free': Xiao & Liu 2020 (MEF code)",
+        cost=Cost("O(C²·n)", "O(C)", "O(C³ + C²·n)"),
+        inverse="solve",
+    )
+
+    DIAGONALS = ("exp", "free")
+
+    def __init__(self, channels: int, *, size: tuple[int, int] | None = None, diagonal: str = "exp") -> None:
+        super().__init__(channels, size=size)
+        if diagonal not in self.DIAGONALS:
+            raise ValueError(f"PLUConv1x1 option diagonal must be one of {self.DIAGONALS}, got {diagonal!r}")
+        self.diagonal = diagonal
+        P, L, U = scipy.linalg.lu(random_orthogonal(channels))
+        dtype = torch.get_default_dtype()
+        self.register_buffer("P", torch.as_tensor(P, dtype=dtype))
         self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
-        self.L = nn.Parameter(torch.as_tensor(L, dtype=torch.get_default_dtype()))
-        self.U = nn.Parameter(torch.as_tensor(np.triu(U, 1), dtype=torch.get_default_dtype()))
-        self.log_s = nn.Parameter(torch.as_tensor(np.log(np.abs(diag)), dtype=torch.get_default_dtype()))
+        self.L = _as_param(L)
+        if diagonal == "exp":
+            diag = np.diag(U)
+            self.register_buffer("sign", torch.as_tensor(np.sign(diag), dtype=dtype))
+            self.U = _as_param(np.triu(U, 1))
+            self.log_s = _as_param(np.log(np.abs(diag)))
+        else:
+            self.U = _as_param(np.triu(U))
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         eye = torch.eye(self.channels, dtype=self.L.dtype, device=self.L.device)
         L = self.L * self.lower_mask + eye
-        U = self.U * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_s))
+        if self.diagonal == "exp":
+            U = self.U * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_s))
+        else:
+            U = self.U * (self.lower_mask.T + eye)
         return L, U
 
     def weight(self) -> Tensor:
@@ -127,22 +186,31 @@ class PLUConv1x1(Conv1x1):
         return U_inv @ L_inv @ self.P.T
 
     def pixel_logdet(self) -> Tensor:
-        return self.log_s.sum()
+        if self.diagonal == "exp":
+            return self.log_s.sum()
+        return torch.diagonal(self.U).abs().log().sum()
 
 
 class MatrixExpConv1x1(Conv1x1):
-    """The paper's 1×1 conv: y = e^W x per pixel; log|det| = H·W·tr W; inverse e^{−W}.
+    """y = e^W x per pixel; log|det| = H·W·tr W; inverse e^{−W} (the paper's 1×1 conv).
 
     det e^W = e^{tr W} > 0, so the map can never become singular. Init: W = real(logm(Q)) for a
     random rotation Q (W skew-symmetric, e^W orthogonal, initial log-det 0). e^W and e^{−W} are
     cached in eval mode.
     """
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels)
+    info = LayerInfo(
+        family="per-pixel",
+        reference="Xiao & Liu 2020 (MEF)",
+        cost=Cost("O(C²·n + m·C³)", "O(C)", "O(C²·n + m·C³)"),
+        inverse="series",
+    )
+
+    def __init__(self, channels: int, *, size: tuple[int, int] | None = None) -> None:
+        super().__init__(channels, size=size)
         W = np.real(scipy.linalg.logm(random_rotation(channels)))
         W = (W - W.T) / 2  # exactly skew-symmetric: logm of a rotation is, up to rounding
-        self.W = nn.Parameter(torch.as_tensor(W, dtype=torch.get_default_dtype()))
+        self.W = _as_param(W)
 
     def weight(self) -> Tensor:
         return expm(self.W)

@@ -1,23 +1,26 @@
 """Coupling layers: x1 passes unchanged and conditions an invertible map of x2.
 
-x1 = the first ⌈C/2⌉ channels, x2 = the last c = ⌊C/2⌋. A net (the paper's residual ConvNet,
-zero-initialised so that every coupling starts as the identity) maps x1 to parameters h, and each
-coupling only says how h transforms x2. Raw outputs that become scales or matrix entries pass
-through a scale map chosen by name (:data:`SCALE_MAPS`).
+x1 = the first ⌈C/2⌉ channels, x2 = the last c = ⌊C/2⌋. A net built by a factory
+``net(in_channels, out_channels)`` (default: the paper's residual ConvNet,
+:class:`~mefbench.layers.nets.CouplingNet`, zero-initialised so that every coupling starts as the
+identity) maps x1 to parameters h, and each coupling only says how h transforms x2. Raw outputs
+that become scales or matrix entries pass through a scale map chosen by name
+(:data:`~mefbench.layers.scale_maps.SCALE_MAPS`).
+
+Every coupling is built as ``cls(channels, hidden_channels, num_blocks, size=None, net=None,
+**options)``: ``hidden_channels`` and ``num_blocks`` configure the default net, ``net`` replaces it.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..linalg import _action_backward, _action_forward, _plan, _workspace, expm_action_trace, phi
-from .actnorm import DataInitAffine
-from .base import FlowLayer, check_input
+from .base import Cost, FlowLayer, LayerInfo, check_input
+from .nets import CouplingNet, NetFactory, coupling_net
+from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, SigmoidScale, bounded_tanh_via_sigmoid, make_scale_map
 
 __all__ = [
     "AdditiveCoupling",
@@ -32,45 +35,11 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- scale maps
-
-
-class _BoundedTanhFn(torch.autograd.Function):
-    """S = α·tanh(β·o + γ) + δ with a hand-written backward: one saved tensor, few passes."""
-
-    @staticmethod
-    def forward(ctx, o: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, delta: Tensor) -> Tensor:
-        # tanh(z) = 2·sigmoid(2z) − 1: torch's CPU sigmoid is several times faster than its tanh
-        t = torch.addcmul(gamma, o, beta).mul_(2).sigmoid_().mul_(2).sub_(1)
-        ctx.save_for_backward(o, t, alpha, beta)
-        return torch.addcmul(delta, t, alpha)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        o, t, alpha, beta = ctx.saved_tensors
-        g = g.contiguous()
-        g_alpha = torch.dot(g.reshape(-1), t.reshape(-1))
-        g_delta = g.sum()
-        dz = torch.addcmul(g, g * t, t, value=-1).mul_(alpha)  # ∂L/∂(β·o + γ) = g·α·(1 − t²)
-        g_beta = torch.sum(dz * o)
-        g_gamma = dz.sum()
-        return dz.mul_(beta), g_alpha, g_beta, g_gamma, g_delta
-
-
-def _bounded_tanh_via_sigmoid(o: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """(σ, S): σ = sigmoid(2β·o + 2γ) and S = α·tanh(β·o + γ) + δ, computed as 2α·σ + (δ − α).
-
-    tanh(z) = 2·sigmoid(2z) − 1, and torch's CPU sigmoid is several times faster than its tanh.
-    Plain differentiable ops: the fused coupling's forward and the coupling's inverse both build S
-    here, so the inverse undoes exactly the S the forward applied.
-    """
-    sig = torch.mul(o, 2 * beta).add_(2 * gamma).sigmoid_()
-    return sig, torch.mul(sig, 2 * alpha).add_(delta - alpha)
-
-
 class _TanhExpmCouplingFn(torch.autograd.Function):
     """(e^S x + t, Σ tr S per sample) from the net output h = [t, o], S = α·tanh(β·o + γ) + δ, in one node.
 
+    o holds S in the official code's channel order, S[i, j] = o[j·c + i], so o viewed as (c, c)
+    per pixel is Sᵀ; the action sums over the matching index and no transposed copy is made.
     The scale map, the action and the log-det of :class:`MatrixExpCoupling` fused: the backward
     goes from the action's ∂L/∂S straight to ∂L/∂h, written into one buffer, with the scale map's
     derivative and its four scalar gradients taken in a few passes over S.
@@ -80,10 +49,10 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
     def forward(ctx, h: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, delta: Tensor, c: int):
         b, _, hh, ww = h.shape
         t, o = h.split([c, c * c], dim=1)
-        sig, S = _bounded_tanh_via_sigmoid(o, alpha, beta, gamma, delta)
-        S = S.reshape(b, c, c, hh * ww)
-        steps, m = _plan(S)
-        y, logdet, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m)
+        sig, S = bounded_tanh_via_sigmoid(o, alpha, beta, gamma, delta)
+        S = S.reshape(b, c, c, hh * ww)  # Sᵀ per pixel
+        steps, m = _plan(S, transposed=True)
+        y, logdet, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m, transposed=True)
         ctx.save_for_backward(h, sig, A, alpha, beta, *krylov)
         ctx.m, ctx.c = m, c
         return y.view(b, c, hh, ww).add_(t), logdet
@@ -95,7 +64,9 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         c = ctx.c
         b, _, hh, ww = h.shape
         dS_out = _workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
-        dS, gx = _action_backward(A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out)
+        dS, gx = _action_backward(
+            A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out, transposed=True
+        )
         dS = dS.view(b, c * c, hh, ww)
         # S = α(2σ − 1) + δ, σ = sigmoid(z), z = 2β·o + 2γ: ∂S/∂z = 2α·σ(1 − σ). The gradient of o
         # is built in place in its slice of ∂L/∂h, and dS's buffer takes the last product.
@@ -113,114 +84,42 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         return gh, gx.view(b, c, hh, ww), g_alpha, g_beta, g_gamma, g_delta, None
 
 
-class BoundedTanh(nn.Module):
-    """S = α·tanh(β·o + γ) + δ with learnable scalars (the paper); |S| ≤ |α| + |δ|."""
-
-    def __init__(self, alpha: float = 1.0, beta: float = 1 / 8) -> None:
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
-        self.beta = nn.Parameter(torch.tensor(float(beta)))
-        self.gamma = nn.Parameter(torch.tensor(0.0))
-        self.delta = nn.Parameter(torch.tensor(0.0))
-
-    def forward(self, o: Tensor) -> Tensor:
-        return _BoundedTanhFn.apply(o, self.alpha, self.beta, self.gamma, self.delta)
-
-
-class SigmoidScale(nn.Module):
-    """Glow's scale sigmoid(o + 2), as a log-scale: S = log sigmoid(o + 2) < 0."""
-
-    def __init__(self, alpha: float = 1.0) -> None:
-        super().__init__()
-
-    def forward(self, o: Tensor) -> Tensor:
-        return F.logsigmoid(o + 2.0)
-
-
-class ExpScale(nn.Module):
-    """Unbounded: S = o (scale e^o), as in RealNVP without a bound."""
-
-    def __init__(self, alpha: float = 1.0) -> None:
-        super().__init__()
-
-    def forward(self, o: Tensor) -> Tensor:
-        return o
-
-
-SCALE_MAPS: dict[str, type[nn.Module]] = {"tanh": BoundedTanh, "sigmoid": SigmoidScale, "exp": ExpScale}
-
-
-def make_scale_map(name: str, alpha: float) -> nn.Module:
-    if name not in SCALE_MAPS:
-        raise ValueError(f"unknown scale map {name!r}; choose one of {sorted(SCALE_MAPS)}")
-    return SCALE_MAPS[name](alpha=alpha)
-
-
-# ----------------------------------------------------------------------------- the coupling net
-
-
-def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2)
-
-
-class ResidualBlock(nn.Module):
-    """[conv3×3 + Norm + ELU → conv1×1 + Norm + ELU → conv3×3 + Norm(zero)] + skip."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            _conv(hidden, hidden, 3), DataInitAffine(hidden), nn.ELU(),
-            _conv(hidden, hidden, 1), DataInitAffine(hidden), nn.ELU(),
-            _conv(hidden, hidden, 3), DataInitAffine(hidden, zero=True),
-        )  # fmt: skip
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h + self.body(h)
-
-
-class CouplingNet(nn.Module):
-    """The paper's coupling net: conv3×3 + Norm + ELU, residual blocks, ELU, zero conv3×3 to outputs."""
-
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 128, num_blocks: int = 8) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(_conv(in_channels, hidden_channels, 3), DataInitAffine(hidden_channels), nn.ELU())
-        self.blocks = nn.Sequential(*(ResidualBlock(hidden_channels) for _ in range(num_blocks)))
-        self.head = _conv(hidden_channels, out_channels, 3)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.elu(self.blocks(self.stem(x))))
-
-
-# ----------------------------------------------------------------------------- couplings
+# ----------------------------------------------------------------------------- the template
 
 
 class Coupling(FlowLayer):
     """Template: split, run the net on x1, transform x2, concatenate.
 
-    Subclasses set ``params_per_channel`` (net outputs per channel of x2, or override
-    ``num_params``) and implement ``transform`` and ``inverse_transform``.
+    Subclasses implement ``num_params(c)`` (net outputs for c channels of x2), ``transform`` and
+    ``inverse_transform``.
+
+    Args:
+        channels: C ≥ 2.
+        hidden_channels, num_blocks: the default net's width and depth.
+        size: (H, W), unused by the couplings here (part of the construction contract).
+        net: a factory ``net(in_channels, out_channels) -> nn.Module`` replacing the default net.
     """
 
-    default_alpha = 1.0
-    uses_scale = True
-
-    def __init__(self, channels: int, hidden_channels: int = 128, num_blocks: int = 8, scale: str = "tanh") -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int = 128,
+        num_blocks: int = 8,
+        *,
+        size: tuple[int, int] | None = None,
+        net: NetFactory | None = None,
+    ) -> None:
         super().__init__()
-        if channels < 2:
+        if not isinstance(channels, int) or channels < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 channels, got {channels}")
         self.channels = channels
         self.c1 = (channels + 1) // 2
         self.c2 = channels // 2
-        self.net = CouplingNet(self.c1, self.num_params(self.c2), hidden_channels, num_blocks)
-        self.scale = make_scale_map(scale, self.alpha(self.c2)) if self.uses_scale else None
+        factory = net if net is not None else coupling_net(hidden_channels, num_blocks)
+        self.net = factory(self.c1, self.num_params(self.c2))
 
     def num_params(self, c: int) -> int:  # pragma: no cover - interface
         raise NotImplementedError
-
-    def alpha(self, c: int) -> float:
-        return self.default_alpha
 
     def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -229,13 +128,17 @@ class Coupling(FlowLayer):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_input(x, self.channels, type(self).__name__)
+        check_input(x, self.channels, type(self).__name__, self)
+        if x.shape[0] == 0:  # an empty batch maps to an empty batch
+            return x.clone(), x.new_zeros(0)
         x1, x2 = x.split([self.c1, self.c2], dim=1)  # split: its backward is one cat, not zero-fills
         y2, logdet = self.transform(x2, self.net(x1))
         return torch.cat([x1, y2], dim=1), logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        check_input(y, self.channels, type(self).__name__)
+        check_input(y, self.channels, type(self).__name__, self)
+        if y.shape[0] == 0:
+            return y.clone(), y.new_zeros(0)
         y1, y2 = y.split([self.c1, self.c2], dim=1)
         x2, logdet = self.inverse_transform(y2, self.net(y1))
         return torch.cat([y1, x2], dim=1), logdet
@@ -244,7 +147,11 @@ class Coupling(FlowLayer):
 class AdditiveCoupling(Coupling):
     """y2 = x2 + t(x1); log|det| = 0 (NICE). Takes no scale map."""
 
-    uses_scale = False
+    info = LayerInfo(
+        family="coupling",
+        reference="Dinh et al. 2015 (NICE)",
+        cost=Cost("net + O(c·n)", "0", "net + O(c·n)"),
+    )
 
     def num_params(self, c: int) -> int:
         return c
@@ -257,7 +164,30 @@ class AdditiveCoupling(Coupling):
 
 
 class AffineCoupling(Coupling):
-    """y2 = e^S ⊙ x2 + t, S = scale_map(o); log|det| = Σ S (RealNVP / Glow)."""
+    """y2 = e^S ⊙ x2 + t, S = scale_map(o); log|det| = Σ S (RealNVP / Glow).
+
+    Option ``scale``: the scale map's name (``tanh``, the paper's learned bound, by default; see
+    :data:`~mefbench.layers.scale_maps.SCALE_MAPS`). The net outputs [t, o] (c channels each).
+    """
+
+    info = LayerInfo(
+        family="coupling",
+        reference="Dinh et al. 2017 (RealNVP); bounded tanh: Xiao & Liu 2020 (MEF)",
+        cost=Cost("net + O(c·n)", "O(c·n)", "net + O(c·n)"),
+    )
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int = 128,
+        num_blocks: int = 8,
+        *,
+        size: tuple[int, int] | None = None,
+        net: NetFactory | None = None,
+        scale: str = "tanh",
+    ) -> None:
+        super().__init__(channels, hidden_channels, num_blocks, size=size, net=net)
+        self.scale = make_scale_map(scale, 1.0, type(self).__name__)
 
     def num_params(self, c: int) -> int:
         return 2 * c
@@ -276,58 +206,77 @@ class AffineCoupling(Coupling):
 
 
 class MatrixExpCoupling(Coupling):
-    """The paper's coupling: y2_ij = e^{S_ij} x2_ij + t_ij per pixel; log|det| = Σ_ij tr S_ij.
+    """y2_ij = e^{S_ij} x2_ij + t_ij per pixel; log|det| = Σ_ij tr S_ij (the paper's coupling).
 
-    S_ij is a full c×c matrix while c ≤ ``full_max`` (24), else of rank k (``rank``, 3):
+    S_ij is a full c×c matrix while c ≤ ``full_max`` (24), else of rank k (``low_rank``, 3):
     S = A B with A c×k, B k×c, and e^{AB} x = x + A φ(BA) B x (only k×k matrices are formed).
-    The full form applies e^S to x2 directly (:func:`~mefbench.linalg.expm_action`: matrix-vector
-    products only, O(m·c²) per pixel, no c×c exponential is formed). Entries of S (of A and B)
-    pass through the scale map, with α initialised to 1/c (1/√(c·k) for the factors), so
-    ∥S∥∞ ≤ 1 at init.
+    The full form applies e^S to x2 directly (matrix-vector products only, O(m·c²) per pixel, no
+    c×c exponential is formed). Entries of S (of A and B) pass through the scale map, with α
+    initialised to 1/c, so ∥S∥∞ ≤ 1 at init.
+
+    The net's output channels follow the official code: [t (c), then S column by column,
+    S[i, j] at c + j·c + i]; in the low-rank form [t, B (row a of B at c + a·c), A (column a of A at
+    c + (k + a)·c)], and 1e-8 is added to every entry of A and B after the scale map.
 
     Args:
+        scale: the scale map (default ``tanh``, the paper's).
         rank: None for automatic (full up to full_max), 0 to force full, k > 0 to force rank k.
     """
+
+    info = LayerInfo(
+        family="coupling",
+        reference="Xiao & Liu 2020 (MEF)",
+        cost=Cost("net + O(m·c²·n)", "O(c·n)", "net + O(m·c²·n)"),
+        inverse="series",
+    )
+
+    FACTOR_EPS = 1e-8  # the official code adds it to A and B after the scale map
 
     def __init__(
         self,
         channels: int,
         hidden_channels: int = 128,
         num_blocks: int = 8,
+        *,
+        size: tuple[int, int] | None = None,
+        net: NetFactory | None = None,
         scale: str = "tanh",
         rank: int | None = None,
         full_max: int = 24,
         low_rank: int = 3,
     ) -> None:
-        c2 = channels // 2
+        name = type(self).__name__
+        c2 = channels // 2 if isinstance(channels, int) else 0
+        if low_rank < 1:
+            raise ValueError(f"{name} option low_rank must be at least 1, got {low_rank}")
         if rank is None:
-            rank = 0 if c2 <= full_max else low_rank
+            rank = 0 if c2 <= full_max else min(low_rank, c2)
         if rank < 0:
-            raise ValueError(f"MatrixExpCoupling rank must be >= 0 (0 = full), got {rank}")
+            raise ValueError(f"{name} option rank must be >= 0 (0 = full), got {rank}")
+        if c2 and rank > c2:
+            raise ValueError(f"{name} option rank must be at most c = {c2} (half of {channels} channels), got {rank}")
         self.rank = rank
-        super().__init__(channels, hidden_channels, num_blocks, scale)
+        super().__init__(channels, hidden_channels, num_blocks, size=size, net=net)
+        self.scale = make_scale_map(scale, 1.0 / self.c2, name)
 
     def num_params(self, c: int) -> int:
         return c * (c + 1) if self.rank == 0 else c * (2 * self.rank + 1)
 
-    def alpha(self, c: int) -> float:
-        return 1.0 / c if self.rank == 0 else 1.0 / math.sqrt(c * self.rank)
-
     def _unpack(self, h: Tensor) -> tuple[Tensor, ...]:
-        """Shift t (B, c, H, W) and S (B, c, c, H, W) — a view of the net output — or A, B per pixel."""
+        """Shift t (B, c, H, W) and S (B, c, c, H, W), or A (B, H, W, c, k) and B (B, H, W, k, c)."""
         b, _, hh, ww = h.shape
         c, k = self.c2, self.rank
         t, o = h.split([c, h.shape[1] - c], dim=1)
         if self._fused:  # the S the fused forward builds, to the bit
             s = self.scale
-            entries = _bounded_tanh_via_sigmoid(o, s.alpha, s.beta, s.gamma, s.delta)[1]
+            entries = bounded_tanh_via_sigmoid(o, s.alpha, s.beta, s.gamma, s.delta)[1]
         else:
             entries = self.scale(o)
         if k == 0:
-            return t, entries.reshape(b, c, c, hh, ww)
-        entries = entries.permute(0, 2, 3, 1)
-        A = entries[..., : c * k].reshape(b, hh, ww, c, k)
-        B = entries[..., c * k :].reshape(b, hh, ww, k, c)
+            return t, entries.reshape(b, c, c, hh, ww).transpose(1, 2)
+        entries = entries + self.FACTOR_EPS
+        B = entries[:, : c * k].reshape(b, k, c, hh, ww).permute(0, 3, 4, 1, 2)
+        A = entries[:, c * k :].reshape(b, k, c, hh, ww).permute(0, 3, 4, 2, 1)
         return t, A, B
 
     def _exp_action(self, mats: tuple[Tensor, ...], x: Tensor, sign: float) -> tuple[Tensor, Tensor]:
@@ -359,3 +308,4 @@ class MatrixExpCoupling(Coupling):
     def inverse_transform(self, y2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         t, *mats = self._unpack(h)
         return self._exp_action(tuple(mats), y2 - t, -1.0)
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import FlowLayer, check_input
+from .base import Cost, FlowLayer, LayerInfo, check_input
 
 __all__ = ["Squeeze", "SQUEEZE_ORDERS"]
 
@@ -17,6 +17,8 @@ class Squeeze(FlowLayer):
     order="subpixel" (the paper): output channel (2·dy + dx)·C + c.
     order="channel" (Glow): output channel c·4 + 2·dy + dx.
     """
+
+    info = LayerInfo(family="reshape", reference="Dinh et al. 2017 (RealNVP)", cost=Cost("O(C·n)", "O(1)", "O(C·n)"))
 
     def __init__(self, order: str = "subpixel") -> None:
         super().__init__()
