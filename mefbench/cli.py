@@ -1,9 +1,10 @@
-"""The ``mefbench`` command: train, sample, presets, sweep, report, reproduce, bench."""
+"""The ``mefbench`` command: layers, presets, train, sample, sweep, report, reproduce, bench."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -29,6 +30,40 @@ def _data_dirs(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _options(values: list[str] | None, flag: str) -> dict:
+    """--conv-option KEY=VALUE (repeatable) -> {KEY: VALUE}, VALUE read as JSON when it parses
+    (numbers, true/false, null, lists), else kept as a string."""
+    out: dict = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {value!r}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+def _option_slug(options: dict) -> list[str]:
+    return [f"{k}-{v}" for k, v in sorted(options.items())]
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .layers import REGISTRIES, option_names, summary
+
+    for kind, registry in REGISTRIES.items():
+        print(f"{kind} layers ({len(registry)})")
+        for name, cls in registry.items():
+            info = cls.info
+            print(f"  {name:12} {info.family:10} log-det {info.logdet:9} inverse {info.inverse:11} {summary(cls)}")
+            print(f"  {'':12} cost: forward {info.cost.forward}; log-det {info.cost.logdet}; inverse {info.cost.inverse}")
+            options = [o for o in option_names(cls) if o not in ("hidden_channels", "num_blocks", "net")]
+            print(f"  {'':12} options: {', '.join(options) or 'none'}; reference: {info.reference}")
+        print()
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS
 
@@ -51,12 +86,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     model, cfg = preset.configs()
     changed = []
-    if args.conv:
-        model = dataclasses.replace(model, conv=args.conv)
-        changed.append(f"conv-{args.conv}")
-    if args.coupling:
-        model = dataclasses.replace(model, coupling=args.coupling)
-        changed.append(f"coupling-{args.coupling}")
+    conv_options = _options(args.conv_option, "--conv-option")
+    coupling_options = _options(args.coupling_option, "--coupling-option")
+    if args.conv or conv_options:
+        # a new conv starts from its own defaults: the preset's options belong to the preset's conv
+        conv = args.conv or model.conv
+        options = conv_options if args.conv else {**model.conv_options, **conv_options}
+        model = dataclasses.replace(model, conv=conv, conv_options=options)
+        changed += [f"conv-{conv}", *_option_slug(conv_options)]
+    if args.coupling or coupling_options:
+        coupling = args.coupling or model.coupling
+        options = coupling_options if args.coupling else {**model.coupling_options, **coupling_options}
+        model = dataclasses.replace(model, coupling=coupling, coupling_options=options)
+        changed += [f"coupling-{coupling}", *_option_slug(coupling_options)]
     if args.dataset:
         if args.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
@@ -164,16 +206,23 @@ def _command_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .layers import COUPLING, MIXING  # read when the parser is built: layers registered at run time are choices
+
     parser = argparse.ArgumentParser(prog="mefbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list every preset")
     p.set_defaults(func=_cmd_presets)
 
+    p = sub.add_parser("layers", help="list the layer zoo: family, log-det, inverse, costs, options, reference")
+    p.set_defaults(func=_cmd_layers)
+
     p = sub.add_parser("train", help="train one run from a preset")
     p.add_argument("--preset", required=True, help="a name from `mefbench presets`")
-    p.add_argument("--conv", choices=["standard", "plu", "matexp"])
-    p.add_argument("--coupling", choices=["additive", "affine", "matexp"])
+    p.add_argument("--conv", choices=list(MIXING), help="the mixing layer (`mefbench layers` lists them)")
+    p.add_argument("--conv-option", action="append", metavar="KEY=VALUE", help="an option of the mixing layer (repeatable)")
+    p.add_argument("--coupling", choices=list(COUPLING), help="the coupling layer")
+    p.add_argument("--coupling-option", action="append", metavar="KEY=VALUE", help="an option of the coupling (repeatable)")
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)

@@ -189,6 +189,7 @@ class TrainConfig(DictConfig):
     eval_batch_size: int = 256
     grad_clip: float | None = None  # the paper uses none
     amp: str | None = None  # None (float32) or "bf16" / "fp16": torch.autocast for the coupling nets
+    channels_last: bool = False  # model and batches in torch.channels_last memory format
 
     def __post_init__(self) -> None:
         from .data import DATASETS

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import FlowConfig
-from .layers import COUPLING, MIXING, ActNorm, FlowSequential, Squeeze
+from .layers import COUPLING, MIXING, ActNorm, FlowSequential, Squeeze, set_amp
 
 __all__ = ["MODEL_REVISION", "FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
 
@@ -155,6 +155,15 @@ class MultiScaleFlow(nn.Module):
             h = z if h is None else torch.cat([h, z], dim=1)
             h, _ = self.levels[i].inverse(h)
         return h.clamp(-1, 1 - 1 / 256)
+
+    def set_amp(self, amp: str | None) -> MultiScaleFlow:
+        """Mixed precision: the coupling nets under torch.autocast (``"bf16"``/``"fp16"``), or None.
+
+        The flow's own maths (1×1 convs, the matrix exponential and its series planning, every
+        log-det) and the loss stay in float32. Returns the model.
+        """
+        set_amp(self, amp)
+        return self
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:

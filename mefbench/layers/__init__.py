@@ -25,6 +25,7 @@ from .base import (
     check_input,
     check_options,
     option_names,
+    set_amp,
     summary,
 )
 from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
@@ -72,6 +73,7 @@ __all__ = [
     "coupling_net",
     "inverse_softplus",
     "option_names",
+    "set_amp",
     "summary",
 ]
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_input",
     "check_options",
     "option_names",
+    "set_amp",
     "summary",
 ]
 
@@ -148,6 +149,9 @@ class FlowLayer(nn.Module):
     """
 
     info: ClassVar[LayerInfo | None] = None
+    # named option sets worth comparing (label -> options): the contract tests run each, and the
+    # zoo tables and benchmarks compare them side by side; empty = the defaults only
+    variants: ClassVar[dict[str, dict]] = {}
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -182,6 +186,21 @@ class FlowSequential(FlowLayer):
             y, ld = layer.inverse(y)
             logdet = logdet + ld
         return y, logdet
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_amp(module: nn.Module, amp: str | None) -> None:
+    """Run the conditioner nets of every coupling in module under torch.autocast (``"bf16"`` or
+    ``"fp16"``), or in full precision (None). Only the nets: every flow layer's own maths, its
+    log-det and the model's loss stay in the parameters' precision."""
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None or one of {list(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp] if amp is not None else None
+    for m in module.modules():
+        if hasattr(m, "amp_dtype"):
+            m.amp_dtype = dtype
 
 
 class Registry(dict):

@@ -146,6 +146,7 @@ class PLUConv1x1(Conv1x1):
     )
 
     DIAGONALS = ("exp", "free")
+    variants = {d: {"diagonal": d} for d in DIAGONALS}  # what the zoo tables compare
 
     def __init__(self, channels: int, *, size: tuple[int, int] | None = None, diagonal: str = "exp") -> None:
         super().__init__(channels, size=size)

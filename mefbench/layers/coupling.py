@@ -117,6 +117,16 @@ class Coupling(FlowLayer):
         self.c2 = channels // 2
         factory = net if net is not None else coupling_net(hidden_channels, num_blocks)
         self.net = factory(self.c1, self.num_params(self.c2))
+        self.amp_dtype: torch.dtype | None = None  # set_amp(): the net under torch.autocast
+
+    def _conditioner(self, x1: Tensor) -> Tensor:
+        """h = net(x1), under torch.autocast with ``amp_dtype`` if set, returned in x1's dtype: the
+        coupling's own maths (scales, the matrix exponential, the log-det) stays in float32."""
+        if self.amp_dtype is None:
+            return self.net(x1)
+        with torch.autocast(x1.device.type, dtype=self.amp_dtype):
+            h = self.net(x1)
+        return h.to(x1.dtype)
 
     def num_params(self, c: int) -> int:  # pragma: no cover - interface
         raise NotImplementedError
@@ -132,7 +142,7 @@ class Coupling(FlowLayer):
         if x.shape[0] == 0:  # an empty batch maps to an empty batch
             return x.clone(), x.new_zeros(0)
         x1, x2 = x.split([self.c1, self.c2], dim=1)  # split: its backward is one cat, not zero-fills
-        y2, logdet = self.transform(x2, self.net(x1))
+        y2, logdet = self.transform(x2, self._conditioner(x1))
         return torch.cat([x1, y2], dim=1), logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,7 +150,7 @@ class Coupling(FlowLayer):
         if y.shape[0] == 0:
             return y.clone(), y.new_zeros(0)
         y1, y2 = y.split([self.c1, self.c2], dim=1)
-        x2, logdet = self.inverse_transform(y2, self.net(y1))
+        x2, logdet = self.inverse_transform(y2, self._conditioner(y1))
         return torch.cat([y1, x2], dim=1), logdet
 
 
@@ -175,6 +185,7 @@ class AffineCoupling(Coupling):
         reference="Dinh et al. 2017 (RealNVP); bounded tanh: Xiao & Liu 2020 (MEF)",
         cost=Cost("net + O(c·n)", "O(c·n)", "net + O(c·n)"),
     )
+    variants = {name: {"scale": name} for name in SCALE_MAPS}  # what the zoo tables compare
 
     def __init__(
         self,
