@@ -183,6 +183,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         args.out,
         asv_dir=args.asv,
         bench_file=args.bench,
+        gpu_dir=args.gpu,
         command=_command_line(),
         samples=not args.no_samples,
     )
@@ -191,7 +192,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    _cmd_sweep(argparse.Namespace(**{**vars(args), "table": "all"}))
+    _cmd_sweep(args)
     return _cmd_report(args)
 
 
@@ -243,33 +244,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default <run>/samples-t<T>.png)")
     p.set_defaults(func=_cmd_sample)
 
-    def sweep_args(p: argparse.ArgumentParser, with_table: bool) -> None:
-        if with_table:
-            p.add_argument("--table", default="all", help="2, 3, 4, 5, 6, a comma list, or all")
+    from .report.tables import TABLES
+
+    tables_help = "a comma list of table ids, or all: " + "; ".join(f"{t}: {spec.what}" for t, spec in TABLES.items())
+
+    def sweep_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--table", default="all", help=tables_help)
         p.add_argument("--scale", choices=["smoke", "cpu", "paper"], required=True)
-        p.add_argument("--seeds", type=int, default=3)
-        p.add_argument("--runs", default="runs", help="where run directories go")
+        p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the tables' own, 3; 5 for stability)")
+        p.add_argument("--runs", required=True, help="where run directories go")
         p.add_argument("--data-dir", action="append", help="PATH, or DATASET=PATH (repeatable)")
         _add_common_train(p)
 
     def report_args(p: argparse.ArgumentParser, runs: bool) -> None:
         if runs:
-            p.add_argument("--runs", default="runs")
+            p.add_argument("--runs", required=True, help="the runs directory to read (refused if missing or empty)")
+        p.add_argument("--out", required=True, help="the report folder: README.md and figures/ are (re)written there")
         p.add_argument("--asv", default=".asv", help="asv folder whose results/ to include, if present")
         p.add_argument("--bench", default=None, help="JSON from `mefbench bench --json` to include")
-        p.add_argument("--out", default="reports")
+        p.add_argument("--gpu", default=None, help="folder of JSON results of benchmarks/gpu_check.sh to include")
         p.add_argument("--no-samples", action="store_true", help="skip sample grids")
 
-    p = sub.add_parser("sweep", help="run every run a paper table needs")
-    sweep_args(p, with_table=True)
+    p = sub.add_parser("sweep", help="run every run the report's tables need")
+    sweep_args(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="write the comparison report from recorded runs")
     report_args(p, runs=True)
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("reproduce", help="sweep all tables, then report")
-    sweep_args(p, with_table=False)
+    p = sub.add_parser("reproduce", help="sweep the tables (all by default), then report")
+    sweep_args(p)
     report_args(p, runs=False)
     p.set_defaults(func=_cmd_reproduce)
 

@@ -91,7 +91,7 @@ class FlowConfig(DictConfig):
     coupling_rank: InitVar[int | None] = None
 
     def __post_init__(self, scale: str | None, coupling_rank: int | None) -> None:
-        from .layers import COUPLING, MIXING, SQUEEZE_ORDERS, check_options
+        from .layers import COUPLING, MIXING, SQUEEZE_ORDERS, canonical_options, check_options
 
         self.conv_options = _json_options("conv_options", self.conv_options)
         self.coupling_options = _json_options("coupling_options", self.coupling_options)
@@ -120,6 +120,9 @@ class FlowConfig(DictConfig):
                 raise ValueError(f"FlowConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_options(MIXING[self.conv], self.conv_options)
         check_options(COUPLING[self.coupling], self.coupling_options)
+        # one spelling per model: options equal to the layer's defaults are dropped
+        self.conv_options = canonical_options(MIXING[self.conv], self.conv_options)
+        self.coupling_options = canonical_options(COUPLING[self.coupling], self.coupling_options)
         if {"hidden_channels", "num_blocks", "size", "net"} & set(self.coupling_options):
             raise ValueError(
                 "FlowConfig.coupling_options cannot set hidden_channels, num_blocks, size or net: "

@@ -1,25 +1,52 @@
-"""Named experiments: the paper's exact settings and CPU-scale versions of the same experiments.
+"""Named experiments: the paper's exact settings, CPU-scale versions of them and the zoo tables.
 
 Every preset holds the model config (``.model``) and the training settings (``.train``) that
-``mefbench train --preset NAME`` runs, the paper tables it feeds (``.tables``) and its scale.
+``mefbench train --preset NAME`` runs, the report tables it feeds (``.tables``, table ids as in
+:data:`mefbench.report.tables.TABLES`), the cell it fills there (``.cell``) and its scale.
 
 Scales:
   paper: the paper's protocol (DESIGN.md §3, §4) on CIFAR-10 / ImageNet; needs a GPU and the data.
   cpu:   the same experiments on 16×16 ``patches16`` with a small net; minutes each on 2 cores.
   smoke: the same experiments on ``patches16`` with a tiny net; seconds each.
+
+The grids are defined once here (:data:`TABLE4_COUPLINGS`, :data:`TABLE4_LRS`,
+:data:`TABLE5_CONVS`, :data:`STABILITY_LRS`); the zoo tables ("mixing", "stability") list every
+entry of the layer registries and each class's ``variants``, read when the presets are looked up,
+so a layer registered at run time gets its presets too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from .models import FlowConfig
-from .training import TrainConfig
+from .config import FlowConfig, TrainConfig
 
-__all__ = ["PRESETS", "SCALES", "Preset", "get_preset"]
+__all__ = [
+    "PAPER_CONV_OPTIONS",
+    "PRESETS",
+    "SCALES",
+    "STABILITY_LRS",
+    "TABLE4_COUPLINGS",
+    "TABLE4_LRS",
+    "TABLE5_CONVS",
+    "Preset",
+    "get_preset",
+    "layer_variants",
+]
 
 SCALES = ("smoke", "cpu", "paper")
+
+# The paper's grids, typed once.
+TABLE4_COUPLINGS = ("affine", "matexp")  # Table 4 rows; matrix-exp 1×1 conv in all
+TABLE4_LRS = (0.001, 0.01)  # lr 1e-3 trains 4× longer (200 vs 50 epochs)
+TABLE5_CONVS = ("standard", "plu", "matexp")  # Table 5 rows; matrix-exp coupling, lr 0.01
+# The official code's forms of the paper's layers (the defaults are Glow's where they differ).
+PAPER_CONV_OPTIONS: dict[str, dict] = {"plu": {"diagonal": "free"}}
+# The stability benchmark (Table 4 generalised): every coupling and variant × these rates × seeds.
+STABILITY_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
+STABILITY_SEEDS = 5
 
 
 @dataclass(frozen=True)
@@ -28,13 +55,30 @@ class Preset:
     description: str
     model: FlowConfig
     train: TrainConfig
-    tables: tuple[int, ...]
+    tables: tuple[str, ...]
     scale: str
     cell: dict = dataclasses.field(default_factory=dict)  # the table cell it fills, e.g. {"coupling": "affine"}
 
     def configs(self) -> tuple[FlowConfig, TrainConfig]:
         """Fresh copies of the model and training configs (safe to modify)."""
-        return dataclasses.replace(self.model), dataclasses.replace(self.train)
+        model = dataclasses.replace(
+            self.model, conv_options=dict(self.model.conv_options), coupling_options=dict(self.model.coupling_options)
+        )
+        return model, dataclasses.replace(self.train)
+
+
+def layer_variants(registry: Mapping[str, type]) -> list[tuple[str, str, dict]]:
+    """(name, variant label, options) for every entry of a registry and each of its variants;
+    a class without variants gives one row labelled "default"."""
+    rows = []
+    for name, cls in registry.items():
+        variants = getattr(cls, "variants", None) or {"default": {}}
+        rows += [(name, label, dict(options)) for label, options in variants.items()]
+    return rows
+
+
+def _slug(name: str, label: str) -> str:
+    return name if label == "default" else f"{name}-{label}"
 
 
 def _paper_train(dataset: str, **changes) -> TrainConfig:
@@ -82,70 +126,150 @@ _SMALL = {
     ),
 }  # fmt: skip
 
+# The stability grid's own CPU scale: small enough that every coupling × variant × 5 rates × 5
+# seeds fits in about an hour on 2 cores; no warm-up, so that the rate itself is what is tested.
+_STABILITY = {
+    "cpu": dict(
+        model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=16, num_blocks=1),
+        train=dict(
+            dataset="patches16", epochs=2, batch_size=32, warmup_epochs=0.0, decay_epochs=(),
+            ema_decay=0.9, init_batch=128, max_train_batches=40, max_test=256,
+        ),
+    ),
+    "smoke": dict(
+        model=dict(image_shape=(3, 16, 16), steps=(1, 1), hidden_channels=8, num_blocks=1),
+        train=dict(
+            dataset="patches16", epochs=1, batch_size=16, warmup_epochs=0.0, decay_epochs=(),
+            ema_decay=0.8, init_batch=32, max_train_batches=4, max_test=32,
+        ),
+    ),
+}  # fmt: skip
 
-def _small(scale: str, model: dict, train: dict) -> tuple[FlowConfig, TrainConfig]:
-    spec = _SMALL[scale]
+
+def _small(scale: str, model: dict, train: dict, base: dict = _SMALL) -> tuple[FlowConfig, TrainConfig]:
+    spec = base[scale]
     return FlowConfig(**{**spec["model"], **model}), TrainConfig(**{**spec["train"], **train})
 
 
-def _build() -> dict[str, Preset]:
-    presets: list[Preset] = []
-
+def _paper_tables(add) -> None:
     # Table 2 (density) and Table 6 (series length): MEF at the paper's settings.
     for dataset in ("cifar10", "imagenet32", "imagenet64"):
-        presets.append(Preset(
-            f"paper-t2-mef-{dataset}", f"MEF on {dataset}, the paper's Table 2 settings",
-            _paper_model(dataset), _paper_train(dataset), (2, 6), "paper", {"dataset": dataset},
-        ))  # fmt: skip
+        add(f"paper-t2-mef-{dataset}", f"MEF on {dataset}, the paper's Table 2 settings",
+            _paper_model(dataset), _paper_train(dataset), ("2", "6"), "paper", {"dataset": dataset})  # fmt: skip
     for scale in ("cpu", "smoke"):
         model, train = _small(scale, {}, {})
-        presets.append(Preset(
-            f"{scale}-t2-mef", f"MEF on patches16 ({scale} scale of Table 2)", model, train, (2, 6), scale,
-            {"dataset": "patches16"},
-        ))  # fmt: skip
+        add(f"{scale}-t2-mef", f"MEF on patches16 ({scale} scale of Table 2)", model, train, ("2", "6"), scale,
+            {"dataset": "patches16"})  # fmt: skip
 
-    # Table 4: coupling × learning rate, matrix-exp 1×1 conv in all. lr 1e-3 trains 4× longer.
-    for coupling in ("affine", "matexp"):
-        for lr in (0.001, 0.01):
+    # Table 4: coupling × learning rate, matrix-exp 1×1 conv in all. lr 1e-3 trains 4× longer; the
+    # official settings decay at epoch 40 of 50, and never in the 200 epochs at lr 1e-3
+    # (step_size 300), which the cpu scales mirror.
+    for coupling in TABLE4_COUPLINGS:
+        for lr in TABLE4_LRS:
             cell = {"coupling": coupling, "lr": lr}
-            hidden = 132 if coupling == "affine" else 128
-            epochs = 200 if lr == 0.001 else 50
-            presets.append(Preset(
-                f"paper-t4-{coupling}-lr{lr}", f"Table 4: {coupling} coupling, lr {lr}, {epochs} epochs on CIFAR-10",
+            long = lr == min(TABLE4_LRS)
+            hidden = 132 if coupling == "affine" else 128  # the paper matches MEF's 37.7M parameters
+            epochs = 200 if long else 50
+            add(f"paper-t4-{coupling}-lr{lr}", f"Table 4: {coupling} coupling, lr {lr}, {epochs} epochs on CIFAR-10",
                 _paper_model("cifar10", coupling=coupling, hidden_channels=hidden),
-                _paper_train("cifar10", lr=lr, epochs=epochs, decay_epochs=(epochs * 4 // 5,)),
-                (4,), "paper", cell,
-            ))  # fmt: skip
+                _paper_train("cifar10", lr=lr, epochs=epochs, decay_epochs=() if long else (40,)),
+                ("4",), "paper", cell)  # fmt: skip
             for scale in ("cpu", "smoke"):
                 base_epochs = _SMALL[scale]["train"]["epochs"]
-                epochs = base_epochs * 4 if lr == 0.001 else base_epochs
-                decay = (epochs * 3 // 4,) if scale == "cpu" else ()
+                epochs = base_epochs * 4 if long else base_epochs
+                decay = _SMALL[scale]["train"]["decay_epochs"] if not long else ()
                 model, train = _small(scale, {"coupling": coupling}, {"lr": lr, "epochs": epochs, "decay_epochs": decay})
-                presets.append(Preset(
-                    f"{scale}-t4-{coupling}-lr{lr}", f"Table 4 at {scale} scale: {coupling} coupling, lr {lr}",
-                    model, train, (4,), scale, cell,
-                ))  # fmt: skip
+                add(f"{scale}-t4-{coupling}-lr{lr}", f"Table 4 at {scale} scale: {coupling} coupling, lr {lr}",
+                    model, train, ("4",), scale, cell)  # fmt: skip
 
-    # Table 5: the three 1×1 convolutions, matrix-exp coupling, lr 0.01.
-    for conv in ("standard", "plu", "matexp"):
-        presets.append(Preset(
-            f"paper-t5-{conv}", f"Table 5: {conv} 1×1 conv with matrix-exp coupling on CIFAR-10",
-            _paper_model("cifar10", conv=conv), _paper_train("cifar10"), (5,), "paper", {"conv": conv},
-        ))  # fmt: skip
+    # Table 5: the paper's three 1×1 convolutions, matrix-exp coupling, lr 0.01.
+    for conv in TABLE5_CONVS:
+        options = PAPER_CONV_OPTIONS.get(conv, {})
+        add(f"paper-t5-{conv}", f"Table 5: {conv} 1×1 conv with matrix-exp coupling on CIFAR-10",
+            _paper_model("cifar10", conv=conv, conv_options=options), _paper_train("cifar10"), ("5",), "paper",
+            {"conv": conv})  # fmt: skip
         for scale in ("cpu", "smoke"):
-            model, train = _small(scale, {"conv": conv}, {})
-            presets.append(Preset(
-                f"{scale}-t5-{conv}", f"Table 5 at {scale} scale: {conv} 1×1 conv", model, train, (5,), scale,
-                {"conv": conv},
-            ))  # fmt: skip
+            model, train = _small(scale, {"conv": conv, "conv_options": options}, {})
+            add(f"{scale}-t5-{conv}", f"Table 5 at {scale} scale: {conv} 1×1 conv", model, train, ("5",), scale,
+                {"conv": conv})  # fmt: skip
 
+
+def _zoo_tables(add) -> None:
+    from .layers import COUPLING, MIXING
+
+    # "mixing": every mixing layer and variant in Table 5's setting (matrix-exp coupling, lr 0.01).
+    # The paper's three convs in their official form share their runs with Table 5.
+    for conv, label, options in layer_variants(MIXING):
+        cell = {"conv": conv, "variant": label}
+        name = _slug(conv, label)
+        add(f"paper-mix-{name}", f"every mixing layer: {name} with matrix-exp coupling on CIFAR-10",
+            _paper_model("cifar10", conv=conv, conv_options=options), _paper_train("cifar10"), ("mixing",), "paper",
+            cell)  # fmt: skip
+        for scale in ("cpu", "smoke"):
+            model, train = _small(scale, {"conv": conv, "conv_options": options}, {})
+            add(f"{scale}-mix-{name}", f"every mixing layer at {scale} scale: {name}", model, train, ("mixing",),
+                scale, cell)  # fmt: skip
+
+    # "stability": every coupling and variant × STABILITY_LRS, matrix-exp 1×1 conv. At paper scale
+    # the recipe is Table 4's at 50 epochs, so its lr 0.01 cells are Table 4's runs.
+    for coupling, label, options in layer_variants(COUPLING):
+        name = _slug(coupling, label)
+        for lr in STABILITY_LRS:
+            cell = {"coupling": coupling, "variant": label, "lr": lr}
+            smoke = lr in (min(STABILITY_LRS), max(STABILITY_LRS))  # smoke scale: the grid's two ends
+            hidden = 132 if coupling == "affine" else 128
+            add(f"paper-stab-{name}-lr{lr}", f"stability: {name} coupling at lr {lr} on CIFAR-10",
+                _paper_model("cifar10", coupling=coupling, coupling_options=options, hidden_channels=hidden),
+                _paper_train("cifar10", lr=lr), ("stability",), "paper", cell)  # fmt: skip
+            for scale in ("cpu", "smoke") if smoke else ("cpu",):
+                model, train = _small(scale, {"coupling": coupling, "coupling_options": options}, {"lr": lr}, _STABILITY)
+                add(f"{scale}-stab-{name}-lr{lr}", f"stability at {scale} scale: {name} coupling at lr {lr}",
+                    model, train, ("stability",), scale, cell)  # fmt: skip
+
+
+def _build() -> dict[str, Preset]:
+    presets: dict[str, Preset] = {}
+
+    def add(name, description, model, train, tables, scale, cell=None) -> None:
+        if name in presets:
+            raise ValueError(f"two presets are named {name!r}: layer or variant names must make preset names unique")
+        presets[name] = Preset(name, description, model, train, tuple(tables), scale, dict(cell or {}))
+
+    _paper_tables(add)
+    _zoo_tables(add)
     # The quickest run of all, for a first try and for CI.
     model, train = _small("smoke", {}, {"epochs": 1, "max_train_batches": 4, "max_test": 64})
-    presets.append(Preset("smoke", "a few seconds: tiny MEF on patches16, one short epoch", model, train, (), "smoke"))
-    return {p.name: p for p in presets}
+    add("smoke", "a few seconds: tiny MEF on patches16, one short epoch", model, train, (), "smoke")
+    return presets
 
 
-PRESETS: dict[str, Preset] = _build()
+class _Presets(Mapping):
+    """Name -> :class:`Preset`, rebuilt whenever the layer registries change (a layer registered
+    at run time gets its zoo presets), otherwise built once."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._presets: dict[str, Preset] = {}
+
+    def _current(self) -> dict[str, Preset]:
+        from .layers import COUPLING, MIXING
+
+        key = (tuple(MIXING.items()), tuple(COUPLING.items()))
+        if key != self._key:
+            self._presets, self._key = _build(), key
+        return self._presets
+
+    def __getitem__(self, name: str) -> Preset:
+        return self._current()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+PRESETS: Mapping[str, Preset] = _Presets()
 
 
 def get_preset(name: str) -> Preset:

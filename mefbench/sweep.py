@@ -15,64 +15,83 @@ from .models import FlowConfig
 from .presets import PRESETS, SCALES
 from .training import RECORD, RunError, TrainConfig, read_record, train
 
-__all__ = ["RunSpec", "TABLES", "parse_tables", "plan", "run_sweep"]
-
-TABLES = (2, 3, 4, 5, 6)
+__all__ = ["RunSpec", "parse_tables", "plan", "run_sweep"]
 
 
 @dataclass
 class RunSpec:
     name: str
     presets: list[str]
-    tables: tuple[int, ...]
+    tables: tuple[str, ...]
     scale: str
     model: FlowConfig
     train: TrainConfig
+    cells: dict[str, dict] = dataclasses.field(default_factory=dict)  # table id -> the cell this run fills
 
 
-def parse_tables(text: str) -> tuple[int, ...]:
+def _table_ids() -> tuple[str, ...]:
+    from .report.tables import TABLES
+
+    return tuple(TABLES)
+
+
+def parse_tables(text: str) -> tuple[str, ...]:
+    """'all', or a comma list of table ids ("4", "5,mixing", "stability")."""
+    ids = _table_ids()
     if text == "all":
-        return TABLES
-    try:
-        tables = tuple(sorted({int(t) for t in text.split(",")}))
-    except ValueError:
-        tables = ()
-    if not tables or any(t not in TABLES for t in tables):
-        raise ValueError(f"--table takes 'all' or table numbers from {TABLES} (comma-separated), got {text!r}")
-    return tables
+        return ids
+    tables = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not tables or any(t not in ids for t in tables):
+        raise ValueError(f"--table takes 'all' or table ids from {', '.join(ids)} (comma-separated), got {text!r}")
+    return tuple(t for t in ids if t in tables)
 
 
 def _key(model: FlowConfig, train_cfg: TrainConfig) -> str:
     return json.dumps([model.to_dict(), dataclasses.replace(train_cfg, seed=0, data_dir=None).to_dict()], sort_keys=True)
 
 
+def default_seeds(tables: tuple[str, ...]) -> int:
+    """Seeds a sweep runs when --seeds is not given: the most any of the tables asks for."""
+    from .report.tables import TABLES
+
+    return max((TABLES[t].seeds for t in tables), default=3) or 3
+
+
 def plan(
-    tables: tuple[int, ...],
+    tables: tuple[str, ...],
     scale: str,
-    seeds: int = 3,
+    seeds: int | None = None,
     data_dirs: dict[str, str] | None = None,
 ) -> list[RunSpec]:
     """The runs for these tables at this scale, one per distinct configuration and seed.
 
-    Table 3 (parameter counts) needs no runs: the report computes it from the models.
+    Presets that build the same model with the same recipe (MEF at lr 0.01 fills Tables 2, 4, 5,
+    6 and the zoo tables) are one run, listed under every table and cell they fill. Tables
+    computed from the models alone (Table 3) need no runs. ``seeds`` defaults to the tables' own
+    (:func:`default_seeds`: 3, and 5 for the stability table).
     """
     if scale not in SCALES:
         raise ValueError(f"--scale must be one of {SCALES}, got {scale!r}")
+    tables = tuple(str(t) for t in tables)
+    seeds = default_seeds(tables) if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     groups: dict[str, RunSpec] = {}
     for name in sorted(PRESETS):
         preset = PRESETS[name]
-        if preset.scale != scale or not set(preset.tables) & set(tables):
+        mine = tuple(t for t in preset.tables if t in tables)
+        if preset.scale != scale or not mine:
             continue
         model, train_cfg = preset.configs()
         key = _key(model, train_cfg)
+        cells = {t: dict(preset.cell) for t in preset.tables}
         if key in groups:
             spec = groups[key]
             spec.presets.append(name)
-            spec.tables = tuple(sorted(set(spec.tables) | set(preset.tables)))
+            spec.tables = tuple(t for t in _table_ids() if t in set(spec.tables) | set(preset.tables))
+            spec.cells.update(cells)
         else:
-            groups[key] = RunSpec(name, [name], tuple(preset.tables), scale, model, train_cfg)
+            groups[key] = RunSpec(name, [name], tuple(preset.tables), scale, model, train_cfg, cells)
     specs = []
     for spec in groups.values():
         dataset = spec.train.dataset
@@ -83,6 +102,7 @@ def plan(
                     spec,
                     name=f"{spec.name}-seed{seed}",
                     presets=list(spec.presets),
+                    cells={t: dict(c) for t, c in spec.cells.items()},
                     train=dataclasses.replace(spec.train, seed=seed, data_dir=data_dir),
                 )
             )
@@ -90,10 +110,10 @@ def plan(
 
 
 def run_sweep(
-    tables: tuple[int, ...],
+    tables: tuple[str, ...],
     scale: str,
     runs_dir: str | Path,
-    seeds: int = 3,
+    seeds: int | None = None,
     device: str = "auto",
     data_dirs: dict[str, str] | None = None,
     progress: bool = True,

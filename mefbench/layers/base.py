@@ -30,7 +30,9 @@ __all__ = [
     "Registry",
     "RegistryView",
     "check_input",
+    "canonical_options",
     "check_options",
+    "option_defaults",
     "option_names",
     "set_amp",
     "summary",
@@ -127,6 +129,29 @@ def option_names(cls: type) -> tuple[str, ...]:
         if not passes_on:
             break
     return tuple(names)
+
+
+def option_defaults(cls: type) -> dict[str, object]:
+    """The default value of each option of a layer class that has one."""
+    defaults: dict[str, object] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        for p in params:
+            if p.default is not p.empty and p.name not in defaults:
+                defaults[p.name] = p.default
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return defaults
+
+
+def canonical_options(cls: type, options: Mapping[str, object]) -> dict:
+    """options without the entries that equal the class's defaults: one spelling per configuration
+    (so that {"scale": "tanh"} and {} are the same run to a sweep)."""
+    defaults = option_defaults(cls)
+    return {k: v for k, v in options.items() if not (k in defaults and defaults[k] == v and type(defaults[k]) is type(v))}
 
 
 def check_options(cls: type, options: Mapping[str, object]) -> None:

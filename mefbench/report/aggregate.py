@@ -1,0 +1,340 @@
+"""Pure pandas: the run records (:func:`mefbench.results.load_runs`) aggregated per report table.
+
+Every function takes the runs of one table and one data group (dataset, scale, model revision)
+and returns the rows that table shows; nothing here draws, writes or formats markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from ..layers import COUPLING, MIXING, canonical_options
+from ..models import MODEL_REVISION
+from ..stats import pool_stats, wilson_interval
+from .format import DASH, number, params, pm, published_pm
+
+__all__ = [
+    "cell_frame",
+    "counts",
+    "dedupe",
+    "finished",
+    "group_label",
+    "in_table",
+    "normalise",
+    "mixing_rows",
+    "stability_rows",
+    "stability_summary",
+    "table2_rows",
+    "table4_rows",
+    "table5_rows",
+    "table6_rows",
+    "variant_of",
+]
+
+_STATUS_RANK = {"finished": 0, "diverged": 1, "interrupted": 2, "running": 3}
+
+
+# ----------------------------------------------------------------------------- runs -> cells
+
+
+def group_label(dataset: str, scale: object, revision: object = MODEL_REVISION) -> str:
+    scale = scale if isinstance(scale, str) and scale else "unlabelled"
+    label = f"{dataset}, {scale} scale"
+    if revision is None or (isinstance(revision, float) and math.isnan(revision)):
+        return label + ", model revision unknown"
+    if int(revision) != MODEL_REVISION:
+        label += f", model revision {int(revision)}"
+    return label
+
+
+def finished(df: pd.DataFrame) -> pd.Series:
+    return (df["status"] == "finished") & np.isfinite(pd.to_numeric(df["test_bpd"], errors="coerce"))
+
+
+def counts(df: pd.DataFrame) -> dict:
+    """runs, finished, diverged, unfinished (interrupted or still 'running') of a group."""
+    return {
+        "runs": len(df),
+        "finished": int(finished(df).sum()),
+        "diverged": int((df["status"] == "diverged").sum()),
+        "unfinished": int(df["status"].isin(["interrupted", "running"]).sum()),
+    }
+
+
+def in_table(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    return df[df["tables"].map(lambda t: table in {str(v) for v in (t or ())}).astype(bool)]
+
+
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """The run frame with the columns the tables read, whatever the records' schema: table ids
+    as strings, and cells / options / model revision / final metrics present (empty or NaN)."""
+    df = df.copy()
+    df["tables"] = df["tables"].map(lambda t: tuple(str(v) for v in (t or ())))
+    defaults = {"cells": dict, "conv_options": dict, "coupling_options": dict}
+    for col, make in defaults.items():
+        if col not in df:
+            df[col] = [make() for _ in range(len(df))]
+        df[col] = df[col].map(lambda v, make=make: v if isinstance(v, dict) else make())
+    for col in ("model_revision", "sample_time_per_image_s", "roundtrip_error", "peak_memory_bytes"):
+        if col not in df:
+            df[col] = np.nan
+    return df
+
+
+def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """One run per (preset, seed, model revision): the same preset and seed run twice (two sweeps
+    into two directories) is one seed, not two. Keeps the finished one, else the most advanced,
+    else the latest; returns the kept frame and a list of {"kept", "dropped", "preset", "seed"}."""
+    if df.empty or "preset" not in df:
+        return df, []
+    keyed = df.assign(
+        _rank=df["status"].map(_STATUS_RANK).fillna(9),
+        _done=-pd.to_numeric(df.get("epochs_done"), errors="coerce").fillna(0),
+        _when=df.get("updated_at", pd.Series("", index=df.index)).astype(str),
+        _rev=df.get("model_revision", pd.Series(MODEL_REVISION, index=df.index)),
+    )
+    has_preset = keyed["preset"].notna()
+    ordered = keyed[has_preset].sort_values(["_rank", "_done", "_when"], ascending=[True, True, False])
+    duplicates = []
+    keep_index = []
+    for (preset, seed, _), g in ordered.groupby(["preset", "seed", "_rev"], sort=False, dropna=False):
+        keep_index.append(g.index[0])
+        for _, row in g.iloc[1:].iterrows():
+            duplicates.append({"preset": preset, "seed": seed, "kept": g.iloc[0]["run"], "dropped": row["run"],
+                               "kept_status": g.iloc[0]["status"]})  # fmt: skip
+    kept = df.loc[sorted(keep_index) + list(df.index[~has_preset])]
+    return kept.sort_index(), duplicates
+
+
+def variant_of(kind: str, name: str, options: object) -> str:
+    """The label of the class variant whose options match, "default" for the default options, or
+    the options themselves (JSON) when no variant matches."""
+    registry = MIXING if kind == "conv" else COUPLING
+    options = options if isinstance(options, dict) else {}
+    cls = registry.get(name)
+    if cls is None:
+        return "default" if not options else json.dumps(options, sort_keys=True)
+    mine = canonical_options(cls, options)
+    for label, opts in (getattr(cls, "variants", None) or {}).items():
+        if canonical_options(cls, opts) == mine:
+            return label
+    return "default" if not mine else json.dumps(mine, sort_keys=True)
+
+
+def _fallback(row: pd.Series, key: str) -> object:
+    if key == "variant":
+        table_kind = "conv" if row.get("_kind") == "conv" else "coupling"
+        name = row.get(table_kind)
+        return variant_of(table_kind, name, row.get(f"{table_kind}_options"))
+    return row.get(key)
+
+
+def cell_frame(df: pd.DataFrame, table: str, keys: Iterable[str], kind: str = "coupling") -> pd.DataFrame:
+    """df with one column per cell key: the cell the record stores for this table, or (for records
+    that do not store it) the value read from the run's configuration."""
+    keys = list(keys)
+    if df.empty:
+        return df.assign(**{k: pd.Series(dtype=object) for k in keys})
+    cells = []
+    for _, row in df.assign(_kind=kind).iterrows():
+        stored = row.get("cells") if isinstance(row.get("cells"), dict) else {}
+        mine = dict(stored.get(table) or {})
+        cells.append({k: mine[k] if k in mine else _fallback(row, k) for k in keys})
+    return df.assign(**{k: [c[k] for c in cells] for k in keys})
+
+
+def _order(values: Iterable, key: str) -> list:
+    """Cell values in registry order (names), variant order, or numeric order (rates)."""
+    values = list(dict.fromkeys(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))))
+    if key in ("conv", "coupling"):
+        registry = list(MIXING if key == "conv" else COUPLING)
+        return [v for v in registry if v in values] + sorted(v for v in values if v not in registry)
+    if all(isinstance(v, (int, float)) for v in values):
+        return sorted(values)
+    return values
+
+
+def _cells(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """(cell values, runs) in table order: the first key's order, then the next within it."""
+    out = []
+
+    def walk(sub: pd.DataFrame, prefix: tuple, rest: list[str]) -> None:
+        if not rest:
+            out.append((prefix, sub))
+            return
+        key = rest[0]
+        for value in _order(sub[key], key):
+            walk(sub[sub[key] == value], (*prefix, value), rest[1:])
+
+    walk(df, (), keys)
+    return out
+
+
+def _variant_rank(kind: str, name: str, label: str) -> int:
+    cls = (MIXING if kind == "conv" else COUPLING).get(name)
+    labels = list((getattr(cls, "variants", None) or {}).keys())
+    return labels.index(label) if label in labels else len(labels)
+
+
+def _layer_cells(df: pd.DataFrame, kind: str, extra: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    cells = _cells(df, [kind, "variant", *extra])
+    return sorted(cells, key=lambda c: (_order(df[kind], kind).index(c[0][0]), _variant_rank(kind, c[0][0], c[0][1])))
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def table2_rows(df: pd.DataFrame) -> dict:
+    fin = df[finished(df)]
+    return {
+        "presets": ", ".join(sorted(map(str, df["preset"].dropna().unique()))), **counts(df),
+        "seeds": ", ".join(str(s) for s in sorted(fin["seed"].unique())),
+        "epochs": ", ".join(str(e) for e in sorted(df["epochs"].unique())),
+        "test bpd (EMA)": pm(fin["test_bpd"]), "test bpd (raw)": pm(fin["test_bpd_raw"]),
+        "train bpd": pm(fin["train_bpd"]),
+        "params": ", ".join(params(p) for p in sorted(df["num_params"].dropna().unique())),
+    }  # fmt: skip
+
+
+def table4_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
+    cells = published.get("cells", [])
+
+    def paper(coupling: str, lr: float) -> str:
+        for c in cells:
+            if c["coupling"] == coupling and math.isclose(c["lr"], lr, rel_tol=1e-9):
+                return published_pm(c["mean"], c["std"])
+        return "not in the paper"
+
+    rows = []
+    for (coupling, lr), cell in _cells(df, ["coupling", "lr"]):
+        rows.append({
+            "coupling": coupling, "lr": f"{lr:g}", "epochs": ", ".join(str(e) for e in sorted(cell["epochs"].unique())),
+            **counts(cell), "test bits/dim": pm(cell.loc[finished(cell), "test_bpd"]),
+            "published (CIFAR-10)": paper(coupling, lr),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _reference_time(df: pd.DataFrame, key: str, reference: str) -> float:
+    timed = df[df["epochs_done"] > 0]
+    ref = timed.loc[timed[key] == reference, "mean_epoch_time_s"]
+    return float(ref.mean()) if len(ref) else math.nan
+
+
+def table5_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
+    cells = {c["conv"]: c for c in published.get("cells", [])}
+    reference = next(iter(MIXING), None)  # the registry's first: the standard 1×1 conv
+    ref_time = _reference_time(df, "conv", reference)
+    rows = []
+    for (conv,), cell in _cells(df, ["conv"]):
+        t = cell.loc[cell["epochs_done"] > 0, "mean_epoch_time_s"]
+        ratio = t.mean() / ref_time if len(t) and ref_time > 0 else math.nan
+        pub = cells.get(conv)
+        rows.append({
+            "conv": conv, "form": ", ".join(sorted({variant_of("conv", conv, o) for o in cell["conv_options"]})), **counts(cell),
+            "bits/dim": pm(cell.loc[finished(cell), "test_bpd"]), "time per epoch (s)": pm(t, 2),
+            f"time / {reference}": number(ratio, "{:.2f}"),
+            "device": ", ".join(sorted(map(str, cell["device"].unique()))),
+            "published bits/dim (CIFAR-10)": published_pm(pub["mean"], pub["std"]) if pub else "not in the paper",
+            "published time": "see paper" if pub and pub.get("epoch_time") is None else (pub or {}).get("epoch_time", DASH),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def table6_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
+    pub_m = published.get("m", {})
+    rows = []
+    for name in ("m", "s"):
+        parts = [
+            {k: r[f"{name}_{k}"] for k in ("count", "mean", "std", "max", "min")}
+            for _, r in df.iterrows()
+            if r[f"{name}_count"] > 0
+        ]
+        p = pool_stats(parts)
+        row = {"": name, "mean": DASH, "std": DASH, "max": DASH, "min": DASH, "expm calls": 0, "runs pooled": len(parts)}
+        if p:
+            row.update(mean=f"{p['mean']:.3f}", std=f"{p['std']:.3f}", max=f"{p['max']:g}", min=f"{p['min']:g}",
+                       **{"expm calls": int(p["count"])})  # fmt: skip
+        pub = [pub_m.get(k) for k in ("mean", "std", "max", "min")] if name == "m" else None
+        if pub is None:
+            row["published (paper)"] = DASH
+        elif all(v is None for v in pub):
+            row["published (paper)"] = "see paper"
+        else:
+            row["published (paper)"] = " / ".join(DASH if v is None else f"{v:g}" for v in pub)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mixing_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
+    layers = published.get("layers", {})
+    reference = next(iter(MIXING), None)
+    ref_time = _reference_time(df, "conv", reference)
+    rows = []
+    for (conv, variant), cell in _layer_cells(df, "conv", []):
+        fin = cell[finished(cell)]
+        t = cell.loc[cell["epochs_done"] > 0, "mean_epoch_time_s"]
+        cls = MIXING.get(conv)
+        pub = layers.get(conv, {})
+        value = pub.get("cifar10") if (variant in pub.get("variants", [variant])) else None
+        rows.append({
+            "layer": conv, "variant": variant, "family": cls.info.family if cls else DASH, **counts(cell),
+            "bits/dim": pm(fin["test_bpd"]),
+            "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique())),
+            "time per epoch (s)": pm(t, 2),
+            f"time / {reference}": number(t.mean() / ref_time if len(t) and ref_time > 0 else math.nan, "{:.2f}"),
+            "sampling (ms / image)": pm(1e3 * _col(fin, "sample_time_per_image_s"), 3),
+            "round-trip error": number(_col(fin, "roundtrip_error").max(), "{:.1e}"),
+            "peak memory (MB)": pm(_col(fin, "peak_memory_bytes") / 2**20, 1),
+            "published bits/dim (own paper, CIFAR-10)": f"{value:.2f} ({pub.get('source')})" if value is not None else "not available",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    if name not in df:
+        return pd.Series(np.nan, index=df.index, dtype=float)
+    return pd.to_numeric(df[name], errors="coerce")
+
+
+def stability_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (coupling, variant, lr): runs, diverged, divergence rate with its Wilson 95% interval,
+    the steps at which runs diverged, and bits/dim of the finished runs. Unfinished runs (still
+    running or interrupted) are counted apart and left out of the rate."""
+    rows = []
+    for (coupling, variant, lr), cell in _layer_cells(df, "coupling", ["lr"]):
+        c = counts(cell)
+        decided = c["finished"] + c["diverged"]
+        low, high = wilson_interval(c["diverged"], decided) if decided else (math.nan, math.nan)
+        steps = pd.to_numeric(cell.loc[cell["status"] == "diverged", "diverged_step"], errors="coerce").dropna()
+        rows.append({
+            "coupling": coupling, "variant": variant, "lr": lr, **c,
+            "divergence rate": c["diverged"] / decided if decided else math.nan,
+            "rate 95% CI low": low, "rate 95% CI high": high,
+            "diverged at step": ", ".join(f"{int(s)}" for s in sorted(steps)) or DASH,
+            "bits/dim (finished)": pm(cell.loc[finished(cell), "test_bpd"]),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def stability_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (coupling, variant): the largest rate of the grid at which no run diverged (and every
+    smaller rate had none either), and the divergence totals."""
+    out = []
+    if rows.empty:
+        return pd.DataFrame(out)
+    for (coupling, variant), g in rows.groupby(["coupling", "variant"], sort=False):
+        g = g.sort_values("lr")
+        safe = math.nan
+        for _, r in g.iterrows():
+            if r["finished"] + r["diverged"] == 0 or r["diverged"] > 0:
+                break
+            safe = r["lr"]
+        out.append({"coupling": coupling, "variant": variant, "largest lr with no divergence": number(safe, "{:g}"),
+                    "diverged / decided runs": f"{int(g['diverged'].sum())} / {int((g['finished'] + g['diverged']).sum())}"})  # fmt: skip
+    return pd.DataFrame(out)

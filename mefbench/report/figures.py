@@ -1,0 +1,160 @@
+"""The report's figures, drawn with seaborn/matplotlib from the aggregated frames; each returns the
+markdown lines that show it (nothing when there is nothing to draw)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .aggregate import finished, stability_rows
+from .format import slug
+
+__all__ = ["FigureContext", "curves", "divergence_vs_lr", "epoch_time_bars", "lr_errorbars", "m_per_run", "quality_vs_time"]
+
+
+@dataclass
+class FigureContext:
+    """What a figure of one table and one data group draws from."""
+
+    table: str  # the table id
+    title: str  # e.g. "Table 4" or "every mixing layer"
+    runs: pd.DataFrame  # the table's runs of this group, with one column per cell key
+    epochs: pd.DataFrame  # their epochs
+    group: str
+    figdir: Path
+    cell_keys: tuple[str, ...]
+
+    def name(self, what: str) -> str:
+        table = f"table{self.table}" if self.table.isdigit() else slug(self.table)
+        return f"{table}_{what}_{slug(self.group)}.png"
+
+    def cell_label(self, row: pd.Series) -> str:
+        return ", ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in self.cell_keys) or self.group
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, ctx: FigureContext, what: str) -> str:
+    name = ctx.name(what)
+    fig.savefig(ctx.figdir / name, dpi=110)
+    return f"figures/{name}"
+
+
+def curves(ctx: FigureContext) -> list[str]:
+    """Test bits/dim (EMA) against epoch, hue = the table cell, mean ± sd over seeds."""
+    import seaborn as sns
+
+    ep = ctx.epochs[np.isfinite(pd.to_numeric(ctx.epochs["test_bpd"], errors="coerce"))]
+    if ep.empty:
+        return []
+    labels = {r["run"]: ctx.cell_label(r) for _, r in ctx.runs.iterrows()}
+    ep = ep.assign(cell=ep["run"].map(labels))
+    fig, ax = _figure()
+    sns.lineplot(data=ep, x="epoch", y="test_bpd", hue="cell", errorbar="sd", marker="o", ax=ax)
+    ax.set(xlabel="epoch", ylabel="test bits/dim (EMA weights)", title=f"{ctx.title}: training curves ({ctx.group})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    path = _save(fig, ctx, "curves")
+    return [f"![{ctx.title} training curves, {ctx.group}]({path})", "",
+            "*Test bits/dim (EMA weights) after each epoch; line = mean over seeds, band = ± sd.*", ""]  # fmt: skip
+
+
+def lr_errorbars(ctx: FigureContext) -> list[str]:
+    """Table 4: bits/dim against learning rate per coupling."""
+    fin = ctx.runs[finished(ctx.runs)]
+    if fin.empty:
+        return []
+    agg = fin.groupby(["coupling", "lr"])["test_bpd"].agg(["mean", "std"]).reset_index()
+    fig, ax = _figure()
+    for coupling in list(dict.fromkeys(ctx.runs["coupling"])):
+        a = agg[agg["coupling"] == coupling].sort_values("lr")
+        if len(a):
+            ax.errorbar(a["lr"], a["mean"], yerr=a["std"].fillna(0.0), marker="o", capsize=4, label=coupling)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="test bits/dim (EMA weights)", title=f"{ctx.title}: bits/dim vs lr ({ctx.group})")
+    ax.legend(title="coupling")
+    path = _save(fig, ctx, "bpd_vs_lr")
+    return [f"![bits/dim vs learning rate, {ctx.group}]({path})", "",
+            "*Mean ± sample std over the finished seeds; diverged runs are not plotted.*", ""]  # fmt: skip
+
+
+def epoch_time_bars(ctx: FigureContext) -> list[str]:
+    """Training time per epoch per cell."""
+    import seaborn as sns
+
+    timed = ctx.runs[ctx.runs["epochs_done"] > 0]
+    if timed.empty:
+        return []
+    timed = timed.assign(cell=[ctx.cell_label(r) for _, r in timed.iterrows()])
+    fig, ax = _figure(max(6.4, 0.9 * timed["cell"].nunique() + 2), 4.0)
+    sns.barplot(data=timed, x="cell", y="mean_epoch_time_s", order=list(dict.fromkeys(timed["cell"])),
+                errorbar="sd", capsize=0.2, ax=ax)  # fmt: skip
+    ax.set(xlabel="", ylabel="training time per epoch (s)", title=f"{ctx.title}: time per epoch ({ctx.group})")
+    ax.tick_params(axis="x", rotation=30)
+    path = _save(fig, ctx, "epoch_time")
+    return [f"![time per epoch, {ctx.group}]({path})", "", "*Mean ± sample std over runs.*", ""]
+
+
+def m_per_run(ctx: FigureContext) -> list[str]:
+    """Table 6: the series length m per run (mean ± std, max, min)."""
+    df = ctx.runs[ctx.runs["m_count"] > 0]
+    if df.empty:
+        return []
+    fig, ax = _figure(max(4.0, 0.8 * len(df) + 2), 4.0)
+    x = np.arange(len(df))
+    ax.bar(x, df["m_mean"], yerr=df["m_std"], capsize=4, color="tab:blue", alpha=0.7, label="mean ± std")
+    ax.scatter(x, df["m_max"], marker="v", color="tab:red", zorder=3, label="max")
+    ax.scatter(x, df["m_min"], marker="^", color="tab:green", zorder=3, label="min")
+    ax.set_xticks(x, [f"{r} ({s})" for r, s in zip(df["run"], df["status"], strict=True)], rotation=30, ha="right")
+    ax.set(ylabel="series length m", title=f"{ctx.title}: m per run ({ctx.group})")
+    ax.legend()
+    path = _save(fig, ctx, "m")
+    return [f"![series length m per run, {ctx.group}]({path})", ""]
+
+
+def quality_vs_time(ctx: FigureContext) -> list[str]:
+    """Every mixing layer: test bits/dim against training time per epoch, one point per run."""
+    import seaborn as sns
+
+    fin = ctx.runs[finished(ctx.runs)]
+    if fin.empty:
+        return []
+    fin = fin.assign(layer=[ctx.cell_label(r) for _, r in fin.iterrows()])
+    fig, ax = _figure(7.0, 4.5)
+    sns.scatterplot(data=fin, x="mean_epoch_time_s", y="test_bpd", hue="layer", style="layer", s=60, ax=ax)
+    ax.set(xlabel="training time per epoch (s)", ylabel="test bits/dim (EMA weights)",
+           title=f"{ctx.title}: quality vs cost ({ctx.group})")  # fmt: skip
+    ax.legend(fontsize="small", ncol=2)
+    path = _save(fig, ctx, "bpd_vs_time")
+    return [f"![bits/dim vs time per epoch, {ctx.group}]({path})", "",
+            "*One point per finished run; lower left is better.*", ""]  # fmt: skip
+
+
+def divergence_vs_lr(ctx: FigureContext) -> list[str]:
+    """Stability: divergence probability against learning rate, per coupling (and variant), with
+    Wilson 95% intervals."""
+    rows = stability_rows(ctx.runs)
+    rows = rows[(rows["finished"] + rows["diverged"]) > 0] if len(rows) else rows
+    if rows.empty:
+        return []
+    fig, ax = _figure(7.0, 4.5)
+    labels = rows["coupling"] + np.where(rows["variant"] == "default", "", " (" + rows["variant"] + ")")
+    rows = rows.assign(label=labels)
+    for i, label in enumerate(dict.fromkeys(rows["label"])):
+        r = rows[rows["label"] == label].sort_values("lr")
+        jitter = 1 + 0.03 * (i - len(set(rows["label"])) / 2)  # keep overlapping points apart
+        err = np.vstack([r["divergence rate"] - r["rate 95% CI low"], r["rate 95% CI high"] - r["divergence rate"]])
+        ax.errorbar(r["lr"] * jitter, r["divergence rate"], yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set(xlabel="learning rate", ylabel="P(diverged)", title=f"{ctx.title}: divergence vs learning rate ({ctx.group})")
+    ax.legend(fontsize="small", ncol=2)
+    path = _save(fig, ctx, "divergence_vs_lr")
+    return [f"![divergence probability vs learning rate, {ctx.group}]({path})", "",
+            "*Fraction of runs that diverged, with Wilson 95% intervals; points of one rate are spread sideways.*", ""]  # fmt: skip

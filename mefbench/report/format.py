@@ -1,0 +1,63 @@
+"""Formatting for the report: markdown tables and the few number formats every table shares."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["DASH", "markdown_table", "pm", "published_pm", "params", "slug", "number"]
+
+DASH = "–"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table of df (no index); numeric columns right-aligned, NaN as '–'."""
+    if df.empty and not len(df.columns):
+        return ""
+
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return DASH
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    align = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False, name=None)]
+    return "\n".join([header, align, *rows])
+
+
+def pm(values: pd.Series, digits: int = 3) -> str:
+    """'mean ± std' (sample std, ddof=1) of the finite values; the mean alone for one value."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce")
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return DASH
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def published_pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "see paper"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def params(n: object) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return DASH
+    return f"{int(n) / 1e6:.2f}M ({int(n):,})"
+
+
+def number(value: object, fmt: str = "{:.3g}") -> str:
+    """A finite number formatted, '–' for None / NaN / anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+        return DASH
+    return fmt.format(value)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
