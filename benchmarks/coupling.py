@@ -1,12 +1,14 @@
-"""Coupling layers: additive, affine, matrix-exp (full c×c) and matrix-exp low-rank (rank 3).
+"""Every coupling of the zoo (``mefbench.layers.COUPLING`` and each class's variants), plus the
+matrix-exponential coupling's low-rank form (rank 3).
 
 One layer at each of the paper's three levels (C=12 at 16×16, C=24 at 8×8, C=48 at 4×4), the
-coupling net with hidden 32 and 1 residual block, batch 16, float32. After the data-dependent
-init the zero-initialised output conv of the net is redrawn (N(0, (4/√fan_in)²)), so that the
-coupling is not the identity and the matrices S use a good part of their bound (∥S∥∞ ≲ 1), as
-they do during training; a fresh layer would exponentiate zero matrices. forward and inverse run
-without autograd; forward_backward differentiates ½∥y∥² − log|det| with respect to the
-parameters and the input.
+coupling net with hidden 32 and 1 block (the CPU presets' net), batch 16, float32. After the
+data-dependent init the zero-initialised output conv of the net is redrawn (N(0, (4/√fan_in)²)),
+so that the coupling is not the identity and the matrices S use a good part of their bound
+(∥S∥∞ ≲ 1), as they do during training. forward and inverse run without autograd;
+forward_backward differentiates ½∥y∥² − log|det| with respect to the parameters and the input;
+``time_net_forward_backward`` is the same for the net alone, so that the history shows the time a
+coupling adds beyond its net.
 """
 
 from __future__ import annotations
@@ -17,25 +19,29 @@ import torch
 from torch import nn
 
 from mefbench.layers import COUPLING, Coupling, MatrixExpCoupling
+from mefbench.presets import layer_variants
 
-from ._common import BATCH, LEVELS, _LayerTimings, set_up_torch
+from ._common import BATCH, LEVELS, _LayerTimings, backward, set_up_torch
 
 __all__ = ["HIDDEN", "KINDS", "NUM_BLOCKS", "CouplingLayer", "make_coupling"]
 
 HIDDEN = 32
 NUM_BLOCKS = 1
-KINDS = ["additive", "affine", "matexp", "matexp_lowrank"]
+LOW_RANK = "matexp (rank 3)"
+# "name" or "name (variant)" -> (registry name, options)
+_ZOO = {
+    (name if variant == "default" else f"{name} ({variant})"): (name, options)
+    for name, variant, options in layer_variants(COUPLING)
+}
+KINDS = [*_ZOO, LOW_RANK]
 
 
-def make_coupling(
-    kind: str, channels: int, hidden: int = HIDDEN, num_blocks: int = NUM_BLOCKS
-) -> Coupling:
-    """A coupling by benchmark name: the registry's, with matexp forced full and a rank-3 variant."""
-    if kind == "matexp":
-        return MatrixExpCoupling(channels, hidden, num_blocks, rank=0)
-    if kind == "matexp_lowrank":
+def make_coupling(kind: str, channels: int, hidden: int = HIDDEN, num_blocks: int = NUM_BLOCKS) -> Coupling:
+    """A coupling by benchmark name: a registry entry and variant, or the rank-3 matrix-exp form."""
+    if kind == LOW_RANK:
         return MatrixExpCoupling(channels, hidden, num_blocks, rank=3)
-    return COUPLING[kind](channels, hidden, num_blocks)
+    name, options = _ZOO[kind]
+    return COUPLING.build(name, channels, hidden_channels=hidden, num_blocks=num_blocks, **options)
 
 
 class CouplingLayer(_LayerTimings):
@@ -53,3 +59,8 @@ class CouplingLayer(_LayerTimings):
             fan_in = head.weight[0].numel()
             nn.init.normal_(head.weight, std=4 / math.sqrt(fan_in))
         self._prepare(x)
+        self.x1 = x[:, : self.layer.c1].clone()
+
+    def time_net_forward_backward(self, coupling: str, level: str) -> None:
+        h = self.layer.net(self.x1)
+        backward(0.5 * h.square().sum(), self.layer)

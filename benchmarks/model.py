@@ -1,8 +1,9 @@
 """The whole flow: a training step, its peak memory, a short training's bits/dim, parameter counts.
 
-TrainStep uses the CPU-scale model of the Table 5 presets (``PRESETS["cpu-t5-matexp"].model``:
-3×16×16, levels of 4 and 2 steps, hidden 32, 1 block) with each 1×1 conv × coupling, batch 16
-of ``patches16`` images, Adamax at lr 0.01 (the paper's optimiser), one thread, float32.
+TrainStep uses the CPU-scale MEF model (``PRESETS["cpu-t2-mef"].model``: 3×16×16, levels of 4
+and 2 steps, hidden 32, 1 block) with every mixing layer of the zoo beside the paper's coupling
+and every coupling beside the paper's 1×1 conv, plus the Glow-like pair, batch 16 of
+``patches16`` images, Adamax at lr 0.01 (the paper's optimiser), one thread, float32.
 
 Peak memory (``peakmem_``) is the process's maximum RSS over the benchmark's setup and one call,
 torch and the benchmark modules included: subtract ``Reference.peakmem_torch_only`` (a benchmark
@@ -19,24 +20,36 @@ import dataclasses
 import torch
 
 from mefbench.data import dequantize, load_dataset
+from mefbench.layers import COUPLING, MIXING
 from mefbench.models import MultiScaleFlow, count_parameters
-from mefbench.presets import PRESETS
+from mefbench.presets import GLOW_LIKE, PRESETS, layer_variants
+from mefbench.report.tables import paper_count_presets
 from mefbench.training import evaluate, train_step
 
 from ._common import BATCH, set_up_torch
 
 __all__ = ["ParameterCount", "Reference", "ShortTraining", "TrainStep", "short_training_bpd"]
 
-CONVS = ["standard", "plu", "matexp"]
-COUPLINGS = ["affine", "matexp"]
-CPU_PRESET = "cpu-t5-matexp"
-PAPER_PRESETS = [
-    "paper-t2-mef-cifar10",
-    "paper-t2-mef-imagenet64",
-    "paper-t4-affine-lr0.01",
-    "paper-t5-standard",
-    "paper-t5-plu",
-]
+CPU_PRESET = "cpu-t2-mef"
+_MEF = PRESETS[CPU_PRESET].model
+
+
+def _pairs() -> dict[str, dict]:
+    """"conv (variant) + coupling (variant)" -> model changes: every mixing layer with MEF's coupling,
+    every coupling with MEF's conv, and the Glow-like pair."""
+    pairs = {}
+    for conv, label, options in layer_variants(MIXING):
+        name = conv if label == "default" else f"{conv} ({label})"
+        pairs[f"{name} + {_MEF.coupling}"] = {"conv": conv, "conv_options": options}
+    for coupling, label, options in layer_variants(COUPLING):
+        name = coupling if label == "default" else f"{coupling} ({label})"
+        pairs[f"{_MEF.conv} + {name}"] = {"coupling": coupling, "coupling_options": options}
+    pairs[f"{GLOW_LIKE['conv']} + {GLOW_LIKE['coupling']} (Glow-like)"] = dict(GLOW_LIKE)
+    return pairs
+
+
+PAIRS = _pairs()
+PAPER_PRESETS = [name for _, name in paper_count_presets()] + ["paper-t2-mef-imagenet64"]
 
 
 def _batch(size: int, seed: int = 0) -> torch.Tensor:
@@ -49,22 +62,22 @@ def _batch(size: int, seed: int = 0) -> torch.Tensor:
 class TrainStep:
     """One Adamax step (forward, backward, update) of the CPU-scale model, batch 16."""
 
-    params = [CONVS, COUPLINGS]
-    param_names = ["conv", "coupling"]
+    params = [list(PAIRS)]
+    param_names = ["pair"]
     timeout = 300.0
 
-    def setup(self, conv: str, coupling: str) -> None:
+    def setup(self, pair: str) -> None:
         set_up_torch()
-        config = dataclasses.replace(PRESETS[CPU_PRESET].model, conv=conv, coupling=coupling)
+        config = dataclasses.replace(_MEF, **PAIRS[pair])
         self.model = MultiScaleFlow(config)
         self.x = _batch(BATCH)
         self.model.initialize(self.x)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=0.01)
 
-    def time_train_step(self, conv: str, coupling: str) -> None:
+    def time_train_step(self, pair: str) -> None:
         train_step(self.model, self.optimizer, self.x)
 
-    def peakmem_train_step(self, conv: str, coupling: str) -> None:
+    def peakmem_train_step(self, pair: str) -> None:
         train_step(self.model, self.optimizer, self.x)
 
 

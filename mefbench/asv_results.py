@@ -29,15 +29,22 @@ __all__ = ["COLUMNS", "KEY_BENCHMARKS", "asv_speed_table", "load_asv_results", "
 
 COLUMNS = ["machine", "commit", "date", "env", "benchmark", "params", "value", "unit"]
 
+def _mef_pair() -> str:
+    from .presets import PRESETS
+
+    mef = PRESETS["cpu-t2-mef"].model
+    return f"{mef.conv} + {mef.coupling}"
+
+
 # Benchmarks shown by plot_asv_history, each with the parameter values it is restricted to.
 KEY_BENCHMARKS: dict[str, dict[str, str]] = {
-    "model.TrainStep.time_train_step": {},
-    "model.TrainStep.peakmem_train_step": {},
+    "model.TrainStep.time_train_step": {"pair": _mef_pair()},
+    "model.TrainStep.peakmem_train_step": {"pair": _mef_pair()},
     "model.ShortTraining.track_bits_per_dim": {},
     "linalg.ExpmActionGrad.time_forward_backward": {"n": "6", "batch": "16384"},
     "linalg.ExpmGrad.time_forward_backward": {"n": "48", "batch": "256"},
     "coupling.CouplingLayer.time_forward_backward": {"level": "C12@16x16"},
-    "conv1x1.Conv1x1.time_forward_backward": {"level": "C48@4x4"},
+    "mixing.MixingLayer.time_forward_backward": {"level": "C48@4x4"},
 }
 
 _PREFIX_UNITS = {"time_": "seconds", "peakmem_": "bytes", "mem_": "bytes", "timeraw_": "seconds"}

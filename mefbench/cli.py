@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows as JSON here (the report reads it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:index]; on a GPU the layer and model rows use batch 64")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model")
+    p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model, layers, couplings")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from .config import FlowConfig, TrainConfig
 
 __all__ = [
+    "GLOW_LIKE",
     "PAPER_CONV_OPTIONS",
+    "REFERENCE_CONV",
     "PRESETS",
     "SCALES",
     "STABILITY_LRS",
@@ -42,6 +44,9 @@ SCALES = ("smoke", "cpu", "paper")
 TABLE4_COUPLINGS = ("affine", "matexp")  # Table 4 rows; matrix-exp 1×1 conv in all
 TABLE4_LRS = (0.001, 0.01)  # lr 1e-3 trains 4× longer (200 vs 50 epochs)
 TABLE5_CONVS = ("standard", "plu", "matexp")  # Table 5 rows; matrix-exp coupling, lr 0.01
+# The baselines the benchmarks measure against: Glow's 1×1 conv, and a Glow-like step.
+REFERENCE_CONV = "standard"
+GLOW_LIKE = {"conv": "standard", "coupling": "affine"}
 # The official code's forms of the paper's layers (the defaults are Glow's where they differ).
 PAPER_CONV_OPTIONS: dict[str, dict] = {"plu": {"diagonal": "free"}}
 # The stability benchmark (Table 4 generalised): every coupling and variant × these rates × seeds.

@@ -128,7 +128,7 @@ def _identity(file: Path, record: dict) -> dict:
         "run": file.parent.name,
         "path": str(file.parent),
         "preset": record.get("preset"),
-        "tables": tuple(int(t) for t in record.get("tables") or ()),
+        "tables": tuple(str(t) for t in record.get("tables") or ()),
         "scale": record.get("scale"),
         "status": record["status"],
         "dataset": train["dataset"],

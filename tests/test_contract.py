@@ -113,6 +113,15 @@ def test_logdet_matches_autograd_jacobian(case):
     torch.testing.assert_close(inv_logdet, -logdet, atol=1e-8, rtol=1e-8)
 
 
+def test_separate_logdet_matches_the_forward(case):
+    """A mixing layer that computes its log-det apart from the map (``logdet(size)``) agrees."""
+    layer, shape = ready(case[0], case[1], case[3])
+    if not hasattr(layer, "logdet"):
+        pytest.skip("computes its log-det only together with the map")
+    _, logdet = layer(torch.randn(2, *shape))
+    torch.testing.assert_close(layer.logdet(shape[1:]).expand(2), logdet)
+
+
 def test_every_parameter_gets_a_gradient(case):
     layer, shape = ready(case[0], case[1], case[3])
     layer.train()

@@ -85,6 +85,10 @@ class Conv1x1(FlowLayer):
             self._cache = (key, self.weight(), self.inverse_weight())
         return self._cache[1], self._cache[2]
 
+    def logdet(self, size: tuple[int, int]) -> Tensor:
+        """log|det| of the map on an input of spatial size (H, W): H·W·log|det W| (no input needed)."""
+        return self.pixel_logdet() * (size[0] * size[1])
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_input(x, self.channels, type(self).__name__, self)
         W, _ = self._matrices(need_inverse=False)

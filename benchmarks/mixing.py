@@ -1,0 +1,66 @@
+"""Every mixing layer of the zoo (``mefbench.layers.MIXING`` and each class's variants).
+
+One layer at each of the paper's three levels (C=12 at 16×16, C=24 at 8×8, C=48 at 4×4),
+batch 16, float32. The layer stays in training mode, so every call builds what it caches in eval
+mode (W, the LU product or e^W and their inverses, a kernel's FFT, …): the cost of a training
+step or of sampling without the eval-mode cache. forward, inverse and log-det run without
+autograd; forward_backward differentiates ½∥y∥² − log|det| with respect to the parameters and
+the input. ``time_logdet`` times the log-determinant alone where the layer computes it apart from
+the map (``layer.logdet(size)``; a mixing layer's log-det does not depend on the input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mefbench.layers import MIXING
+from mefbench.presets import layer_variants
+
+from ._common import BATCH, LEVELS, _LayerTimings, set_up_torch
+
+__all__ = ["LAYERS", "MixingLayer", "MixingLogdet"]
+
+# "name" or "name (variant)" -> (registry name, options)
+LAYERS = {
+    (name if variant == "default" else f"{name} ({variant})"): (name, options)
+    for name, variant, options in layer_variants(MIXING)
+}
+
+
+class MixingLayer(_LayerTimings):
+    params = [list(LAYERS), list(LEVELS)]
+    param_names = ["layer", "level"]
+
+    def setup(self, layer: str, level: str) -> None:
+        set_up_torch()
+        name, options = LAYERS[layer]
+        c, h, w = LEVELS[level]
+        self.layer = MIXING.build(name, c, size=(h, w), **options)
+        x = torch.randn(BATCH, c, h, w)
+        with torch.no_grad():
+            self.layer(x)  # data-dependent init where the layer has one
+        self._prepare(x)
+
+    def peakmem_forward_backward(self, layer: str, level: str) -> None:
+        self.time_forward_backward(layer, level)
+
+
+class MixingLogdet:
+    """The log-determinant alone, for the layers that compute it apart from the map
+    (``layer.logdet(size)``; skipped for the others)."""
+
+    params = [list(LAYERS), list(LEVELS)]
+    param_names = ["layer", "level"]
+
+    def setup(self, layer: str, level: str) -> None:
+        set_up_torch()
+        name, options = LAYERS[layer]
+        c, h, w = LEVELS[level]
+        self.layer = MIXING.build(name, c, size=(h, w), **options)
+        if not hasattr(self.layer, "logdet"):
+            raise NotImplementedError(f"{layer} computes its log-det only together with the map")
+        self.size = (h, w)
+
+    def time_logdet(self, layer: str, level: str) -> None:
+        with torch.no_grad():
+            self.layer.logdet(self.size)
