@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import mefbench.layers as L
-from mefbench.layers._mixing import EvalCache
+from mefbench.layers._mixing import EvalCache, flip
 from mefbench.layers.convexp import NORM_LIMIT, conv_norm_bound
 from mefbench.layers.emerging import _wavefronts, solve_causal_conv
 from mefbench.linalg import MAX_TERMS, series_terms, taylor_tolerance
@@ -119,7 +119,7 @@ def test_emerging_is_upper_times_lower_and_its_inverse_is_the_dense_solve(shape,
     K1, K2 = layer.kernels()
     r = k // 2
     A1 = dense(lambda x: F.conv2d(x, K1, padding=r), shape)
-    A2 = dense(lambda x: L.emerging.flip(F.conv2d(L.emerging.flip(x), K2, padding=r)), shape)
+    A2 = dense(lambda x: flip(F.conv2d(flip(x), K2, padding=r)), shape)
     # triangular in raster × channel order, with the centre diagonals on the diagonal
     n = shape[1] * shape[2]
     P1, P2 = pixel_major(A1, shape), pixel_major(A2, shape)
@@ -220,6 +220,34 @@ def test_convexp_at_its_norm_bound(max_norm, dtype):
     assert abs(float(logdet[0]) - truncated) <= D * math.exp(max_norm) * (tol + T * u) * (1 + abs(truncated))
 
 
+# ------------------------------------------------------------------ butterfly
+
+
+def test_butterfly_is_a_product_of_pairwise_levels():
+    shape = (4, 2, 3)
+    D = math.prod(shape)
+    layer = L.ButterflyConv(4, size=(2, 3))
+    assert layer.levels == 3  # 24 = 2³·3
+    A = dense(lambda x: layer(x)[0], shape)
+    torch.testing.assert_close(A @ A.T, torch.eye(D), atol=1e-12, rtol=0)  # rotations at init
+    layer = perturbed(layer, 0.3)
+    expected = torch.eye(D)
+    for level, blocks in enumerate(layer.blocks.detach()):
+        stride = D >> (level + 1)
+        B = torch.zeros(D, D)
+        k = 0
+        for start in range(0, D, 2 * stride):  # 2^level segments of 2·stride entries
+            for j in range(start, start + stride):
+                (a, b), (c, d) = blocks[:, :, k]
+                B[j, j], B[j, j + stride], B[j + stride, j], B[j + stride, j + stride] = a, b, c, d
+                k += 1
+        expected = B @ expected
+    A = dense(lambda x: layer(x)[0], shape)
+    torch.testing.assert_close(A, expected)
+    torch.testing.assert_close(layer(torch.randn(1, *shape))[1][0], torch.linalg.slogdet(A).logabsdet)
+    torch.testing.assert_close(dense(lambda x: layer.inverse(x)[0], shape), torch.linalg.inv(A))
+
+
 # ------------------------------------------------------------------ options, caches, models
 
 
@@ -243,6 +271,9 @@ def _errors():
         (lambda: L.HouseholderConv1x1(4, reflections=0), "HouseholderConv1x1 option reflections must be an integer >= 1, got 0"),
         (lambda: L.QRConv1x1(4, diagonal="log"), "QRConv1x1 option diagonal must be one of"),
         (lambda: L.EmergingConv(0), "EmergingConv needs at least 1 channel, got 0"),
+        (lambda: L.ButterflyConv(4, size=(2, 3), levels=4), r"ButterflyConv option levels must be at most 3 \(the power of 2 in C·H·W = 24\), got 4"),
+        (lambda: L.ButterflyConv(3, size=(1, 3)), "ButterflyConv needs an even number of entries C·H·W, got 3·1·3 = 9"),
+        (lambda: L.ButterflyConv(4), r"ButterflyConv needs size=\(H, W\) at construction"),
         # sizes met only at call time
         (lambda: L.EmergingConv(2, kernel_size=5)(torch.zeros(1, 2, 2, 2)), "EmergingConv: image 2×2 is too small for kernel_size 5"),
         (lambda: L.PeriodicConv(2).inverse(torch.zeros(1, 2, 1, 3)), "PeriodicConv: image 1×3 is too small for kernel_size 3"),

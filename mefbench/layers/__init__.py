@@ -27,6 +27,7 @@ from .base import (
     option_names,
     summary,
 )
+from .butterfly import ButterflyConv
 from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
 from .convexp import ConvExp
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MatrixExpCoupling
@@ -43,6 +44,7 @@ __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
     "BoundedTanh",
+    "ButterflyConv",
     "CONV1X1",
     "COUPLING",
     "Conv1x1",
@@ -100,6 +102,7 @@ MIXING = Registry(
         "emerging": EmergingConv,
         "periodic": PeriodicConv,
         "convexp": ConvExp,
+        "butterfly": ButterflyConv,
     },
 )
 

@@ -59,8 +59,10 @@ class ConvExp(FlowLayer):
     largest singular value of the kernel's spectrum on a grid padded by k//2, a guaranteed
     bound, not a power-iteration estimate). The series then has T = ``series_terms(β, tol)``
     terms (tol = 1e-8 in float32, 1e-16 in float64), so that its tail Σ_{i≥T} ‖M‖^i/i! ≤ tol:
-    the truncation is the layer's only inexactness, at most tol·‖x‖₂ per sample (tol·e^β·‖x‖₂ on
-    a round trip). The log-det is that of e^M exactly (det e^M = e^{tr M}). Inverse: e^{−M} y,
+    the truncation is the layer's only inexactness, at most tol·‖x‖₂ per sample. With rounding
+    (unit round-off u) a round trip stays within e^{2β}·(T·u·‖x‖∞ + 2·tol·‖x‖₂) per entry
+    (tests/test_mixing.py checks these at ‖M‖ = β). The log-det is that of e^M exactly
+    (det e^M = e^{tr M}). Inverse: e^{−M} y,
     the same series with −K. Init: W ~ N(0, 1/(C·k²)²) (the public code's scale). K is cached in
     eval per image size.
 
