@@ -94,7 +94,8 @@ class ButterflyConv(FlowLayer):
         segments, half = 2**level, blocks.shape[-1] >> level
         v = x.reshape(x.shape[0], segments, 2, half)
         W = blocks.reshape(2, 2, segments, half)
-        return torch.einsum("iksj,bskj->bsij", W, v).reshape(x.shape)
+        first, second = v[:, :, 0], v[:, :, 1]
+        return torch.stack([W[0, 0] * first + W[0, 1] * second, W[1, 0] * first + W[1, 1] * second], 2).reshape(x.shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
