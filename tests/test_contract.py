@@ -24,6 +24,13 @@ NET = {"hidden_channels": 8, "num_blocks": 1}
 # option sets that exercise code paths the default and the classes' variants do not
 EXTRA = {
     ("coupling", "matexp"): {"exp-scale": {"scale": "exp"}, "low-rank": {"rank": 2}, "auto-low-rank": {"full_max": 1}},
+    ("mixing", "householder"): {"two-reflections": {"reflections": 2}},
+    ("mixing", "woodbury"): {"rank-2": {"rank": 2, "spatial_rank": 3}},
+    ("mixing", "me-woodbury"): {"rank-1": {"rank": 1, "height_rank": 1, "width_rank": 2}},
+    ("mixing", "emerging"): {"k1": {"kernel_size": 1}, "k5": {"kernel_size": 5}},
+    ("mixing", "periodic"): {"k5": {"kernel_size": 5}},
+    ("mixing", "convexp"): {"k1-tight": {"kernel_size": 1, "max_norm": 0.1}},
+    ("mixing", "butterfly"): {"two-levels": {"levels": 2}},
 }
 
 

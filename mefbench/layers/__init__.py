@@ -30,36 +30,49 @@ from .base import (
     set_amp,
     summary,
 )
+from .butterfly import ButterflyConv
 from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
+from .convexp import ConvExp
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MatrixExpCoupling
+from .emerging import EmergingConv
 from .nets import ConvNorm, CouplingNet, DataInitAffine, NetFactory, ResidualBlock, coupling_net
+from .orthogonal import HouseholderConv1x1, QRConv1x1
+from .periodic import PeriodicConv
 from .reshape import SQUEEZE_ORDERS, Squeeze
 from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, HardClamp, SigmoidScale, SoftClamp
+from .woodbury import MEWoodburyConv, WoodburyConv
 
 __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
     "BoundedTanh",
+    "ButterflyConv",
     "CONV1X1",
     "COUPLING",
     "Conv1x1",
+    "ConvExp",
     "ConvNorm",
     "Cost",
     "Coupling",
     "CouplingNet",
     "DataInitAffine",
+    "EmergingConv",
     "ExpScale",
     "FAMILIES",
     "FlowLayer",
     "FlowSequential",
     "HardClamp",
+    "HouseholderConv1x1",
     "LayerInfo",
+    "MEWoodburyConv",
     "MIXING",
     "MatrixExpConv1x1",
     "MatrixExpCoupling",
     "NetFactory",
     "PLUConv1x1",
+    "PeriodicConv",
+    "QRConv1x1",
     "REGISTRIES",
     "Registry",
     "RegistryView",
@@ -70,6 +83,7 @@ __all__ = [
     "SoftClamp",
     "Squeeze",
     "StandardConv1x1",
+    "WoodburyConv",
     "canonical_options",
     "check_input",
     "check_options",
@@ -87,6 +101,14 @@ MIXING = Registry(
         "standard": StandardConv1x1,
         "plu": PLUConv1x1,
         "matexp": MatrixExpConv1x1,
+        "qr": QRConv1x1,
+        "householder": HouseholderConv1x1,
+        "woodbury": WoodburyConv,
+        "me-woodbury": MEWoodburyConv,
+        "emerging": EmergingConv,
+        "periodic": PeriodicConv,
+        "convexp": ConvExp,
+        "butterfly": ButterflyConv,
     },
 )
 

@@ -20,7 +20,14 @@ from torch.autograd.function import once_differentiable
 from ..linalg import _action_backward, _action_forward, _plan, _workspace, expm_action_trace, phi
 from .base import Cost, FlowLayer, LayerInfo, check_input
 from .nets import CouplingNet, NetFactory, coupling_net
-from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, SigmoidScale, bounded_tanh_via_sigmoid, make_scale_map
+from .scale_maps import (
+    SCALE_MAPS,
+    BoundedTanh,
+    ExpScale,
+    SigmoidScale,
+    bounded_tanh_via_sigmoid,
+    make_scale_map,
+)
 
 __all__ = [
     "AdditiveCoupling",
