@@ -29,9 +29,11 @@ from .base import (
 )
 from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MatrixExpCoupling
+from .mixture import LogisticMixtureCoupling
 from .nets import ConvNorm, CouplingNet, DataInitAffine, NetFactory, ResidualBlock, coupling_net
 from .reshape import SQUEEZE_ORDERS, Squeeze
 from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, HardClamp, SigmoidScale, SoftClamp
+from .spline import SplineCoupling
 
 __all__ = [
     "ActNorm",
@@ -52,6 +54,7 @@ __all__ = [
     "FlowSequential",
     "HardClamp",
     "LayerInfo",
+    "LogisticMixtureCoupling",
     "MIXING",
     "MatrixExpConv1x1",
     "MatrixExpCoupling",
@@ -65,6 +68,7 @@ __all__ = [
     "SQUEEZE_ORDERS",
     "SigmoidScale",
     "SoftClamp",
+    "SplineCoupling",
     "Squeeze",
     "StandardConv1x1",
     "check_input",
@@ -90,6 +94,8 @@ COUPLING = Registry(
         "additive": AdditiveCoupling,
         "affine": AffineCoupling,
         "matexp": MatrixExpCoupling,
+        "spline": SplineCoupling,
+        "mixture": LogisticMixtureCoupling,
     },
 )
 
