@@ -100,24 +100,25 @@ def _raw(n: int, sizes: tuple[int, ...], std: float, dtype: torch.dtype) -> tupl
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inverses_are_as_exact_as_the_forward_allows_for_large_parameters(dtype):
-    """Raw parameters of std 3 (slopes from 1e-7 to 1e3): the round-trip error stays within a few
+    """Raw parameters of std 3 (slopes from 1e-7 to 1e3): the round-trip error stays within 24
     units of what the dtype permits, eps·|x| + eps·|y| / y′(x) (the rounding of x, and of y carried
-    back through the slope)."""
-    eps, n = torch.finfo(dtype).eps, 4000
+    back through the slope). The spline's textbook root 2c / (−b − √disc) alone reaches 70–130
+    units here (cancellation for b < 0), a bisection to a tolerance relative to its bracket ~10⁴."""
+    eps, n = torch.finfo(dtype).eps, 20000
     x = 2 * torch.randn(n, 1, 1, 1, dtype=dtype)
 
     widths, heights, derivs = _raw(n, (8, 8, 7), 3.0, dtype)
     y, log_d = rq_spline(x, widths, heights, derivs)
     x_back, _ = rq_spline(y, widths, heights, derivs, inverse=True)
     allowed = eps * x.abs().clamp_min(1) + eps * y.abs().clamp_min(1) / log_d.exp()
-    assert ((x_back - x).abs() / allowed).max() < 32
+    assert ((x_back - x).abs() / allowed).max() < 24
 
     logits, means, log_scales = _raw(n, (4, 4, 4), 3.0, dtype)
     log_scales = log_scales.clamp_min(LOG_SCALE_MIN)
     u, log_d = mixture_logit_cdf(x, logits, means, log_scales)
     x_back, _ = mixture_logit_cdf_inverse(u, logits, means, log_scales)
     allowed = eps * x.abs().clamp_min(1) + eps * u.abs().clamp_min(1) / log_d.exp()
-    assert ((x_back - x).abs() / allowed).max() < 32
+    assert ((x_back - x).abs() / allowed).max() < 24
 
 
 # ----------------------------------------------------------------------------- the spline

@@ -52,7 +52,7 @@ LOG_SCALE_MIN = -7.0
 
 
 def mixture_logit_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor]:
-    """(σ⁻¹(F(x)), log of its derivative, log F′ − log F − log(1 − F)) elementwise, in log space.
+    """σ⁻¹(F(x)) and the log of its derivative, log F′ − log F − log(1 − F), elementwise, in log space.
 
     Args:
         x: (B, c, H, W).
@@ -174,8 +174,9 @@ class LogisticMixtureCoupling(Coupling):
     h[:, p·c + i]).
 
     Args:
-        components: K ≥ 1 (default 4: Flow++ used more on its own net, but 4 keeps the net output,
-            c·(3K + 2) = 14c, near the spline's 23c and the benchmark's comparison about the map).
+        components: K ≥ 1 (default 4: 14 net outputs per channel of x2, near the spline's 23, so
+            that a comparison of the couplings is about the map more than the net's head; Flow++'s
+            own models used more components; each adds 3 outputs and O(1) work per bisection step).
         scale: the scale map of a (default ``tanh``; see :data:`~mefbench.layers.scale_maps.SCALE_MAPS`).
     """
 
