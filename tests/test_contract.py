@@ -24,6 +24,8 @@ NET = {"hidden_channels": 8, "num_blocks": 1}
 # option sets that exercise code paths the default and the classes' variants do not
 EXTRA = {
     ("coupling", "matexp"): {"exp-scale": {"scale": "exp"}, "low-rank": {"rank": 2}, "auto-low-rank": {"full_max": 1}},
+    ("coupling", "spline"): {"bins-3-bound-1": {"bins": 3, "bound": 1.0}},  # the tails are hit
+    ("coupling", "mixture"): {"components-2-exp": {"components": 2, "scale": "exp"}},
     ("mixing", "householder"): {"two-reflections": {"reflections": 2}},
     ("mixing", "woodbury"): {"rank-2": {"rank": 2, "spatial_rank": 3}},
     ("mixing", "me-woodbury"): {"rank-1": {"rank": 1, "height_rank": 1, "width_rank": 2}},

@@ -35,11 +35,13 @@ from .conv1x1 import Conv1x1, MatrixExpConv1x1, PLUConv1x1, StandardConv1x1
 from .convexp import ConvExp
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MatrixExpCoupling
 from .emerging import EmergingConv
+from .mixture import LogisticMixtureCoupling
 from .nets import ConvNorm, CouplingNet, DataInitAffine, NetFactory, ResidualBlock, coupling_net
 from .orthogonal import HouseholderConv1x1, QRConv1x1
 from .periodic import PeriodicConv
 from .reshape import SQUEEZE_ORDERS, Squeeze
 from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, HardClamp, SigmoidScale, SoftClamp
+from .spline import SplineCoupling
 from .woodbury import MEWoodburyConv, WoodburyConv
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "HouseholderConv1x1",
     "LayerInfo",
     "MEWoodburyConv",
+    "LogisticMixtureCoupling",
     "MIXING",
     "MatrixExpConv1x1",
     "MatrixExpCoupling",
@@ -81,6 +84,7 @@ __all__ = [
     "SQUEEZE_ORDERS",
     "SigmoidScale",
     "SoftClamp",
+    "SplineCoupling",
     "Squeeze",
     "StandardConv1x1",
     "WoodburyConv",
@@ -118,6 +122,8 @@ COUPLING = Registry(
         "additive": AdditiveCoupling,
         "affine": AffineCoupling,
         "matexp": MatrixExpCoupling,
+        "spline": SplineCoupling,
+        "mixture": LogisticMixtureCoupling,
     },
 )
 
