@@ -138,7 +138,7 @@ _STABILITY = {
         model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=16, num_blocks=1),
         train=dict(
             dataset="patches16", epochs=2, batch_size=32, warmup_epochs=0.0, decay_epochs=(),
-            ema_decay=0.9, init_batch=128, max_train_batches=40, max_test=256,
+            ema_decay=0.9, init_batch=128, max_train_batches=50, max_test=256,
         ),
     ),
     "smoke": dict(
