@@ -11,6 +11,7 @@ The number of terms and squarings of every call can be recorded for the paper's 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import threading
@@ -111,14 +112,47 @@ def taylor_tolerance(dtype: torch.dtype) -> float:
 def series_terms(norm: float, tol: float) -> int:
     """Smallest m such that the Taylor tail Σ_{k≥m} ∥A∥^k/k! is at most tol, for ∥A∥ = norm < m.
 
-    The tail is bounded by ∥A∥^m/m! · (m+1)/(m+1-∥A∥); terms 0..m-1 are summed.
+    The tail is bounded by ∥A∥^m/m! · (m+1)/(m+1-∥A∥); terms 0..m-1 are summed. Raises ValueError
+    when more than MAX_TERMS (40) terms would be needed: scale A down first.
     """
+    m = _terms(norm, tol)
+    if m is None:
+        raise ValueError(
+            f"series_terms: {MAX_TERMS} Taylor terms cannot bring the tail for ∥A∥ = {norm:g} below {tol:g} "
+            f"(they reach it up to ∥A∥ = {_theta_table(tol)[-1]:.4g}); scale A down first"
+        )
+    return m
+
+
+def _terms(norm: float, tol: float) -> int | None:
+    """:func:`series_terms`, or None where MAX_TERMS terms are not enough. Nondecreasing in norm,
+    also in floating point (every operation in it is monotone)."""
     term = 1.0  # ∥A∥^k / k!
     for m in range(1, MAX_TERMS + 1):
         term *= norm / m
         if m > norm and term * (m + 1) / (m + 1 - norm) <= tol:
             return m
-    return MAX_TERMS
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _theta_table(tol: float) -> tuple[float, ...]:
+    """θ_m for m = 1..MAX_TERMS: the largest float ∥A∥ for which m terms meet tol.
+
+    So m terms are enough for ∥A∥ = θ exactly when θ ≤ θ_m. Found once per tolerance by bisection
+    down to adjacent floats (a few ms).
+    """
+    table = []
+    for m in range(1, MAX_TERMS + 1):
+        lo, hi = 0.0, float(m)  # m terms are enough at lo, never at hi (they need m > ∥A∥)
+        while lo < (mid := (lo + hi) / 2) < hi:
+            terms = _terms(mid, tol)
+            if terms is not None and terms <= m:
+                lo = mid
+            else:
+                hi = mid
+        table.append(lo)
+    return tuple(table)
 
 
 def inf_norm(X: Tensor) -> Tensor:
@@ -202,16 +236,32 @@ def expm(X: Tensor) -> Tensor:
 
 
 def _action_plan(norm: float, tol: float) -> tuple[int, int]:
-    """Steps s and terms m for e^S x = (e^{S/s})^s x, minimising the s·m matrix-vector products."""
-    best = (1, MAX_TERMS, math.inf)
-    s_min = max(1, math.ceil(norm / (MAX_TERMS / 2)))
-    for s in range(s_min, s_min + 64):
-        if s >= best[2] and series_terms(norm / (s_min + 63), tol) > 1:
-            break  # every later s costs at least s products: none has m = 1
-        m = series_terms(norm / s, tol)
-        if m < MAX_TERMS and s * (m - 1) < best[2]:
-            best = (s, m, s * (m - 1))
-    return best[0], best[1]
+    """Steps s and terms m < MAX_TERMS for e^S x = (e^{S/s})^s x with the fewest matrix-vector
+    products s·(m − 1) (the fewest steps among equals), at any norm: s grows linearly with it.
+    m = 1 (no product: e^S x ≈ x) only in one step, where ∥S∥∞ itself is within the tolerance.
+
+    The best plan is among the fewest steps s_j = ⌈norm/θ_j⌉ that allow j terms, j = 2, 3, …: for
+    the best s with its m terms, s_m ≤ s costs no more. O(j) float operations, no series evaluated.
+    """
+    theta = _theta_table(tol)[: MAX_TERMS - 1]
+    if norm <= theta[0]:
+        return 1, 1
+    best = (math.inf, 0)  # (products, steps)
+    for j, bound in enumerate(theta[1:], start=2):
+        if j - 1 > best[0]:
+            break  # every later plan costs at least j − 1 products
+        ratio = norm / bound
+        if not math.isfinite(ratio):
+            continue
+        s = max(1, math.ceil(ratio))
+        if s < 2**52:  # undo the rounding of norm / bound (beyond, s is never the best plan)
+            while s > 1 and norm / (s - 1) <= bound:
+                s -= 1
+            while norm / s > bound:
+                s += 1
+        best = min(best, (s * (j - 1), s))
+    s = best[1]
+    return s, bisect.bisect_left(theta, norm / s) + 1
 
 
 # Matrix-vector products in the "channels" layout: A (B, n, n, P), v (B, n, P), one matrix per

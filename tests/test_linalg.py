@@ -143,13 +143,50 @@ def test_large_batch_products_match_the_broadcast_path(monkeypatch):
 
 @pytest.mark.parametrize("tol", [1e-8, 1e-16])
 def test_action_plan_minimises_products(tol):
-    """The early stop of the plan search finds the same plan as trying every step count."""
-    for norm in [0.0, 1e-12, 5e-9, 1e-8, 0.05, 0.5, 1.0, 3.0, 17.0, 60.0, 300.0]:
-        s_min = max(1, math.ceil(norm / (linalg.MAX_TERMS / 2)))
-        plans = [(s * (series_terms(norm / s, tol) - 1), s) for s in range(s_min, s_min + 64)
-                 if series_terms(norm / s, tol) < linalg.MAX_TERMS]  # fmt: skip
-        _, s = min(plans)
-        assert linalg._action_plan(norm, tol) == (s, series_terms(norm / s, tol))
+    """The plan is the fewest products s·(m − 1) over every step count (the fewest steps among
+    equals; m = 1, no product, only in one step), also where a search from ∥S∥∞/20 gave up."""
+
+    def terms(norm: float) -> int:
+        try:
+            return series_terms(norm, tol)
+        except ValueError:
+            return linalg.MAX_TERMS
+
+    for norm in [0.0, 1e-12, 5e-9, 1e-8, 0.05, 0.5, 1.0, 3.0, 17.0, 60.0, 300.0, 1e3, 1e4]:
+        plans = [(s * (m - 1), s, m) for s in range(1, int(norm) + 3)
+                 if (m := terms(norm / s)) < linalg.MAX_TERMS and (m > 1 or s == 1)]  # fmt: skip
+        _, s, m = min(plans)
+        assert linalg._action_plan(norm, tol) == (s, m)
+
+
+def test_series_terms_refuses_a_tolerance_it_cannot_meet():
+    assert series_terms(3.0, 1e-16) < linalg.MAX_TERMS
+    with pytest.raises(ValueError, match="cannot bring the tail"):
+        series_terms(30.0, 1e-16)
+
+
+# Plans at the norms training sees: (steps, terms) as the planner gave them before issue 11, item 3,
+# for float32 (tolerance 1e-8) and float64 (1e-16). Pinned: the common case must not move.
+TRAINING_NORMS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0,
+                  10.0, 12.0, 15.0, 18.0, 20.0, 22.0, 25.0, 28.0, 30.0]  # fmt: skip
+TRAINING_PLANS = {
+    torch.float32: [(1, 4), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 9), (1, 10), (1, 12), (1, 14), (1, 16),
+                    (1, 20), (1, 23), (1, 26), (1, 29), (1, 32), (1, 35), (2, 26), (2, 29), (2, 34), (2, 38),
+                    (3, 31), (3, 33), (3, 36), (3, 39), (4, 34)],
+    torch.float64: [(1, 7), (1, 8), (1, 9), (1, 10), (1, 12), (1, 13), (1, 15), (1, 17), (1, 19), (1, 22), (1, 24),
+                    (1, 28), (1, 32), (1, 36), (2, 28), (2, 30), (2, 32), (2, 36), (3, 32), (3, 36), (4, 34),
+                    (4, 36), (4, 38), (5, 36), (5, 38), (6, 36)],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plans_at_training_norms_are_unchanged(dtype):
+    tol = linalg.taylor_tolerance(dtype)
+    assert [linalg._action_plan(norm, tol) for norm in TRAINING_NORMS] == TRAINING_PLANS[dtype]
+    # through _plan, from a batch whose largest ∞-norm is 30, in both storage orders
+    S = torch.zeros(2, 3, 3, 4, dtype=dtype)
+    S[1, 0, :, 2] = torch.tensor([10.0, -12.0, 8.0], dtype=dtype)
+    assert linalg._plan(S) == linalg._plan(S.transpose(1, 2).contiguous(), transposed=True) == TRAINING_PLANS[dtype][-1]
 
 
 def test_scratch_buffers_survive_inference_mode_and_threads():
