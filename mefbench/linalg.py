@@ -3,7 +3,22 @@
 All three use scaling and a Taylor series whose length is chosen from norm bounds (DESIGN.md §2):
 the ∞-norm of every matrix in the batch is computed on the device, its maximum is read back to the
 host once per call, and the number of squarings s and of series terms m follow from that bound. No
-value is read back once per series term, and the result is accurate for any norm.
+value is read back once per series term, and no count is capped: every finite norm gets as many
+squarings or steps as it needs.
+
+Two regimes, split at ∥X∥∞ = :data:`LARGE_NORM` (32):
+
+- At and below it (what training sees, ∥S∥∞ ≲ 30): e^S x is applied as (e^{S/s})^s x with the
+  fewest matrix-vector products; e^X and φ(X) square in the input's dtype. Nothing is checked:
+  ∥e^X∥∞ ≤ e^32 ≈ 8e13 cannot overflow float32 (nor can e^S x unless |x| > 1e24).
+- Above it: e^S x forms e^S (scaling and squaring, O((m + s)·n³) per matrix, s ≈ log2 ∥S∥∞) and
+  multiplies, instead of taking ∥S∥∞/10 (float32) to ∥S∥∞/6 (float64) steps of 38 products each;
+  e^X, φ(X) and e^S x are computed in float64, because the s squarings multiply rounding errors by
+  about 2^s ≈ 2∥X∥∞; the result is read back once more, and one that overflows its dtype raises
+  :class:`ExpmOverflowError` instead of coming back as inf or NaN.
+
+The relative error is then about ∥X∥∞ times float64's unit roundoff, the conditioning of e^X when
+X has large imaginary eigenvalues: below float32's rounding up to ∥X∥∞ ≈ 1e8 for float32 inputs.
 
 The number of terms and squarings of every call can be recorded for the paper's Table 6 with
 :func:`record_expm`; recording is off by default and costs nothing when off.
@@ -11,6 +26,7 @@ The number of terms and squarings of every call can be recorded for the paper's 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import threading
@@ -24,6 +40,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "LARGE_NORM",
+    "ExpmOverflowError",
     "ExpmRecorder",
     "NonFiniteError",
     "expm",
@@ -37,12 +55,19 @@ __all__ = [
 ]
 
 class NonFiniteError(ValueError):
-    """A matrix with inf or NaN entries was passed to a matrix exponential."""
+    """A matrix exponential met inf or NaN: in its input, or (:class:`ExpmOverflowError`) in its result."""
+
+
+class ExpmOverflowError(NonFiniteError):
+    """The result of a matrix exponential is too large for its dtype."""
 
 
 # ∥X / 2^s∥∞ ≤ THETA after scaling (the paper's choice: s = ⌈log2 max(n, 1/2)⌉ + 1).
 THETA = 0.5
 MAX_TERMS = 40
+# Above this ∥X∥∞ (beyond the ∥S∥∞ ≲ 30 that training sees) the exponentials take the large-norm
+# route of the module docstring: e^S formed, float64, the result checked for overflow.
+LARGE_NORM = 32.0
 
 
 @dataclass
@@ -111,14 +136,47 @@ def taylor_tolerance(dtype: torch.dtype) -> float:
 def series_terms(norm: float, tol: float) -> int:
     """Smallest m such that the Taylor tail Σ_{k≥m} ∥A∥^k/k! is at most tol, for ∥A∥ = norm < m.
 
-    The tail is bounded by ∥A∥^m/m! · (m+1)/(m+1-∥A∥); terms 0..m-1 are summed.
+    The tail is bounded by ∥A∥^m/m! · (m+1)/(m+1-∥A∥); terms 0..m-1 are summed. Raises ValueError
+    when more than MAX_TERMS (40) terms would be needed: scale A down first.
     """
+    m = _terms(norm, tol)
+    if m is None:
+        raise ValueError(
+            f"series_terms: {MAX_TERMS} Taylor terms cannot bring the tail for ∥A∥ = {norm:g} below {tol:g} "
+            f"(they reach it up to ∥A∥ = {_theta_table(tol)[-1]:.4g}); scale A down first"
+        )
+    return m
+
+
+def _terms(norm: float, tol: float) -> int | None:
+    """:func:`series_terms`, or None where MAX_TERMS terms are not enough. Nondecreasing in norm,
+    also in floating point (every operation in it is monotone)."""
     term = 1.0  # ∥A∥^k / k!
     for m in range(1, MAX_TERMS + 1):
         term *= norm / m
         if m > norm and term * (m + 1) / (m + 1 - norm) <= tol:
             return m
-    return MAX_TERMS
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _theta_table(tol: float) -> tuple[float, ...]:
+    """θ_m for m = 1..MAX_TERMS: the largest float ∥A∥ for which m terms meet tol.
+
+    So m terms are enough for ∥A∥ = θ exactly when θ ≤ θ_m. Found once per tolerance by bisection
+    down to adjacent floats (a few ms).
+    """
+    table = []
+    for m in range(1, MAX_TERMS + 1):
+        lo, hi = 0.0, float(m)  # m terms are enough at lo, never at hi (they need m > ∥A∥)
+        while lo < (mid := (lo + hi) / 2) < hi:
+            terms = _terms(mid, tol)
+            if terms is not None and terms <= m:
+                lo = mid
+            else:
+                hi = mid
+        table.append(lo)
+    return tuple(table)
 
 
 def inf_norm(X: Tensor) -> Tensor:
@@ -170,6 +228,29 @@ def _squarings(norm: float) -> int:
     return max(0, math.ceil(math.log2(max(norm, THETA))) + 1)
 
 
+def _expm_plan(norm: float, dtype: torch.dtype) -> tuple[int, int]:
+    """Terms m and squarings s of scaling and squaring for ∥X∥∞ = norm, computing in dtype."""
+    s = _squarings(norm)
+    return series_terms(math.ldexp(norm, -s), taylor_tolerance(dtype)), s
+
+
+def _work_dtype(dtype: torch.dtype, norm: float) -> torch.dtype:
+    """float64 above LARGE_NORM: the squarings multiply rounding errors by up to 2^s ≈ 2∥X∥∞."""
+    return torch.float64 if norm > LARGE_NORM else dtype
+
+
+def _check_result(result: Tensor, name: str, norm: float, symbol: str = "X") -> None:
+    """Raise ExpmOverflowError if a large-norm result is not finite (one read-back)."""
+    if not bool(torch.isfinite(result).all()):
+        fix = f"scale {symbol} down"
+        if result.dtype != torch.float64 and norm < math.log(torch.finfo(torch.float64).max):
+            fix += " or compute in float64"
+        raise ExpmOverflowError(
+            f"{name}: the result overflows {result.dtype} (largest {torch.finfo(result.dtype).max:.3g}) at "
+            f"∥{symbol}∥∞ = {norm:.6g}, where e^{symbol} can reach e^{norm:.6g} ≈ 10^{norm / math.log(10):.0f}; {fix}"
+        )
+
+
 def _check_square(X: Tensor, name: str) -> None:
     if X.dim() < 2 or X.shape[-1] != X.shape[-2]:
         raise ValueError(f"{name} needs a batch of square matrices (..., n, n), got shape {tuple(X.shape)}")
@@ -184,34 +265,60 @@ def _taylor(A: Tensor, m: int) -> Tensor:
     return out if m > 1 else eye.expand_as(A)
 
 
-def expm(X: Tensor) -> Tensor:
-    """e^X for a batch of square matrices (..., n, n): scaling and squaring with a Taylor series.
-
-    s squarings bring every ∥X/2^s∥∞ to at most 1/2; m terms make the truncated tail smaller than
-    1e-8 (float32) or 1e-16 (float64). Differentiable through autograd.
-    """
-    _check_square(X, "expm")
-    norm = _max_norm(X)
-    s = _squarings(norm)
-    m = series_terms(norm / 2**s, taylor_tolerance(X.dtype))
-    _record("expm", m, s, X[..., 0, 0].numel())
-    E = _taylor(X / 2**s, m)
+def _scaled_and_squared(X: Tensor, m: int, s: int) -> Tensor:
+    """(Σ_{k<m} (X/2^s)^k/k!)^(2^s): m terms, then s squarings."""
+    # × 2^−s is exact, and 0.5**s stays a float where 2**s would not (s > 1023)
+    E = _taylor(X * 0.5**s, m)
     for _ in range(s):
         E = E @ E
     return E
 
 
+def expm(X: Tensor) -> Tensor:
+    """e^X for a batch of square matrices (..., n, n): scaling and squaring with a Taylor series.
+
+    s squarings bring every ∥X/2^s∥∞ to at most 1/2; m terms make the truncated tail smaller than
+    1e-8 (float32) or 1e-16 (float64). Above ∥X∥∞ = LARGE_NORM it computes in float64 and raises
+    :class:`ExpmOverflowError` if e^X overflows the dtype. Differentiable through autograd.
+    """
+    _check_square(X, "expm")
+    norm = _max_norm(X)
+    work = _work_dtype(X.dtype, norm)
+    m, s = _expm_plan(norm, work)
+    _record("expm", m, s, X[..., 0, 0].numel())
+    E = _scaled_and_squared(X.to(work), m, s).to(X.dtype)
+    if norm > LARGE_NORM:
+        _check_result(E, "expm", norm)
+    return E
+
+
 def _action_plan(norm: float, tol: float) -> tuple[int, int]:
-    """Steps s and terms m for e^S x = (e^{S/s})^s x, minimising the s·m matrix-vector products."""
-    best = (1, MAX_TERMS, math.inf)
-    s_min = max(1, math.ceil(norm / (MAX_TERMS / 2)))
-    for s in range(s_min, s_min + 64):
-        if s >= best[2] and series_terms(norm / (s_min + 63), tol) > 1:
-            break  # every later s costs at least s products: none has m = 1
-        m = series_terms(norm / s, tol)
-        if m < MAX_TERMS and s * (m - 1) < best[2]:
-            best = (s, m, s * (m - 1))
-    return best[0], best[1]
+    """Steps s and terms m < MAX_TERMS for e^S x = (e^{S/s})^s x with the fewest matrix-vector
+    products s·(m − 1) (the fewest steps among equals), at any norm: s grows linearly with it.
+    m = 1 (no product: e^S x ≈ x) only in one step, where ∥S∥∞ itself is within the tolerance.
+
+    The best plan is among the fewest steps s_j = ⌈norm/θ_j⌉ that allow j terms, j = 2, 3, …: for
+    the best s with its m terms, s_m ≤ s costs no more. O(j) float operations, no series evaluated.
+    """
+    theta = _theta_table(tol)[: MAX_TERMS - 1]
+    if norm <= theta[0]:
+        return 1, 1
+    best = (math.inf, 0)  # (products, steps)
+    for j, bound in enumerate(theta[1:], start=2):
+        if j - 1 > best[0]:
+            break  # every later plan costs at least j − 1 products
+        ratio = norm / bound
+        if not math.isfinite(ratio):
+            continue
+        s = max(1, math.ceil(ratio))
+        if s < 2**52:  # undo the rounding of norm / bound (beyond, s is never the best plan)
+            while s > 1 and norm / (s - 1) <= bound:
+                s -= 1
+            while norm / s > bound:
+                s += 1
+        best = min(best, (s * (j - 1), s))
+    s = best[1]
+    return s, bisect.bisect_left(theta, norm / s) + 1
 
 
 # Matrix-vector products in the "channels" layout: A (B, n, n, P), v (B, n, P), one matrix per
@@ -279,7 +386,18 @@ def _action_forward(
     order); the products then sum over the other index, so no transposed copy is made.
     Returns the result, Σ tr S per sample (a coupling's log-det), and A and the Krylov vectors of
     every step: what the backward needs.
+
+    m = 0 is :func:`_plan`'s large-norm route: e^S is formed (:func:`_expm_times`) and multiplies
+    x; then A is S and the "Krylov vectors" are [x], and the result is checked for overflow.
     """
+    trace = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
+    if m == 0:
+        y = _expm_times(S, x, transposed)
+        if not bool(torch.isfinite(y).all()):
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError("expm_action: x has inf or NaN entries")
+            _check_result(y, "expm_action", _max_norm(S, row_dim=1 if transposed else 2), "S")
+        return y, trace, S, [x]
     A = S / steps if steps > 1 else S
     coeff = _taylor_weights(m, S.dtype, S.device)
     krylov = []
@@ -288,7 +406,22 @@ def _action_forward(
         V = _series(A, y, m, transpose=transposed)
         krylov.append(V)
         y = _combine(coeff, V)
-    return y, torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2)), A, krylov
+    return y, trace, A, krylov
+
+
+def _expm_times(S: Tensor, x: Tensor, transposed: bool = False) -> Tensor:
+    """e^S x in the channels layout, S (B, n, n, P) and x (B, n, P), by forming e^S: scaling and
+    squaring in float64, O((m + s)·n³) per matrix. Differentiable through autograd.
+
+    The large-norm route of :func:`_plan`; the forward and the backward's recomputation both take
+    the plan from the same norm, so they compute the same function.
+    """
+    norm = _max_norm(S, row_dim=1 if transposed else 2)
+    m, s = _expm_plan(norm, torch.float64)
+    M = S.permute(0, 3, 2, 1) if transposed else S.permute(0, 3, 1, 2)  # S per (b, p): (B, P, n, n)
+    E = _scaled_and_squared(M.to(torch.float64, memory_format=torch.contiguous_format), m, s)
+    y = E @ x.to(torch.float64).permute(0, 2, 1).unsqueeze(-1)  # (B, P, n, 1)
+    return y.squeeze(-1).permute(0, 2, 1).to(S.dtype).contiguous()
 
 
 def _action_backward(
@@ -307,7 +440,11 @@ def _action_backward(
     For one factor y = Σ_k A^k x/k! with Krylov vectors v_i = A^i x and w_j = (Aᵀ)^j g:
     ∂L/∂x = Σ_k (Aᵀ)^k g/k! and ∂L/∂A = Σ_{i+j≤m−2} w_j v_iᵀ/(i+j+1)! (exact for the truncated
     series), so the backward costs about two forward passes and keeps no autograd graph.
+
+    m = 0 (the large-norm route, krylov = [x]): e^S x is recomputed with autograd and differentiated.
     """
+    if m == 0:
+        return _expm_times_backward(A, krylov[0], g, g_trace, need_dS, dS_out, transposed)
     steps = len(krylov)
     coeff = _taylor_weights(m, A.dtype, A.device)
     dA = (torch.empty_like(A) if dS_out is None else dS_out) if need_dS else None
@@ -337,6 +474,22 @@ def _action_backward(
     return dA, g
 
 
+def _expm_times_backward(
+    S: Tensor, x: Tensor, g: Tensor, g_trace: Tensor, need_dS: bool, dS_out: Tensor | None, transposed: bool
+) -> tuple[Tensor | None, Tensor]:
+    """:func:`_action_backward` of the large-norm route: recompute :func:`_expm_times`, differentiate."""
+    with torch.enable_grad():
+        S = S.detach().requires_grad_(need_dS)
+        x = x.detach().requires_grad_()
+        inputs = (S, x) if need_dS else (x,)
+        grads = torch.autograd.grad(_expm_times(S, x, transposed), inputs, g)
+    if not need_dS:
+        return None, grads[0]
+    dS = grads[0] if dS_out is None else dS_out.copy_(grads[0])
+    torch.diagonal(dS, dim1=1, dim2=2).add_(g_trace.view(-1, 1, 1))
+    return dS, grads[1]
+
+
 class _ExpmActionCF(torch.autograd.Function):
     """(e^S x, Σ tr S per sample) in the channels layout, with a hand-written backward."""
 
@@ -359,10 +512,18 @@ def _plan(S3: Tensor, transposed: bool = False) -> tuple[int, int]:
     """Steps and terms for e^S x from the largest ∞-norm of S (B, n, n, P), recorded for Table 6.
 
     ``transposed``: S3 holds Sᵀ, so a row of S is summed over dimension 1.
+    Above LARGE_NORM the plan is (s, 0): no series is applied to x; e^S is formed by scaling and
+    squaring with s squarings (:func:`_action_forward` with m = 0). Recorded then: the m and s of
+    that e^S, as for :func:`expm`.
     """
     norm = _max_norm(S3, row_dim=1 if transposed else 2)
+    batch = S3.shape[0] * S3.shape[3]
+    if norm > LARGE_NORM:
+        m, s = _expm_plan(norm, torch.float64)
+        _record("expm_action", m, s, batch)
+        return s, 0
     steps, m = _action_plan(norm, taylor_tolerance(S3.dtype))
-    _record("expm_action", m, steps, S3.shape[0] * S3.shape[3])
+    _record("expm_action", m, steps, batch)
     return steps, m
 
 
@@ -377,6 +538,11 @@ def expm_action(S: Tensor, x: Tensor, layout: str = "last") -> Tensor:
     products, O(s·m·n²) per vector against O(n³) for forming e^S. s and m come from the largest
     ∞-norm in the batch (one read-back per call). The backward is hand-written (two forward
     passes' worth of matrix-vector products, no autograd graph of the series).
+
+    Above ∥S∥∞ = LARGE_NORM, where s would grow linearly with the norm, e^S is formed instead
+    (scaling and squaring in float64, O((m + log2 ∥S∥∞)·n³) per matrix) and multiplies x; its
+    backward recomputes it through autograd. A result that overflows the dtype raises
+    :class:`ExpmOverflowError`.
     """
     if layout == "last":
         _check_square(S, "expm_action")
@@ -416,16 +582,18 @@ def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
 def phi(X: Tensor) -> Tensor:
     """φ(X) = Σ_k X^k/(k+1)! = X⁻¹(e^X − I), for the low-rank form e^{AB} = I + A φ(BA) B.
 
-    Scaling and squaring with φ(2X) = φ(X)(e^X + I)/2 and e^{2X} = (e^X)², so any norm is accurate.
+    Scaling and squaring with φ(2X) = φ(X)(e^X + I)/2 and e^{2X} = (e^X)², so any norm is accurate;
+    above ∥X∥∞ = LARGE_NORM in float64, and a result that overflows the dtype raises
+    :class:`ExpmOverflowError`.
     """
     _check_square(X, "phi")
     norm = _max_norm(X)
-    s = _squarings(norm)
-    tol = taylor_tolerance(X.dtype)
-    m = series_terms(norm / 2**s, tol) + 1
+    work = _work_dtype(X.dtype, norm)
+    m, s = _expm_plan(norm, work)
+    m += 1
     _record("phi", m, s, X[..., 0, 0].numel())
-    A = X / 2**s
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    A = X.to(work) * 0.5**s
+    eye = torch.eye(X.shape[-1], dtype=work, device=X.device)
     # Horner: Σ_{k<m} A^k/(k+1)! = I + A/2 (I + A/3 (… (I + A/m)))
     P = eye + A / m if m > 1 else eye.expand_as(A)
     for k in range(m - 1, 1, -1):
@@ -434,4 +602,7 @@ def phi(X: Tensor) -> Tensor:
     for _ in range(s):
         P = P @ (E + eye) / 2
         E = E @ E
+    P = P.to(X.dtype)
+    if norm > LARGE_NORM:
+        _check_result(P, "phi", norm)
     return P
