@@ -3,15 +3,20 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
-from mefbench.training import RECORD
+import mefbench
+from mefbench.record import LOCK
+from mefbench.training import CHECKPOINT, RECORD
 
 
 @pytest.mark.slow
 def test_two_processes_with_gloo(tmp_path):
     """torchrun --nproc_per_node=2 -m mefbench train: DDP on CPU (gloo), only rank 0 writes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(mefbench.__file__).resolve().parent.parent)  # this checkout's mefbench, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "mefbench", "train", "--preset", "smoke", "--device", "cpu", "--out", "run", "--no-progress",
@@ -23,5 +28,6 @@ def test_two_processes_with_gloo(tmp_path):
     assert record["world_size"] == 2
     assert record["final"]["test_bpd"] > 0
     assert done.stdout.count("run: finished") == 1  # rank 0 reports
-    # only rank 0 wrote: one record, one checkpoint, no stray temporary files
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "record.json"]
+    assert record["final"]["roundtrip_error"] < 1e-4 and record["final"]["sample_time_per_image_s"] > 0
+    # only rank 0 wrote: its lock, one record, one checkpoint, no stray temporary files
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK, CHECKPOINT, RECORD]
