@@ -186,12 +186,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_migrate_records(args: argparse.Namespace) -> int:
     from .record import SCHEMA, migrate_records
 
-    migrated, current, unreadable = migrate_records(args.runs)
+    migrated, current, locked, unreadable = migrate_records(args.runs)
     for path in migrated:
         print(f"migrated {path}")
+    for path in locked:
+        print(f"locked (a run in progress writes today's schema), left as it is: {path}")
     for path, error in unreadable:
         print(f"unreadable, left as it is: {error}", file=sys.stderr)
-    print(f"{len(migrated)} records migrated to schema {SCHEMA}, {len(current)} already current, {len(unreadable)} unreadable")
+    print(
+        f"{len(migrated)} records migrated to schema {SCHEMA}, {len(current)} already current, "
+        f"{len(locked)} locked, {len(unreadable)} unreadable"
+    )
     return 1 if unreadable else 0
 
 

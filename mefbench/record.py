@@ -493,32 +493,40 @@ def write_record(run_dir: str | Path, record: RunRecord, hook: Callable[[str], N
     replace_atomic(Path(run_dir) / RECORD, lambda f: f.write(record.to_json().encode()), hook)
 
 
-def migrate_records(path: str | Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+def migrate_records(path: str | Path) -> tuple[list[Path], list[Path], list[Path], list[tuple[Path, str]]]:
     """Rewrite every ``record.json`` under path in today's schema (atomically, one by one).
 
-    Returns (migrated, already current, unreadable with the reason). A record whose run directory
-    is locked (a run in progress) is left alone: its trainer writes today's schema anyway.
+    Returns (migrated, already current, locked, unreadable with the reason). A record whose run
+    directory is locked (a run in progress) is left alone: its trainer writes today's schema.
     """
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"runs directory {root} does not exist")
-    migrated, current, unreadable = [], [], []
+    migrated, current, locked, unreadable = [], [], [], []
     for file in [root] if root.is_file() else sorted(root.rglob(RECORD)):
-        try:
-            schema = json.loads(file.read_bytes().decode("utf-8")).get("schema", 1)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            schema = None
         try:
             record = read_record(file)
         except RunError as exc:
             unreadable.append((file, str(exc)))
             continue
-        if schema == SCHEMA:
+        if json.loads(file.read_bytes().decode("utf-8")).get("schema") == SCHEMA:
             current.append(file)
             continue
-        write_json_atomic(file, record.to_dict())
+        # a directory without a lock file was never trained by a process that locks (and is not now)
+        lock = RunLock(file.parent) if (file.parent / LOCK).exists() else None
+        try:
+            if lock is not None:
+                lock.acquire()
+        except RunLockedError:
+            locked.append(file)
+            continue
+        try:
+            write_json_atomic(file, record.to_dict())
+        finally:
+            if lock is not None:
+                lock.release()
         migrated.append(file)
-    return migrated, current, unreadable
+    return migrated, current, locked, unreadable
 
 
 # ----------------------------------------------------------------------------- the lock

@@ -206,7 +206,12 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     Metrics are those of the last finished epoch (test_bpd: EMA weights; test_bpd_raw: raw
     weights); ``epochs`` is the configured number, ``epochs_done`` the finished ones; times are
     training time only (evaluation excluded); ``m_*``/``s_*`` pool the run's expm statistics
-    over its epochs. Unreadable records are warned about and listed in ``df.attrs["corrupt"]``.
+    over its epochs. ``tables`` is a tuple of table ids (str), ``cells`` the cell the run fills in
+    each; ``model_revision`` says which model the same config built (runs of different revisions
+    do not compare); ``sample_time_per_image_s``, ``roundtrip_error`` and ``peak_memory_bytes``
+    (measured as ``peak_memory_method`` says) are measured once a run finishes (NaN before, and
+    for records older than schema 2). Unreadable records are warned about and listed in
+    ``df.attrs["corrupt"]``.
     """
     return runs_frame(*scan_records(path))
 

@@ -181,7 +181,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise RunError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written, or truncated since")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated, foreign or unsafe files
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated, foreign or unsafe files
         raise RunError(_checkpoint_problem(path, exc)) from None
     if not isinstance(ckpt, dict):
         raise RunError(f"checkpoint {path} is not a mefbench checkpoint: it holds {type(ckpt).__name__}, not a dict")
@@ -202,7 +202,7 @@ def _checkpoint_problem(path: Path, exc: Exception) -> str:
             "weights file needs (mefbench checkpoints hold tensors, numbers and strings only); do not load it"
         )
     if "weights_only" in text or "Weights only" in text:  # torch's own reason, without its advice
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", text + "\n", re.S)
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", text + "\n", re.DOTALL)
         detail = reason.group(1).strip() if reason and reason.group(1).strip() else "not a weights file"
         return f"corrupt or unreadable checkpoint {path}: {detail}"
     return f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {text.strip() or 'no reason given'}"
@@ -698,7 +698,7 @@ def _run_epoch(
     synchronize(dev)
     train_time = time.perf_counter() - t0
     t1 = time.perf_counter()
-    ev = dict(batch_size=cfg.eval_batch_size, device=dev, channels_last=cfg.channels_last)
+    ev = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
     entry = EpochRecord(
         epoch=epoch + 1,
         step=state.step,
@@ -803,7 +803,7 @@ def train(
         resume = bool(_on_rank0(lambda: _claim_run_dir(run_dir, resume, lock), rank, dev))
         data = _load_data(model_config, cfg, world)
         state = _build_state(model_config, cfg, data, dev, world)
-        meta = dict(preset=preset, tables=tuple(tables), cells=cells, scale=scale)
+        meta = {"preset": preset, "tables": tuple(tables), "cells": cells, "scale": scale}
         opened = _on_rank0(
             lambda: _open_run(run_dir, resume, lock, model_config, cfg, dev, world, state, meta),
             rank,

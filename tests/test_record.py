@@ -139,13 +139,20 @@ def test_migrate_records_command(tmp_path, capsys):
     before = {name: read_record(runs / name) for name in ("cpu-t2-mef-seed0", "cpu-t5-plu-seed1")}
     assert main(["migrate-records", str(runs)]) == 1  # one record is unreadable: said, and left alone
     captured = capsys.readouterr()
-    assert "2 records migrated to schema 2, 0 already current, 1 unreadable" in captured.out
+    assert "2 records migrated to schema 2, 0 already current, 0 locked, 1 unreadable" in captured.out
     assert "broken" in captured.err and (runs / "broken" / "record.json").read_text() == "[1, 2]"
     for name, record in before.items():
         assert json.loads((runs / name / "record.json").read_text())["schema"] == 2
         assert read_record(runs / name) == record  # the same record, now in schema 2 on disk
-    migrated, current, unreadable = migrate_records(runs)
-    assert migrated == [] and len(current) == 2 and len(unreadable) == 1
+        assert not (runs / name / ".lock").exists()  # no lock file is left in directories that had none
+    migrated, current, locked, unreadable = migrate_records(runs)
+    assert migrated == [] and len(current) == 2 and locked == [] and len(unreadable) == 1
+    # a run in progress (its directory locked) is left to its trainer
+    shutil.copytree(COMMITTED / "cpu-t4-affine-lr0.01-seed0", runs / "busy")
+    with RunLock(runs / "busy"):
+        migrated, current, locked, unreadable = migrate_records(runs)
+    assert locked == [runs / "busy" / "record.json"] and migrated == []
+    assert json.loads((runs / "busy" / "record.json").read_text())["schema"] == 1
 
 
 def test_remove_stale_temporaries(tmp_path):

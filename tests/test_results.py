@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from mefbench.presets import PRESETS
-from mefbench.results import EPOCH_COLUMNS, RUN_COLUMNS, CorruptRecordWarning, load_epochs, load_runs
+from mefbench.results import (
+    EPOCH_COLUMNS,
+    RUN_COLUMNS,
+    CorruptRecordWarning,
+    load_epochs,
+    load_runs,
+)
 from mefbench.stats import pool_stats
 
 

@@ -231,9 +231,8 @@ def test_a_locked_run_directory_is_refused_in_process(tmp_path):
     model, cfg = _tiny(epochs=2)
     run = tmp_path / "run"
     train(model, cfg, run, progress=False, stop_after_epochs=1)
-    with RunLock(run):
-        with pytest.raises(RunError, match=f"locked by process {os.getpid()}"):
-            train(model, cfg, run, resume=True, progress=False)
+    with RunLock(run), pytest.raises(RunError, match=f"locked by process {os.getpid()}"):
+        train(model, cfg, run, resume=True, progress=False)
     assert train(model, cfg, run, resume=True, progress=False).status == "finished"
 
 
@@ -292,7 +291,7 @@ def test_sigkill_at_any_point_then_resume_records_what_an_uninterrupted_run_reco
         done = _run(*args, "--out", "run", *resume, cwd=tmp_path, env={"MEFBENCH_TEST_KILL_AT": f"{point}:{epoch}"})
         assert done.returncode == -signal.SIGKILL, (point, done.stdout, done.stderr)
         temporaries = sorted(p.name for p in run.glob(".*.tmp*"))
-        if point.endswith("tmp-open") or point.endswith("tmp-written"):
+        if point.endswith(("tmp-open", "tmp-written")):
             assert temporaries, point  # the kill left a temporary file for the next process to remove
         if point == "after-checkpoint":  # the inconsistency a kill can leave: checkpoint ahead of record
             assert len(read_record(run).epochs) == epoch - 1 and load_checkpoint(run / CHECKPOINT)["epoch"] == epoch
