@@ -31,6 +31,7 @@ from typing import IO, Any
 
 __all__ = [
     "CHECKPOINT",
+    "ENDED",
     "LOCK",
     "RECORD",
     "SCHEMA",
@@ -57,6 +58,7 @@ CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 SCHEMA = 2
 STATUSES = ("running", "finished", "diverged", "interrupted")
+ENDED = ("finished", "diverged")  # a run with one of these statuses is never trained again
 
 
 class RunError(RuntimeError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .models import FlowConfig
 from .presets import PRESETS, SCALES
-from .record import RECORD, RunError, RunRecord, read_record
+from .record import ENDED, RECORD, RunError, RunRecord, read_record
 from .training import TrainConfig, train
 
 __all__ = ["RunSpec", "TABLES", "parse_tables", "plan", "run_sweep"]
@@ -149,7 +149,7 @@ def run_sweep(
                 print(f"{head}: skipped: {exc}; move it away to rerun that run", flush=True)
                 skipped.append(spec.name)
                 continue
-        if existing is not None and existing.status in ("finished", "diverged"):
+        if existing is not None and existing.status in ENDED:
             print(f"{head}: {_summary(existing)} (kept)", flush=True)
             records.append(existing)
             continue

@@ -68,6 +68,7 @@ from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .models import MODEL_REVISION, MultiScaleFlow, bits_per_dim, count_parameters
 from .record import (
     CHECKPOINT,
+    ENDED,
     LOCK,
     RECORD,
     Divergence,
@@ -580,8 +581,11 @@ def _new_record(model_config, cfg, run_dir, dev, world, model, preset, tables, c
     )
 
 
-def _recover(run_dir: Path, model_config: FlowConfig, cfg: TrainConfig, dev: torch.device) -> tuple[RunRecord, dict | None]:
-    """The run's last consistent state: its record and the checkpoint to continue from (None: epoch 0).
+def _recover(
+    run_dir: Path, model_config: FlowConfig, cfg: TrainConfig, dev: torch.device
+) -> tuple[RunRecord, dict | None, bool]:
+    """The run's last consistent state: its record, the checkpoint to continue from (None: epoch 0)
+    and whether the record was rebuilt from the checkpoint.
 
     ``record.json`` may be one epoch behind the checkpoint (a kill between the two writes): the
     record inside the checkpoint is then the run's record. A record ahead of its checkpoint, or
@@ -594,8 +598,8 @@ def _recover(run_dir: Path, model_config: FlowConfig, cfg: TrainConfig, dev: tor
         raise RunError(f"the run in {run_dir} cannot be rebuilt here: {exc}") from exc
     if not same:
         raise RunError(f"{run_dir} holds a run with a different configuration; choose another --out")
-    if record.status in ("finished", "diverged"):
-        return record, None
+    if record.status in ENDED:
+        return record, None, False
     problem = _revision_problem(run_dir, record)
     if problem:
         raise RunError(problem)
@@ -607,7 +611,7 @@ def _recover(run_dir: Path, model_config: FlowConfig, cfg: TrainConfig, dev: tor
                 f"so training cannot continue after epoch {len(record.epochs)}; restore the checkpoint, or move "
                 "the run away and train it again (a fresh start here would drop the recorded epochs)"
             )
-        return record, None
+        return record, None, False
     ckpt = load_checkpoint(ckpt_path, map_location=dev)
     epoch = int(ckpt["epoch"])
     if epoch > len(record.epochs):
@@ -619,13 +623,13 @@ def _recover(run_dir: Path, model_config: FlowConfig, cfg: TrainConfig, dev: tor
         inside = RunRecord.from_json(ckpt["record"], f"the record inside {ckpt_path}")
         if len(inside.epochs) != epoch:
             raise RunError(f"{ckpt_path} is at epoch {epoch} but the record inside it holds {len(inside.epochs)} epochs")
-        record = inside  # record.json was one commit behind: the checkpoint's record is the run's
-    elif epoch < len(record.epochs):
+        return inside, ckpt, True  # record.json was one commit behind: the checkpoint's record is the run's
+    if epoch < len(record.epochs):
         raise RunError(
             f"{run_dir}: {RECORD} holds {len(record.epochs)} epochs but {CHECKPOINT} is at epoch {epoch}, older than "
             "the record (replaced by hand?); resuming would rewrite recorded epochs, so it is refused"
         )
-    return record, ckpt
+    return record, ckpt, False
 
 
 def _open_run(
@@ -645,9 +649,10 @@ def _open_run(
         write_record(run_dir, record)
         _test_point("started")
         return record, None
-    record, ckpt = _recover(run_dir, model_config, cfg, dev)
-    if record.status in ("finished", "diverged"):
-        write_record(run_dir, record)  # a no-op unless record.json was one commit behind
+    record, ckpt, rebuilt = _recover(run_dir, model_config, cfg, dev)
+    if record.status in ENDED:  # nothing to train: a diverged run is data, never retried
+        if rebuilt:
+            write_record(run_dir, record)
         return record, None
     start = len(record.epochs)
     record = dataclasses.replace(
@@ -814,9 +819,9 @@ def train(
             record, ckpt = opened
         else:
             record, ckpt = opened, None
-            if record.epochs and record.status not in ("finished", "diverged"):
+            if record.epochs and record.status not in ENDED:
                 ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=dev)
-        if record.status in ("finished", "diverged"):
+        if record.status in ENDED:
             return record
         if ckpt is not None:
             state.load(ckpt, run_dir / CHECKPOINT)
