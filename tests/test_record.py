@@ -33,13 +33,13 @@ def _record(**changes) -> RunRecord:
     epoch = EpochRecord(epoch=1, step=30, lr=0.01, train_bpd=5.0, train_bpd_ema=4.9, test_bpd=4.8,
                         test_bpd_raw=4.85, train_time_s=1.5, eval_time_s=0.2,
                         expm={"m": {"mean": 6.0, "std": 1.0, "max": 8.0, "min": 4.0, "count": 10}})  # fmt: skip
-    base = dict(
-        name="r", preset="cpu-t4-affine-lr0.01", tables=["4"], cells={"4": {"coupling": "affine", "lr": 0.01}},
-        scale="cpu", status="interrupted", model_revision=2, seed=0,
-        model={"image_shape": [3, 16, 16], "steps": [4, 2], "conv": "matexp", "coupling": "affine",
-               "hidden_channels": 32, "num_blocks": 1, "conv_options": {}, "coupling_options": {}},
-        train={"dataset": "patches16", "lr": 0.01, "epochs": 4}, epochs=[epoch],
-    )  # fmt: skip
+    base = {
+        "name": "r", "preset": "cpu-t4-affine-lr0.01", "tables": ["4"], "cells": {"4": {"coupling": "affine", "lr": 0.01}},
+        "scale": "cpu", "status": "interrupted", "model_revision": 2, "seed": 0,
+        "model": {"image_shape": [3, 16, 16], "steps": [4, 2], "conv": "matexp", "coupling": "affine",
+                  "hidden_channels": 32, "num_blocks": 1, "conv_options": {}, "coupling_options": {}},
+        "train": {"dataset": "patches16", "lr": 0.01, "epochs": 4}, "epochs": [epoch],
+    }  # fmt: skip
     return RunRecord(**{**base, **changes})
 
 
