@@ -78,6 +78,14 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replace(config, flag: str, **changes):
+    """dataclasses.replace(config, **changes) with the config's validation error named by the CLI flag."""
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .data import DATASETS
     from .presets import get_preset
@@ -92,30 +100,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # a new conv starts from its own defaults: the preset's options belong to the preset's conv
         conv = args.conv or model.conv
         options = conv_options if args.conv else {**model.conv_options, **conv_options}
-        model = dataclasses.replace(model, conv=conv, conv_options=options)
+        model = _replace(model, "--conv-option" if conv_options else "--conv", conv=conv, conv_options=options)
         changed += [f"conv-{conv}", *_option_slug(conv_options)]
     if args.coupling or coupling_options:
         coupling = args.coupling or model.coupling
         options = coupling_options if args.coupling else {**model.coupling_options, **coupling_options}
-        model = dataclasses.replace(model, coupling=coupling, coupling_options=options)
+        flag = "--coupling-option" if coupling_options else "--coupling"
+        model = _replace(model, flag, coupling=coupling, coupling_options=options)
         changed += [f"coupling-{coupling}", *_option_slug(coupling_options)]
     if args.dataset:
         if args.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
-        model = dataclasses.replace(model, image_shape=DATASETS[args.dataset].shape)
-        cfg = dataclasses.replace(cfg, dataset=args.dataset)
+            raise ValueError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
+        model = _replace(model, "--dataset", image_shape=DATASETS[args.dataset].shape)
+        cfg = _replace(cfg, "--dataset", dataset=args.dataset)
         changed.append(args.dataset)
     if args.lr is not None:
-        cfg = dataclasses.replace(cfg, lr=args.lr)
+        cfg = _replace(cfg, "--lr", lr=args.lr)
         changed.append(f"lr{args.lr}")
     if args.epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=args.epochs)
+        cfg = _replace(cfg, "--epochs", epochs=args.epochs)
         changed.append(f"ep{args.epochs}")
     if args.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=args.seed)
+        cfg = _replace(cfg, "--seed", seed=args.seed)
+    if args.amp is not None:
+        cfg = _replace(cfg, "--amp", amp=args.amp)
+        changed.append(f"amp-{args.amp}")  # another precision is another run, in its own directory
+    if args.channels_last:
+        cfg = _replace(cfg, "--channels-last", channels_last=True)
+        changed.append("channels-last")
     if args.data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+        cfg = _replace(cfg, "--data-dir", data_dir=args.data_dir)
     out = Path(args.out) if args.out else Path("runs") / "-".join([preset.name, *changed, f"seed{cfg.seed}"])
+    # a run with changed settings no longer fills the preset's table cells; amp/channels-last change
+    # only the arithmetic, but a table compares like with like, so they count as changes too
+    tables = () if changed else preset.tables
     record = train(
         model,
         cfg,
@@ -123,30 +141,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         preset=preset.name,
-        tables=() if changed else preset.tables,  # an overridden run no longer fills the preset's cell
+        tables=tables,
+        cells={str(t): dict(preset.cell) for t in tables},
         scale=preset.scale,
         progress=not args.no_progress,
     )
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
-    final = record.get("final") or {}
-    print(f"{out}: {record['status']}", end="")
-    if final:
-        print(f", epoch {final['epochs_done']}, test bits/dim {final['test_bpd']:.4f} (EMA), {final['test_bpd_raw']:.4f} (raw)")
+    final = record.final
+    print(f"{out}: {record.status}", end="")
+    if final is not None:
+        print(f", epoch {final.epochs_done}, test bits/dim {final.test_bpd:.4f} (EMA), {final.test_bpd_raw:.4f} (raw)")
     else:
         print()
-    if record.get("diverged"):
-        d = record["diverged"]
-        print(f"diverged at step {d['step']} (epoch {d['epoch']}): loss {d['loss']}")
+    if record.diverged is not None:
+        d = record.diverged
+        print(f"diverged at step {d.step} (epoch {d.epoch}): loss {d.loss}")
     return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import math
+
     import torch
 
     from .images import save_grid
     from .training import load_model
 
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1 (the number of samples), got {args.n}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.zoom < 1:
+        raise ValueError(f"--zoom must be at least 1, got {args.zoom}")
     model = load_model(args.run, ema=not args.raw)
     g = torch.Generator().manual_seed(args.seed)
     x = model.sample(args.n, temperature=args.temperature, generator=g)
@@ -154,6 +181,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     save_grid(x, out, scale=args.zoom)
     print(out)
     return 0
+
+
+def _cmd_migrate_records(args: argparse.Namespace) -> int:
+    from .record import SCHEMA, migrate_records
+
+    migrated, current, locked, unreadable = migrate_records(args.runs)
+    for path in migrated:
+        print(f"migrated {path}")
+    for path in locked:
+        print(f"locked (a run in progress writes today's schema), left as it is: {path}")
+    for path, error in unreadable:
+        print(f"unreadable, left as it is: {error}", file=sys.stderr)
+    print(
+        f"{len(migrated)} records migrated to schema {SCHEMA}, {len(current)} already current, "
+        f"{len(locked)} locked, {len(unreadable)} unreadable"
+    )
+    return 1 if unreadable else 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -167,10 +211,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         device=args.device,
         data_dirs=_data_dirs(args.data_dir),
         progress=not args.no_progress,
+        amp=args.amp,
+        channels_last=args.channels_last,
     )
     counts: dict[str, int] = {}
     for r in records:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     print(f"{len(records)} runs under {args.runs}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 
@@ -207,6 +253,7 @@ def _command_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import AMP_CHOICES
     from .layers import COUPLING, MIXING  # read when the parser is built: layers registered at run time are choices
 
     parser = argparse.ArgumentParser(prog="mefbench", description=__doc__)
@@ -231,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where cifar10 / imagenet32 / imagenet64 files are")
     p.add_argument("--out", help="the run directory (default runs/<preset>[-overrides]-seed<N>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--amp", choices=list(AMP_CHOICES), help="mixed precision for the coupling nets (the flow's maths stays float32)")
+    p.add_argument("--channels-last", action="store_true", help="model and batches in torch.channels_last memory format")
     _add_common_train(p)
     p.set_defaults(func=_cmd_train)
 
@@ -244,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default <run>/samples-t<T>.png)")
     p.set_defaults(func=_cmd_sample)
 
+    p = sub.add_parser("migrate-records", help="rewrite every record.json under a folder in today's schema")
+    p.add_argument("runs", help="a runs folder (searched recursively) or one record.json")
+    p.set_defaults(func=_cmd_migrate_records)
+
     from .report.tables import TABLES
 
     tables_help = "a comma list of table ids, or all: " + "; ".join(f"{t}: {spec.what}" for t, spec in TABLES.items())
@@ -254,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the tables' own, 3; 5 for stability)")
         p.add_argument("--runs", required=True, help="where run directories go")
         p.add_argument("--data-dir", action="append", help="PATH, or DATASET=PATH (repeatable)")
+        p.add_argument("--amp", choices=list(AMP_CHOICES), help="mixed precision for the coupling nets in every run")
+        p.add_argument("--channels-last", action="store_true", help="channels_last memory format in every run")
         _add_common_train(p)
 
     def report_args(p: argparse.ArgumentParser, runs: bool) -> None:
@@ -289,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .training import RunError
+    from .record import RunError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RunError, ValueError, FileNotFoundError) as exc:
+    except (RunError, ValueError, OSError) as exc:  # OSError: FileNotFoundError, PermissionError, a full disk
         print(f"mefbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,7 @@
-"""Small statistics shared by training and the reports: pooled summaries and binomial intervals."""
+"""Small statistics shared by training, results and the report: pooled summaries, Wilson intervals.
+
+Pure functions on plain numbers and dicts, each testable on its own.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,11 @@ __all__ = ["pool_stats", "wilson_interval"]
 
 
 def pool_stats(parts: list[dict]) -> dict:
-    """Pool {count, mean, std, max, min} summaries (population std) into one."""
+    """Pool ``{count, mean, std, max, min}`` summaries (population std) into one.
+
+    Parts with no ``count`` are ignored; no part left gives ``{}``. The pooled std is
+    √(Σ nᵢ(σᵢ² + μᵢ²)/n − μ²), exact for population stds.
+    """
     parts = [p for p in parts if p and p.get("count")]
     if not parts:
         return {}
@@ -24,15 +31,24 @@ def pool_stats(parts: list[dict]) -> dict:
     }
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default): better than the normal
-    approximation for few trials and rates near 0 or 1 (it never leaves [0, 1])."""
-    if n <= 0:
-        raise ValueError(f"wilson_interval needs at least one trial, got n = {n}")
-    if not 0 <= successes <= n:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}")
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n: (p̂ + z²/2n ± z√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n).
+
+    Unlike p̂ ± z√(p̂(1−p̂)/n) it stays inside [0, 1] and is not empty at k = 0 or k = n, which
+    matters for the stability table (e.g. 0 divergences in 3 runs gives (0, 0.56) at z = 1.96).
+    ``n = 0`` gives the uninformative (0, 1).
+    """
+    if isinstance(successes, bool) or isinstance(n, bool) or not (0 <= successes <= n):
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got successes={successes!r}, n={n!r}")
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"wilson_interval needs a finite z > 0, got {z!r}")
+    if n == 0:
+        return 0.0, 1.0
     p = successes / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    denom = 1 + z2 / n
+    low, high = (centre - half) / denom, (centre + half) / denom
+    # exact ends: k = 0 gives low 0 and k = n high 1 (rounding can leave ±1e-17)
+    return (0.0 if successes == 0 else max(low, 0.0)), (1.0 if successes == n else min(high, 1.0))

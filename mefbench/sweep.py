@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .models import FlowConfig
 from .presets import PRESETS, SCALES
-from .training import RECORD, RunError, TrainConfig, read_record, train
+from .record import ENDED, RECORD, RunError, RunRecord, read_record
+from .training import TrainConfig, train
 
 __all__ = ["RunSpec", "parse_tables", "plan", "run_sweep"]
 
@@ -109,6 +110,21 @@ def plan(
     return specs
 
 
+def _cells(spec: RunSpec) -> dict[str, dict]:
+    """The cell the run fills in each of its tables (from the presets it stands for)."""
+    return {str(t): dict(c) for t, c in spec.cells.items()}
+
+
+def _summary(record: RunRecord) -> str:
+    final = record.final
+    text = record.status
+    if final is not None:
+        text += f", test bits/dim {final.test_bpd:.4f} (epoch {final.epochs_done}/{record.train.get('epochs', '?')})"
+    if record.diverged is not None:
+        text += f", diverged at step {record.diverged.step}"
+    return text
+
+
 def run_sweep(
     tables: tuple[str, ...],
     scale: str,
@@ -117,38 +133,61 @@ def run_sweep(
     device: str = "auto",
     data_dirs: dict[str, str] | None = None,
     progress: bool = True,
-) -> list[dict]:
-    """Run (or skip, or resume) every planned run under runs_dir/<name>; returns their records."""
+    amp: str | None = None,
+    channels_last: bool = False,
+) -> list[RunRecord]:
+    """Run (or keep, or resume) every planned run under runs_dir/<name>; returns their records.
+
+    One line per run is printed whatever ``progress`` says (it only turns the progress bars off):
+    name, status and test bits/dim. A run whose directory another process has locked, or whose
+    record is unreadable, is skipped with a message and the sweep goes on; so no run is ever
+    trained twice, and one bad directory never stops the others. ``amp``/``channels_last`` set
+    those TrainConfig fields in every run (a different precision is a different configuration:
+    use another runs_dir).
+    """
     runs_dir = Path(runs_dir)
     specs = plan(tables, scale, seeds, data_dirs)
-    records = []
+    records: list[RunRecord] = []
+    skipped: list[str] = []
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
-        existing: dict = {}
+        head = f"[{i}/{len(specs)}] {spec.name}"
+        existing: RunRecord | None = None
         if (run_dir / RECORD).exists():
             try:
                 existing = read_record(run_dir)
             except RunError as exc:
-                raise RunError(f"{exc}; move it away to rerun that run") from exc
-        status = existing.get("status")
-        if status in ("finished", "diverged"):
-            if progress:
-                print(f"[{i}/{len(specs)}] {spec.name}: {status}, kept")
+                print(f"{head}: skipped: {exc}; move it away to rerun that run", flush=True)
+                skipped.append(spec.name)
+                continue
+        if existing is not None and existing.status in ENDED:
+            print(f"{head}: {_summary(existing)} (kept)", flush=True)
             records.append(existing)
             continue
-        if progress:
-            verb = "resuming" if existing else "running"
-            print(f"[{i}/{len(specs)}] {verb} {spec.name} (tables {', '.join(map(str, spec.tables))})")
-        record = train(
-            spec.model,
-            spec.train,
-            run_dir,
-            resume=bool(existing),
-            device=device,
-            preset=spec.presets[0],
-            tables=spec.tables,
-            scale=spec.scale,
-            progress=progress,
-        )
+        verb = "resuming" if existing is not None else "running"
+        print(f"{head}: {verb} (tables {', '.join(map(str, spec.tables))})", flush=True)
+        train_cfg = spec.train
+        if amp is not None or channels_last:
+            train_cfg = dataclasses.replace(train_cfg, amp=amp, channels_last=channels_last)
+        try:
+            record = train(
+                spec.model,
+                train_cfg,
+                run_dir,
+                resume=existing is not None,
+                device=device,
+                preset=spec.presets[0],
+                tables=spec.tables,
+                cells=_cells(spec),
+                scale=spec.scale,
+                progress=progress,
+            )
+        except RunError as exc:  # locked by another process, a corrupt checkpoint, ...: this run only
+            print(f"{head}: skipped: {exc}", flush=True)
+            skipped.append(spec.name)
+            continue
+        print(f"{head}: {_summary(record)}", flush=True)
         records.append(record)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(specs)} runs (locked or unreadable): {', '.join(skipped)}", flush=True)
     return records

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -24,6 +25,7 @@ def test_train_then_sample(tmp_path, capsys):
     # the preset the CLI names is the one that ran
     assert FlowConfig.from_dict(record["model"]) == PRESETS["smoke"].model
     assert TrainConfig.from_dict(record["train"]) == PRESETS["smoke"].train
+    assert record["schema"] == 2 and record["final"]["sample_time_per_image_s"] > 0
     png = tmp_path / "s.png"
     assert main(["sample", "--run", str(run), "--temperature", "0.7", "--n", "4", "--out", str(png)]) == 0
     with Image.open(png) as im:
@@ -42,7 +44,7 @@ def test_train_overrides_are_applied_and_named(tmp_path, monkeypatch):
     record = json.loads((run / "record.json").read_text())
     assert record["model"]["conv"] == "plu" and record["model"]["coupling"] == "affine"
     assert record["train"]["lr"] == 0.002 and record["seed"] == 3
-    assert record["tables"] == []  # an overridden run does not count for the preset's table
+    assert record["tables"] == [] and record["cells"] == {}  # an overridden run does not count for the preset's table
 
 
 def test_train_dataset_override_adapts_the_image_shape(tmp_path):
@@ -58,9 +60,29 @@ def test_train_dataset_override_adapts_the_image_shape(tmp_path):
         (["train", "--preset", "paper-t2-mef-cifar10", "--out", "x"], "--data-dir"),
         (["sample", "--run", "missing-run"], "no record.json"),
         (["sweep", "--table", "7", "--scale", "smoke"], "--table takes"),
+        (["train", "--preset", "smoke", "--seed", "-5"], "--seed: TrainConfig.seed must be a non-negative integer, got -5"),
+        (["train", "--preset", "smoke", "--lr", "inf"], "--lr: TrainConfig.lr must be a finite number in (0, 1], got inf"),
+        (["train", "--preset", "smoke", "--lr", "1e6"], "--lr: TrainConfig.lr must be a finite number in (0, 1]"),
+        (["train", "--preset", "smoke", "--epochs", "0"], "--epochs: TrainConfig.epochs must be an integer of at least 1"),
+        (["train", "--preset", "smoke", "--coupling-option", "nope=1"], "--coupling-option: "),
+        (["train", "--preset", "smoke", "--out", "gone", "--resume"], "--resume: gone does not exist"),
+        (["sample", "--run", "missing-run", "--n", "0"], "--n must be at least 1"),
     ],
 )
 def test_errors_are_clear(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no error leaves a run directory behind
+
+
+def test_train_into_a_locked_directory_exits_at_once_naming_the_holder(tmp_path, capsys):
+    from mefbench.record import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        assert main(["train", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 2
+    assert f"locked by process {os.getpid()}" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]

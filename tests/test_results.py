@@ -9,8 +9,27 @@ from pathlib import Path
 import pytest
 
 from mefbench.presets import PRESETS
-from mefbench.results import RUN_COLUMNS, CorruptRecordWarning, load_epochs, load_runs
-from mefbench.training import _final, pool_stats
+from mefbench.results import (
+    EPOCH_COLUMNS,
+    RUN_COLUMNS,
+    CorruptRecordWarning,
+    load_epochs,
+    load_runs,
+)
+from mefbench.stats import pool_stats
+
+
+def _final(record: dict) -> dict:
+    """The ``final`` dict of a schema-1 record, as mefbench wrote it before the typed record."""
+    epochs = record["epochs"]
+    times = [e["train_time_s"] for e in epochs]
+    last = epochs[-1]
+    return {
+        "epochs_done": len(epochs), "step": last["step"], "test_bpd": last["test_bpd"],
+        "test_bpd_raw": last["test_bpd_raw"], "train_bpd": last["train_bpd"], "train_bpd_ema": last["train_bpd_ema"],
+        "train_time_s": sum(times), "mean_epoch_time_s": sum(times) / len(times),
+        "expm": {k: pool_stats([e["expm"].get(k, {}) for e in epochs]) for k in ("m", "s")},
+    }  # fmt: skip
 
 
 def make_record(
@@ -24,7 +43,7 @@ def make_record(
     m: tuple[float, float, float, float, int] = (6.0, 1.0, 8.0, 4.0, 100),
     diverged: dict | None = None,
 ) -> dict:
-    """A record shaped like the ones mefbench.training writes for the preset's configs.
+    """A schema-1 record (as mefbench wrote before the typed record) for the preset's configs.
 
     A finished run has all the preset's epochs, others ``epochs_done``; test bits/dim falls by
     0.1 per epoch to ``final_bpd``; every epoch has the same time and expm statistics ``m``.
@@ -44,7 +63,11 @@ def make_record(
         })  # fmt: skip
     record = {
         "schema": 1, "name": f"{preset}-s{seed}", "preset": preset, "tables": list(p.tables), "scale": p.scale,
-        "status": status, "model": p.model.to_dict(), "train": {**p.train.to_dict(), "seed": seed}, "seed": seed,
+        "status": status, "seed": seed,
+        # schema 1: the model's flat scale/coupling_rank, no amp/channels_last in train
+        "model": {**{k: v for k, v in p.model.to_dict().items() if not k.endswith("_options")},
+                  "scale": "tanh", "coupling_rank": None},
+        "train": {**{k: v for k, v in p.train.to_dict().items() if k not in ("amp", "channels_last")}, "seed": seed},
         "device": "cpu", "world_size": 1,
         "versions": {"mefbench": "0.1.0", "torch": "2.13.0", "python": "3.12.0"},
         "machine": {"platform": "Linux-test", "processor": "x86_64", "cpu_count": 2, "torch_threads": 2},
@@ -72,7 +95,11 @@ def test_load_runs_columns_and_values(tmp_path):
     assert set(RUN_COLUMNS) <= set(df.columns)
     assert len(df) == 2 and df.attrs["corrupt"] == []
     a = df.set_index("run").loc["a"]
-    assert a["preset"] == "cpu-t5-plu" and a["tables"] == (5,) and a["scale"] == "cpu"
+    assert a["preset"] == "cpu-t5-plu" and a["tables"] == ("5",) and a["scale"] == "cpu"
+    # schema-1 records: model revision 1, cells derived from the presets, options migrated
+    assert a["model_revision"] == 1 and a["cells"] == {"5": {"conv": "plu"}}
+    assert a["conv_options"] == {} and a["coupling_options"] == {} and a["amp"] is None
+    assert math.isnan(a["sample_time_per_image_s"]) and math.isnan(a["roundtrip_error"])
     assert a["conv"] == "plu" and a["coupling"] == "matexp" and a["dataset"] == "patches16"
     assert a["epochs"] == PRESETS["cpu-t5-plu"].train.epochs and a["epochs_done"] == 4
     assert a["test_bpd"] == 4.25 and a["test_bpd_raw"] == 4.26 and a["train_bpd"] == pytest.approx(4.30)
@@ -101,18 +128,22 @@ def test_load_runs_diverged_run(tmp_path):
         json.dumps({"status": "finished"}),  # missing fields
         json.dumps({**make_record("smoke", 0, 5.0), "model": {"conv": "matexp"}}),
         json.dumps({**make_record("smoke", 0, 5.0), "epochs": [{"epoch": 1}]}),
+        bytes(range(256)) * 4,  # random bytes: not UTF-8
+        json.dumps({**make_record("smoke", 0, 5.0), "epochs": "many"}),  # wrong type
+        json.dumps({**make_record("smoke", 0, 5.0), "status": "done"}),  # unknown status
+        json.dumps({**make_record("smoke", 0, 5.0), "schema": 9}),  # a newer mefbench's
     ],
 )
 def test_load_runs_survives_corrupt_record(tmp_path, content):
     write_record(tmp_path, "good", make_record("smoke", 0, 5.0))
     bad = tmp_path / "bad" / "record.json"
     bad.parent.mkdir()
-    bad.write_text(content)
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.warns(CorruptRecordWarning, match=str(bad)):
         df = load_runs(tmp_path)
     assert list(df["run"]) == ["good"]
     assert [c["path"] for c in df.attrs["corrupt"]] == [str(bad)]
-    assert df.attrs["corrupt"][0]["error"]
+    assert str(bad) in df.attrs["corrupt"][0]["error"]  # the reason names the file
     with pytest.warns(CorruptRecordWarning):
         ep = load_epochs(tmp_path)
     assert set(ep["run"]) == {"good"} and len(ep.attrs["corrupt"]) == 1
@@ -132,7 +163,8 @@ def test_load_epochs_one_row_per_epoch(tmp_path):
     assert len(ep) == 5
     a = ep[ep["run"] == "a"].sort_values("epoch")
     assert list(a["epoch"]) == [1, 2, 3, 4] and list(a["test_bpd"]) == pytest.approx([4.5, 4.4, 4.3, 4.2])
-    assert (a["tables"] == (2, 6)).all() and (a["m_count"] == 100).all() and (a["epoch_lr"] == 0.01).all()
+    assert set(EPOCH_COLUMNS) <= set(ep.columns)
+    assert (a["tables"] == ("2", "6")).all() and (a["m_count"] == 100).all() and (a["epoch_lr"] == 0.01).all()
 
 
 def test_run_expm_stats_match_pooled_epochs(tmp_path):

@@ -1,7 +1,10 @@
-import json
+import os
+import shutil
 
 from mefbench.cli import main
+from mefbench.record import RunLock, read_record
 from mefbench.sweep import parse_tables, plan
+from mefbench.training import train
 
 
 def test_plan_shares_runs_between_tables():
@@ -21,24 +24,39 @@ def test_paper_plan_takes_data_dirs():
     assert dirs == {"cifar10": "/data/c", "imagenet32": "/data/any", "imagenet64": "/data/any"}
 
 
-def test_sweep_runs_skips_and_resumes(tmp_path, capsys):
+def test_sweep_runs_keeps_resumes_and_skips(tmp_path, capsys):
+    """A rerun keeps finished runs, resumes interrupted ones, and skips (with a message, going on)
+    a run another process has locked and a run whose record is corrupt; one line per run even
+    with --no-progress."""
     args = ["sweep", "--table", "5", "--scale", "smoke", "--seeds", "1", "--runs", str(tmp_path), "--no-progress"]
     assert main(args) == 0
-    records = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/record.json")}
-    assert len(records) == 3 and all(r["status"] == "finished" for r in records.values())
-    assert {r["model"]["conv"] for r in records.values()} == {"standard", "plu", "matexp"}
-    # mark one as interrupted mid-way: a rerun resumes only that one and keeps the others
-    name = sorted(records)[0]
-    path = tmp_path / name / "record.json"
-    record = records[name]
-    record["status"] = "running"
-    record["epochs"] = record["epochs"][:1]
-    path.write_text(json.dumps(record))
-    (tmp_path / name / "checkpoint.pt").unlink()
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    records = {p.parent.name: read_record(p.parent) for p in tmp_path.glob("*/record.json")}
+    assert len(records) == 3 and all(r.status == "finished" for r in records.values())
+    assert {r.model["conv"] for r in records.values()} == {"standard", "plu", "matexp"}
+    for name, r in records.items():  # one line per finished run: name, status, test bits/dim
+        assert f"{name}: finished, test bits/dim {r.final.test_bpd:.4f}" in out
+        assert r.tables and all(isinstance(t, str) for t in r.tables) and "5" in r.cells
+    assert records["smoke-t5-plu-seed0"].cells["5"] == {"conv": "plu"}
+    # one run interrupted after its first epoch and locked by another process, one corrupt
+    names = sorted(records)
+    interrupted, corrupt, kept = names
+    spec = next(s for s in plan(parse_tables("5"), "smoke", seeds=1) if s.name == interrupted)
+    shutil.rmtree(tmp_path / interrupted)
+    train(spec.model, spec.train, tmp_path / interrupted, progress=False, stop_after_epochs=1, tables=spec.tables)
+    (tmp_path / corrupt / "record.json").write_bytes(b"\x00\xff garbage")
+    with RunLock(tmp_path / interrupted):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{interrupted}: skipped: " in out and f"locked by process {os.getpid()}" in out
+    assert f"{corrupt}: skipped: corrupt run record" in out and "not UTF-8" in out
+    assert f"{kept}: finished, test bits/dim" in out and "(kept)" in out
+    assert "skipped 2 of 3 runs" in out
+    assert read_record(tmp_path / interrupted).status == "interrupted"  # not touched while locked
+    # the lock released, a rerun resumes only that one and keeps the others
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "3 runs" in out and "3 finished" in out
-    assert json.loads(path.read_text())["resumes"]
-    for other in sorted(records)[1:]:
-        assert json.loads((tmp_path / other / "record.json").read_text()) == records[other]
+    assert f"{interrupted}: resuming" in out and f"{interrupted}: finished, test bits/dim" in out
+    resumed = read_record(tmp_path / interrupted)
+    assert resumed.status == "finished" and resumed.resumes[0].from_epoch == 1
+    assert read_record(tmp_path / kept) == records[kept]

@@ -6,13 +6,36 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from mefbench.models import MultiScaleFlow
+import mefbench
+from mefbench.models import MODEL_REVISION, MultiScaleFlow
 from mefbench.presets import PRESETS
+from mefbench.record import LOCK, RunLock, RunRecord, read_record
 from mefbench.training import CHECKPOINT, RECORD, RunError, load_checkpoint, load_model, train
+
+# what may differ between two runs of the same configuration: times, dates, the command, resumes
+_UNCOMPARED = {"train_time_s", "eval_time_s", "mean_epoch_time_s", "sample_time_per_image_s",
+               "started_at", "updated_at", "command", "resumes", "machine", "name"}  # fmt: skip
+
+
+def _numbers(data: object, path: str = "") -> dict:
+    """Every recorded value of a record's JSON form by its path, without _UNCOMPARED (NaN as a string)."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            if k not in _UNCOMPARED:
+                out.update(_numbers(v, f"{path}.{k}"))
+        return out
+    if isinstance(data, list):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_numbers(v, f"{path}[{i}]"))
+        return out
+    return {path: "nan" if isinstance(data, float) and math.isnan(data) else data}
 
 
 def _tiny(epochs=2, **train_changes):
@@ -24,33 +47,45 @@ def _tiny(epochs=2, **train_changes):
 def test_run_writes_record_and_checkpoint(tmp_path):
     model, cfg = _tiny()
     record = train(model, cfg, tmp_path / "run", progress=False, tables=(2,), scale="smoke", preset="smoke")
-    assert record["status"] == "finished"
+    assert record.status == "finished"
+    assert read_record(tmp_path / "run") == record
     on_disk = json.loads((tmp_path / "run" / RECORD).read_text())
-    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["schema"] == 2 and on_disk == json.loads(record.to_json())
+    assert on_disk["tables"] == ["2"] and on_disk["cells"] == {"2": {"dataset": "patches16"}}
+    assert on_disk["model_revision"] == MODEL_REVISION
     assert [e["epoch"] for e in on_disk["epochs"]] == [1, 2]
     for e in on_disk["epochs"]:
         for key in ("train_bpd", "train_bpd_ema", "test_bpd", "test_bpd_raw", "train_time_s"):
             assert math.isfinite(e[key]), key
         assert e["expm"]["m"]["count"] > 0 and e["expm"]["s"]["min"] >= 0
-    assert on_disk["final"]["test_bpd"] == on_disk["epochs"][-1]["test_bpd"]
-    assert on_disk["num_params"] == sum(p.numel() for p in MultiScaleFlow(model).parameters())
+    final = record.final
+    assert final.test_bpd == on_disk["epochs"][-1]["test_bpd"]
+    num_params = sum(p.numel() for p in MultiScaleFlow(model).parameters())
+    assert on_disk["num_params"] == num_params
+    # the measurements of the trained model (the "every mixing layer" table)
+    assert 0 < final.sample_time_per_image_s < 1 and final.sample_images == 64
+    assert 0 <= final.roundtrip_error < 1e-4  # float32, the EMA model: exact up to rounding
+    assert final.peak_memory_method == "cpu.saved_tensors+params+grads+optimizer"
+    # at least parameters, gradients and Adamax's two states, 4 bytes each, plus saved activations
+    assert final.peak_memory_bytes > 4 * 4 * num_params
     ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)  # weights_only=True
-    assert ckpt["epoch"] == 2
+    assert ckpt["epoch"] == 2 and ckpt["model_revision"] == MODEL_REVISION
+    assert RunRecord.from_json(ckpt["record"]).epochs == record.epochs  # the commit point holds the record
     assert load_model(tmp_path / "run").bits_per_dim(torch.zeros(1, 3, 16, 16, dtype=torch.float32)).isfinite().all()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", CHECKPOINT, RECORD]
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     model, cfg = _tiny(epochs=3)
     full = train(model, cfg, tmp_path / "full", progress=False)
     part = train(model, cfg, tmp_path / "part", progress=False, stop_after_epochs=1)
-    assert part["status"] == "interrupted" and len(part["epochs"]) == 1
+    assert part.status == "interrupted" and len(part.epochs) == 1
     with pytest.raises(RunError, match="already holds a run"):
         train(model, cfg, tmp_path / "part", progress=False)  # never overwrite a recorded run
     resumed = train(model, cfg, tmp_path / "part", resume=True, progress=False)
-    assert resumed["status"] == "finished"
-    assert resumed["resumes"][0]["from_epoch"] == 1
-    for a, b in zip(full["epochs"], resumed["epochs"]):
-        assert a["test_bpd"] == b["test_bpd"] and a["train_bpd"] == b["train_bpd"]
+    assert resumed.status == "finished"
+    assert resumed.resumes[0].from_epoch == 1
+    assert _numbers(resumed.to_dict()) == _numbers(full.to_dict())
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
@@ -75,18 +110,20 @@ def test_divergence_is_recorded_with_its_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MultiScaleFlow, "forward", poisoned)
     record = train(model, cfg, tmp_path / "run", progress=False)
-    assert record["status"] == "diverged"
-    assert record["diverged"]["step"] == 5 and record["diverged"]["epoch"] == 2
+    assert record.status == "diverged"
+    assert record.diverged.step == 5 and record.diverged.epoch == 2
     on_disk = json.loads((tmp_path / "run" / RECORD).read_text())
     assert on_disk["status"] == "diverged" and len(on_disk["epochs"]) == 1  # epoch 1 kept
 
 
 def test_a_real_blow_up_diverges_cleanly(tmp_path):
-    model, cfg = _tiny(epochs=3, lr=1e4)
-    model = dataclasses.replace(model, scale="exp")
+    model, cfg = _tiny(epochs=3, lr=1.0)
+    model = dataclasses.replace(model, coupling_options={"scale": "exp"})  # the unbounded scale map
     record = train(model, cfg, tmp_path / "run", progress=False)
-    assert record["status"] == "diverged", record["epochs"]
-    assert record["diverged"]["step"] >= 1
+    assert record.status == "diverged", record.epochs
+    assert record.diverged.step >= 1
+    # a diverged run is data: resuming it returns it as it is, it is never retried
+    assert train(model, cfg, tmp_path / "run", resume=True, progress=False).to_json() == record.to_json()
 
 
 def test_corrupt_checkpoint_and_record_are_named(tmp_path):
@@ -101,57 +138,211 @@ def test_corrupt_checkpoint_and_record_are_named(tmp_path):
 
 
 def test_checkpoints_refuse_pickled_code(tmp_path):
+    """A pickled os.system call is refused as unsafe, and no message suggests unpickling it."""
+
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(RunError, match="corrupt or unreadable checkpoint"):
+    with pytest.raises(RunError, match=r"refused checkpoint .*evil.pt as unsafe: .*system") as err:
         load_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "will likely succeed" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # torch's advice is not chained in
 
 
-def _cli(*args, cwd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_checkpoint_problems_are_clear(tmp_path):
+    model, cfg = _tiny(epochs=1)
+    run = tmp_path / "run"
+    train(model, cfg, run, progress=False)
+    ckpt_path = run / CHECKPOINT
+    good = ckpt_path.read_bytes()
+    ckpt_path.write_bytes(b"")
+    with pytest.raises(RunError, match=r"checkpoint .*checkpoint.pt is empty \(0 bytes\)"):
+        load_model(run)
+    # the right file format, the wrong model: what does not fit is said, not load_state_dict's traceback
+    ckpt_path.write_bytes(good)
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["ema"] = {k.replace("levels.0", "levels.9"): v for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(RunError, match=r"does not fit this run's model \(EMA weights\): \d+ missing keys .*unexpected keys"):
+        load_model(run)
+    torch.save({"model": {}}, ckpt_path)
+    with pytest.raises(RunError, match=r"not a mefbench checkpoint: it lacks \['ema'"):
+        load_model(run)
+
+
+def test_a_run_of_another_model_revision_is_refused(tmp_path):
+    model, cfg = _tiny(epochs=2)
+    run = tmp_path / "run"
+    train(model, cfg, run, progress=False, stop_after_epochs=1)
+    data = json.loads((run / RECORD).read_text())
+    data["model_revision"] = MODEL_REVISION - 1
+    (run / RECORD).write_text(json.dumps(data))
+    for attempt in (lambda: load_model(run), lambda: train(model, cfg, run, resume=True, progress=False)):
+        with pytest.raises(RunError, match=f"model revision {MODEL_REVISION - 1}.*builds revision {MODEL_REVISION}"):
+            attempt()
+
+
+def test_resume_never_drops_recorded_epochs(tmp_path):
+    """A deleted checkpoint of a run with recorded epochs is refused (a restart would drop them);
+    a record without epochs and without checkpoint resumes from the start."""
+    model, cfg = _tiny(epochs=2)
+    run = tmp_path / "run"
+    train(model, cfg, run, progress=False, stop_after_epochs=1)
+    (run / CHECKPOINT).unlink()
+    before = (run / RECORD).read_text()
+    with pytest.raises(RunError, match=r"holds 1 finished epochs but checkpoint.pt is missing"):
+        train(model, cfg, run, resume=True, progress=False)
+    assert (run / RECORD).read_text() == before
+    train(model, cfg, tmp_path / "empty", progress=False, stop_after_epochs=0)
+    assert train(model, cfg, tmp_path / "empty", resume=True, progress=False).status == "finished"
+
+
+def test_resume_needs_a_run(tmp_path):
+    model, cfg = _tiny(epochs=1)
+    with pytest.raises(RunError, match=r"--resume: .*nowhere does not exist"):
+        train(model, cfg, tmp_path / "nowhere", resume=True, progress=False)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(RunError, match=r"--resume: .*other holds no run \(no record.json\)"):
+        train(model, cfg, tmp_path / "other", resume=True, progress=False)
+    assert list((tmp_path / "other").iterdir()) == []  # nothing was written there
+
+
+def test_model_and_data_errors_leave_no_run_directory(tmp_path, monkeypatch):
+    """NaN in the init batch or an empty first batch: a clear error, and no directory is created."""
+    model, cfg = _tiny(epochs=1)
+    original = MultiScaleFlow.initialize
+    for poison, message in ((lambda x: x * float("nan"), "non-finite"), (lambda x: x[:0], "")):
+        monkeypatch.setattr(MultiScaleFlow, "initialize", lambda self, x, p=poison: original(self, p(x)))
+        with pytest.raises(ValueError, match="data-dependent init on 32 training images failed") as err:
+            train(model, cfg, tmp_path / "run", progress=False)
+        assert message in str(err.value)
+        assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    cifar = dataclasses.replace(cfg, dataset="cifar10", data_dir=str(tmp_path / "no-cifar"))
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train(dataclasses.replace(model, image_shape=(3, 32, 32)), cifar, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_locked_run_directory_is_refused_in_process(tmp_path):
+    model, cfg = _tiny(epochs=2)
+    run = tmp_path / "run"
+    train(model, cfg, run, progress=False, stop_after_epochs=1)
+    with RunLock(run), pytest.raises(RunError, match=f"locked by process {os.getpid()}"):
+        train(model, cfg, run, resume=True, progress=False)
+    assert train(model, cfg, run, resume=True, progress=False).status == "finished"
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def _cli(*args, cwd, env=None, **kw):
+    """`python -m mefbench ARGS` with this checkout's mefbench (not whatever is installed)."""
+    root = str(Path(mefbench.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
+    for key in ("MEFBENCH_TEST_KILL_AT", "MEFBENCH_TEST_PAUSE_AT"):
+        if key not in (env or {}) or not env[key]:
+            env.pop(key, None)
     return subprocess.Popen([sys.executable, "-m", "mefbench", *args], cwd=cwd, env=env, **kw)
 
 
-def _start_until_first_checkpoint(args: list[str], cwd) -> subprocess.Popen:
-    """Start `mefbench ARGS` and return once the run's first checkpoint is on disk."""
-    proc = _cli(*args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (cwd / "run" / CHECKPOINT).exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
+def _run(*args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
+    proc = _cli(*args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.05)
-    return proc
+
+
+# (point, epoch) in the order a run reaches them, so that each resume gets further than the last
+KILL_POINTS = [
+    ("locked", 0),  # a new run: its directory and lock, nothing written yet
+    ("started", 0),  # its first record, no checkpoint
+    ("mid-epoch", 1),
+    ("checkpoint-tmp-open", 1),  # a 0-byte temporary checkpoint
+    ("checkpoint-tmp-written", 1),  # a whole temporary checkpoint, not yet renamed
+    ("after-checkpoint", 1),  # between the two writes: checkpoint at epoch 1, record.json at 0
+    ("record-tmp-open", 2),  # checkpoint at 2, a 0-byte temporary record, record.json at 1
+    ("evaluated", 3),
+    ("after-checkpoint", 3),  # the last epoch committed in the checkpoint only
+    ("finishing", 3),  # every epoch recorded, the trained model not yet measured
+]
 
 
 @pytest.mark.slow
-def test_kill_then_resume_from_the_cli(tmp_path):
-    """A CPU run killed halfway (SIGKILL after its first checkpoint) finishes with --resume."""
-    args = ["train", "--preset", "smoke-t2-mef", "--epochs", "4", "--out", "run", "--no-progress"]
-    proc = _start_until_first_checkpoint(args, tmp_path)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed = json.loads((tmp_path / "run" / RECORD).read_text())
-    assert killed["status"] == "running" and 1 <= len(killed["epochs"]) < 4
-    done = _cli(*args, "--resume", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = done.communicate(timeout=300)[0].decode()
-    assert done.returncode == 0, out
-    record = json.loads((tmp_path / "run" / RECORD).read_text())
-    assert record["status"] == "finished" and len(record["epochs"]) == 4
-    assert record["resumes"] and record["resumes"][0]["from_epoch"] == len(killed["epochs"])
+def test_sigkill_at_any_point_then_resume_records_what_an_uninterrupted_run_records(tmp_path):
+    """SIGKILL a real `mefbench train` at each named point, including between the checkpoint and
+    the record; resuming each time ends with the record (and weights) of an uninterrupted run."""
+    args = ["train", "--preset", "smoke", "--epochs", "3", "--no-progress"]
+    reference = _cli(*args, "--out", "ref", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = tmp_path / "run"
+    for i, (point, epoch) in enumerate(KILL_POINTS):
+        resume = ["--resume"] if i else []
+        done = _run(*args, "--out", "run", *resume, cwd=tmp_path, env={"MEFBENCH_TEST_KILL_AT": f"{point}:{epoch}"})
+        assert done.returncode == -signal.SIGKILL, (point, done.stdout, done.stderr)
+        temporaries = sorted(p.name for p in run.glob(".*.tmp*"))
+        if point.endswith(("tmp-open", "tmp-written")):
+            assert temporaries, point  # the kill left a temporary file for the next process to remove
+        if point == "after-checkpoint":  # the inconsistency a kill can leave: checkpoint ahead of record
+            assert len(read_record(run).epochs) == epoch - 1 and load_checkpoint(run / CHECKPOINT)["epoch"] == epoch
+    done = _run(*args, "--out", "run", "--resume", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, CHECKPOINT, RECORD]  # no stale temporaries
+    got, want = read_record(run), read_record(tmp_path / "ref")
+    assert got.status == "finished" and [e.epoch for e in got.epochs] == [1, 2, 3]
+    assert len(got.resumes) == len(KILL_POINTS) - 1  # the first resume found only a lock: a fresh start
+    assert _numbers(got.to_dict()) == _numbers(want.to_dict())
+    a, b = load_checkpoint(run / CHECKPOINT), load_checkpoint(tmp_path / "ref" / CHECKPOINT)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.slow
+def test_a_second_process_is_refused_while_the_first_trains(tmp_path):
+    """Two real processes on one run directory: the second exits at once (code 2) naming the
+    first's pid; after the first is killed (-9), its stale lock does not block the resume."""
+    args = ["train", "--preset", "smoke", "--epochs", "2", "--out", "run", "--no-progress"]
+    first = _cli(*args, cwd=tmp_path, env={"MEFBENCH_TEST_PAUSE_AT": "started"}, stdout=subprocess.DEVNULL)
+    try:
+        _wait_for(tmp_path / "run" / RECORD, first)
+        before = (tmp_path / "run" / RECORD).read_text()
+        for extra in (["--resume"], []):
+            t0 = time.time()
+            second = _run(*args, *extra, cwd=tmp_path, timeout=120)
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert f"locked by process {first.pid}" in second.stderr
+            assert time.time() - t0 < 60  # at once: refused before any data is loaded
+        assert (tmp_path / "run" / RECORD).read_text() == before
+    finally:
+        first.kill()
+        first.wait()
+    done = _run(*args, "--resume", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert read_record(tmp_path / "run").status == "finished"
 
 
 @pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted(tmp_path):
     """A scheduler's SIGTERM ends the run cleanly: status interrupted, exit 130 (resuming: test above)."""
     args = ["train", "--preset", "smoke-t2-mef", "--epochs", "30", "--out", "run", "--no-progress"]
-    proc = _start_until_first_checkpoint(args, tmp_path)
+    proc = _cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for(tmp_path / "run" / CHECKPOINT, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out
     assert "interrupted" in out
-    record = json.loads((tmp_path / "run" / RECORD).read_text())
-    assert record["status"] == "interrupted" and 1 <= len(record["epochs"]) < 30
+    record = read_record(tmp_path / "run")
+    assert record.status == "interrupted" and 1 <= len(record.epochs) < 30
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] == len(record.epochs)
