@@ -9,6 +9,8 @@ loading: it is named in a :class:`CorruptRecordWarning` and listed, with the rea
 
 from __future__ import annotations
 
+import json
+
 import math
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ __all__ = [
     "EPOCH_COLUMNS",
     "RUN_COLUMNS",
     "CorruptRecordWarning",
+    "config_key",
     "epochs_frame",
     "load_epochs",
     "load_runs",
@@ -38,7 +41,7 @@ _IDENTITY = (
 
 RUN_COLUMNS: tuple[str, ...] = (
     *_IDENTITY,
-    "image_shape", "steps", "hidden_channels", "num_blocks",
+    "config", "image_shape", "steps", "hidden_channels", "num_blocks",
     "batch_size", "epochs", "epochs_done", "num_params",
     "test_bpd", "test_bpd_raw", "train_bpd", "train_bpd_ema",
     "mean_epoch_time_s", "train_time_s",
@@ -116,6 +119,13 @@ def _identity(file: Path, record: RunRecord) -> dict:
     }
 
 
+def config_key(model: dict, train: dict) -> str:
+    """What makes two runs the same experiment apart from the seed: the model and the recipe
+    (where the data lives and the seed left out), as one string."""
+    recipe = {k: v for k, v in train.items() if k not in ("seed", "data_dir")}
+    return json.dumps([model, recipe], sort_keys=True)
+
+
 def _run_row(file: Path, record: RunRecord) -> dict:
     model, train, epochs = record.model, record.train, record.epochs
     final, last = record.final, record.last_epoch
@@ -127,6 +137,7 @@ def _run_row(file: Path, record: RunRecord) -> dict:
     diverged = record.diverged
     row = _identity(file, record)
     row.update(
+        config=config_key(model, train),
         image_shape=tuple(model["image_shape"]),
         steps=tuple(model["steps"]),
         hidden_channels=model["hidden_channels"],

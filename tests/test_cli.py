@@ -59,7 +59,7 @@ def test_train_dataset_override_adapts_the_image_shape(tmp_path):
         (["train", "--preset", "nope"], "unknown preset 'nope'"),
         (["train", "--preset", "paper-t2-mef-cifar10", "--out", "x"], "--data-dir"),
         (["sample", "--run", "missing-run"], "no record.json"),
-        (["sweep", "--table", "7", "--scale", "smoke"], "--table takes"),
+        (["sweep", "--table", "7", "--scale", "smoke", "--runs", "r"], "--table takes"),
         (["train", "--preset", "smoke", "--seed", "-5"], "--seed: TrainConfig.seed must be a non-negative integer, got -5"),
         (["train", "--preset", "smoke", "--lr", "inf"], "--lr: TrainConfig.lr must be a finite number in (0, 1], got inf"),
         (["train", "--preset", "smoke", "--lr", "1e6"], "--lr: TrainConfig.lr must be a finite number in (0, 1]"),

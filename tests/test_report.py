@@ -1,4 +1,5 @@
-"""mefbench.report: the numbers in README.md come from the fixture records, figures open."""
+"""mefbench.report: the numbers in README.md come from the fixture records, figures open, nothing
+recorded is destroyed."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import pytest
 from PIL import Image
 from test_results import make_record, write_record
 
-from mefbench.presets import PRESETS
-from mefbench.report import load_published, markdown_table, paper_parameter_counts, write_report
+from mefbench.layers import COUPLING, MIXING
+from mefbench.models import MODEL_REVISION
+from mefbench.presets import PRESETS, STABILITY_LRS, layer_variants
+from mefbench.record import RunRecord
+from mefbench.report import MANIFEST, TABLES, load_published, markdown_table, paper_parameter_counts, write_report
+from mefbench.report.tables import paper_count_presets
 from mefbench.results import CorruptRecordWarning
+from mefbench.sweep import plan
 
 
 def _line(text: str, *starts: str) -> str:
@@ -25,25 +31,64 @@ def _line(text: str, *starts: str) -> str:
     return rows[0]
 
 
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def _group(section: str, group: str = "patches16, cpu scale") -> str:
+    """The part of a table's section for one data group ("Runs on <group>:" up to the next group)."""
+    start = section.index(f"Runs on {group}:")
+    end = section.find("Runs on ", start + 1)
+    return section[start : end if end > 0 else None]
+
+
+def record(preset: str, seed: int, bpd: float, *, revision: int = MODEL_REVISION, final: dict | None = None, **kw) -> dict:
+    """A record of today's schema for the preset, with the tables and cells a sweep gives it (a
+    run shared by several presets lists all their tables), at the given model revision."""
+    rec = RunRecord.from_dict(json.loads(json.dumps(make_record(preset, seed, bpd, **kw)))).to_dict()
+    p = PRESETS[preset]
+    spec = next(s for s in plan(tuple(TABLES), p.scale, seeds=1) if preset in s.presets)
+    rec.update(model_revision=revision, model=json.loads(p.model.to_json()), tables=list(spec.tables), cells=spec.cells)
+    if final and rec.get("final"):
+        rec["final"].update(final)
+    return rec
+
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     m1, m2 = (5.0, 1.0, 7.0, 4.0, 10), (7.0, 2.0, 9.0, 5.0, 30)
-    write_record(root, "t2-s0", make_record("cpu-t2-mef", 0, 4.10, m=m1))
-    write_record(root, "t2-s1", make_record("cpu-t2-mef", 1, 4.20, m=m2))
+    # MEF at lr 0.01: one run each for Table 2, Table 4's cell, Table 5's row, Table 6 and its mixing row
+    write_record(root, "mef-s0", record("cpu-t2-mef", 0, 4.10, m=m1, epoch_time=20.0))
+    write_record(root, "mef-s1", record("cpu-t2-mef", 1, 4.20, m=m2, epoch_time=24.0))
+    write_record(root, "mef-s2", record("cpu-t2-mef", 2, 4.7, epoch_time=22.0, epochs_done=1, status="diverged",
+                                        diverged={"epoch": 2, "step": 47, "loss": float("nan")}))  # fmt: skip
     for coupling, lr, bpds in (("affine", 0.01, (4.30, 4.50)), ("affine", 0.001, (4.60, 4.80)),
                                ("matexp", 0.001, (4.25, 4.35))):  # fmt: skip
         for seed, bpd in enumerate(bpds):
-            write_record(root / "t4", f"{coupling}-lr{lr}-s{seed}", make_record(f"cpu-t4-{coupling}-lr{lr}", seed, bpd))
-    write_record(root / "t4", "matexp-lr0.01-s0", make_record("cpu-t4-matexp-lr0.01", 0, 4.20))
-    write_record(root / "t4", "matexp-lr0.01-s1", make_record(
-        "cpu-t4-matexp-lr0.01", 1, 4.7, epochs_done=1, status="diverged",
-        diverged={"epoch": 2, "step": 47, "loss": float("nan")}))  # fmt: skip
-    for conv, bpds, times in (("standard", (4.40, 4.60), (10.0, 12.0)), ("plu", (4.45, 4.45), (11.0, 11.0)),
-                              ("matexp", (4.30, 4.40), (20.0, 24.0))):  # fmt: skip
+            write_record(root / "t4", f"{coupling}-lr{lr}-s{seed}", record(f"cpu-t4-{coupling}-lr{lr}", seed, bpd))
+    for conv, bpds, times in (("standard", (4.40, 4.60), (10.0, 12.0)), ("plu", (4.45, 4.45), (11.0, 11.0))):
         for seed, (bpd, t) in enumerate(zip(bpds, times, strict=True)):
-            write_record(root / "t5", f"{conv}-s{seed}", make_record(f"cpu-t5-{conv}", seed, bpd, epoch_time=t))
-    write_record(root / "t5", "plu-s2", make_record("cpu-t5-plu", 2, 4.9, epochs_done=1, status="interrupted"))
+            write_record(root / "t5", f"{conv}-s{seed}", record(f"cpu-t5-{conv}", seed, bpd, epoch_time=t))
+    write_record(root / "t5", "plu-s2", record("cpu-t5-plu", 2, 4.9, epochs_done=1, status="interrupted"))
+    # the same preset and seed again from another sweep: one seed, not two
+    again = record("cpu-t5-standard", 0, 9.99, epoch_time=99.0)
+    again["updated_at"] = "2025-01-01T00:00:00+00:00"  # the older of the two: the newer one is kept
+    write_record(root / "again", "standard-s0", again)
+    # a run of the older model revision: grouped apart, never averaged with today's
+    write_record(root / "old", "mef-old", make_record("cpu-t2-mef", 2, 3.00))  # schema 1: revision 1
+    # the zoo tables: two mixing layers and a coupling's stability over two rates
+    mixing_final = {"sample_time_per_image_s": 0.002, "roundtrip_error": 3e-6, "peak_memory_bytes": 2**21}
+    write_record(root / "mix", "emerging-s0", record("cpu-mix-emerging", 0, 4.5, epoch_time=15.0, final=mixing_final))
+    write_record(root / "mix", "emerging-s1", record("cpu-mix-emerging", 1, 4.7, epoch_time=17.0, final=mixing_final))
+    for lr, outcomes in ((0.001, ("finished", "finished")), (0.1, ("diverged", "finished"))):
+        for seed, status in enumerate(outcomes):
+            div = {"epoch": 1, "step": 12 + seed, "loss": float("inf")} if status == "diverged" else None
+            write_record(root / "stab", f"affine-tanh-lr{lr}-s{seed}", record(
+                f"cpu-stab-affine-tanh-lr{lr}", seed, 5.0 + lr, status=status, diverged=div,
+                epochs_done=1 if status == "diverged" else None))  # fmt: skip
     bad = root / "broken" / "record.json"
     bad.parent.mkdir()
     bad.write_text('{"status": "finished", "model": ')
@@ -59,112 +104,164 @@ def report(runs_dir, tmp_path_factory) -> tuple[str, Path, list]:
                   "unit": "ms", "ok": True, "note": "level 1"}],
         "machine": {"cpu": "test-cpu"}, "versions": {"torch": "2.13.0"}, "command": "mefbench bench --quick",
     }))  # fmt: skip
+    (out / "keep.txt").write_text("not the report's")
     with pytest.warns(CorruptRecordWarning) as caught:
         readme = write_report(runs_dir, out, bench_file=bench, command="mefbench report runs", samples=False)
     return readme.read_text(), out, [str(w.message) for w in caught]
 
 
-def test_header_status_and_corrupt(report, runs_dir):
-    text, _, warned = report
+def test_header_status_duplicates_and_corrupt(report, runs_dir):
+    text, out, warned = report
     bad = str(runs_dir / "broken" / "record.json")
     assert any(bad in w for w in warned)
     assert f"`{bad}`" in text  # listed in the report too
     assert "`mefbench report runs`" in text and f"`{runs_dir}`" in text
-    assert "- Runs: 17 (" in text and "15 finished" in text and "1 diverged" in text
+    # 23 records: one unreadable, the duplicate counted once
+    assert "- Runs: 21 (" in text and "2 diverged" in text
     status = next(line for line in text.splitlines() if line.startswith("**Status:**"))
-    assert "2 of 17 runs not finished" in status
-    assert "`matexp-lr0.01-s1` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/4 epochs" in status
-    assert "| torch | 2.13.0 |" in text and "Linux-test" in text
-    assert "NOT comparable" in text
+    assert "`mef-s2` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/4 epochs" in status
+    dup = text[text.index("**Duplicates") :].splitlines()[2]
+    assert "(preset `cpu-t5-standard`, seed 0)" in dup and "`standard-s0`" in dup
+    assert "**Older model revisions:** 1 runs" in text
+    assert "| torch | 2.13.0 |" in text and "Linux-test" in text and "NOT comparable" in text
+    assert (out / "keep.txt").read_text() == "not the report's"  # only its own files are written
 
 
-def test_table2_numbers_beside_published(report):
+def test_table2_published_and_ours(report):
     text, _, _ = report
-    mef = _line(text, "MEF", "3.32", "4.05", "3.73")
-    assert mef.endswith("|  |")  # the published row has no value of ours
-    assert _line(text, "Glow", "3.35", "4.09", "3.81")
-    assert _line(text, "RealNVP", "3.49", "4.28", "3.98")
-    assert _line(text, "Flow++", "3.08", "3.86", "3.69")
-    assert "| published: CIFAR-10 | published: ImageNet32 | published: ImageNet64 | ours: patches16, cpu scale |" in text
-    assert _line(text, "MEF (ours, this benchmark)").endswith("| 4.150 ± 0.071 |")
-    detail = _line(text, "patches16, cpu scale", "cpu-t2-mef", "2", "2", "0", "0", "0, 1")
-    assert "| 4.160 ± 0.071 |" in detail  # raw weights: + 0.01 in the fixture
+    t2 = _section(text, "Table 2")
+    assert _line(t2, "MEF", "3.32", "4.05", "3.73") and _line(t2, "Flow++", "3.08", "3.86", "3.69")
+    ours = _line(_group(t2), "cpu-t2-mef", "3", "2", "1", "0", "0, 1")
+    assert "| 4.150 ± 0.071 | 4.160 ± 0.071 |" in ours  # EMA and raw (+ 0.01 in the fixture)
+    old = _line(_group(t2, "patches16, cpu scale, model revision 1"), "cpu-t2-mef", "1", "1")
+    assert "| 3.000 |" in old  # the old revision's run stands apart, never in today's mean
 
 
-def test_table3_counts(report):
+def test_table3_counts_from_the_presets(report):
     text, _, _ = report
     counts = paper_parameter_counts().set_index("preset")["num_params"]
-    assert 37.65e6 < counts["paper-t2-mef-cifar10"] < 37.75e6  # the paper's 37.7M
-    assert _line(text, "MEF", "`paper-t2-mef-cifar10`").endswith(f"({counts['paper-t2-mef-cifar10']:,}) | 37.7M |")
-    assert _line(text, "Glow", "–", "not built (baseline)", "44.0M")
-    assert _line(text, "Emerging", "–", "not built (baseline)", "44.7M")
-    assert _line(text, "Flow++", "–", "not built (baseline)", "31.4M")
-    assert f"({counts['paper-t4-affine-lr0.01']:,})" in text and f"({counts['paper-t5-plu']:,})" in text
-    # configs actually run, from the records
-    assert _line(text, "cpu-t5-plu", "cpu", "patches16", "plu", "matexp", "32", "1", "3", "0.01M (12,345)")
+    assert list(counts.index) == [name for _, name in paper_count_presets()]
+    assert counts["paper-t2-mef-cifar10"] == 37_683_752  # the official code's count
+    t3 = _section(text, "Table 3")
+    assert _line(t3, "MEF", "`paper-t2-mef-cifar10`").endswith("(37,683,752) | 37.7M |")
+    assert _line(t3, "Glow", "–", "not built (baseline)", "44.0M")
+    assert f"({counts['paper-t5-plu']:,})" in t3 and counts["paper-t5-plu"] == 37_691_816
+    assert _line(t3, "cpu-t5-plu", "cpu", "patches16", "plu", "matexp", "32", "1", "3", "0.01M (12,345)")
 
 
 def test_table4_mean_std_and_diverged(report):
-    text, _, _ = report
-    assert _line(text, "affine", "0.001", "16", "2", "2", "0", "0", "4.700 ± 0.141", "see paper")
-    assert _line(text, "affine", "0.01", "4", "2", "2", "0", "0", "4.400 ± 0.141", "see paper")
-    assert _line(text, "matexp", "0.001", "16", "2", "2", "0", "0", "4.300 ± 0.071", "see paper")
+    t4 = _group(_section(report[0], "Table 4"))
+    assert _line(t4, "affine", "0.001", "16", "2", "2", "0", "0", "4.700 ± 0.141", "see paper")
+    assert _line(t4, "affine", "0.01", "4", "2", "2", "0", "0", "4.400 ± 0.141")
     # the diverged seed is counted but left out of the mean
-    assert _line(text, "matexp", "0.01", "4", "2", "1", "1", "0", "4.200", "see paper")
+    assert _line(t4, "matexp", "0.01", "4", "3", "2", "1", "0", "4.150 ± 0.071", "see paper")
 
 
-def test_table5_bpd_time_ratio(report):
-    text, _, _ = report
-    assert _line(text, "standard", "2", "2", "0", "0", "4.500 ± 0.141", "11.00 ± 1.41", "1.00", "cpu", "see paper")
+def test_table5_bpd_time_ratio_and_form(report):
+    t5 = _group(_section(report[0], "Table 5"))
+    # the duplicate standard-s0 (9.99 bits/dim, 99 s) is not a third seed
+    assert _line(t5, "standard", "default", "2", "2", "0", "0", "4.500 ± 0.141", "11.00 ± 1.41", "1.00")
     # the interrupted third PLU run is counted, its epoch time (10 s) is included, its bpd is not
-    assert _line(text, "plu", "3", "2", "0", "1", "4.450 ± 0.000", "10.67 ± 0.58", "0.97", "cpu")
-    assert _line(text, "matexp", "2", "2", "0", "0", "4.350 ± 0.071", "22.00 ± 2.83", "2.00", "cpu")
+    assert _line(t5, "plu", "free", "3", "2", "0", "1", "4.450 ± 0.000", "10.67 ± 0.58", "0.97")
+    assert _line(t5, "matexp", "default", "3", "2", "1", "0", "4.150 ± 0.071", "22.00 ± 2.00", "2.00")
 
 
 def test_table6_pooled(report):
-    text, _, _ = report
-    # run 1: 4 epochs × (10 calls, mean 5, std 1); run 2: 4 × (30, mean 7, std 2): pooled mean 6.5, std 2
-    assert _line(text, "m", "6.500", "2.000", "9", "4", "160", "2", "see paper")
-    assert _line(text, "s", "2.000", "0.500", "3", "1", "160", "2", "–")
+    t6 = _group(_section(report[0], "Table 6"))
+    # 4 epochs × (10 calls, mean 5, std 1), 4 × (30, mean 7, std 2) and 1 × (100, mean 6, std 1): pooled
+    # mean 1640/260, second moment 11100/260
+    assert _line(t6, "m", "6.308", "1.705", "9", "4", "260", "3", "see paper")
+    assert _line(t6, "s", "2.000", "0.500", "3", "1", "260", "3", "–")
+
+
+def test_mixing_table(report):
+    mixing = _group(_section(report[0], "Every mixing layer"))
+    row = _line(mixing, "emerging", "default", "spatial", "2", "2", "0", "0", "4.600 ± 0.141")
+    cells = row.split(" | ")
+    assert "16.00 ± 1.41" in cells and "1.45" in cells  # s/epoch, and / the standard conv's 11.00
+    assert "2.000 ± 0.000" in cells and "3.0e-06" in cells and "2.0 ± 0.0" in cells  # ms/image, round trip, MB
+    assert row.endswith("| 3.34 (Hoogeboom, van den Berg & Welling 2019, Emerging convolutions) |")
+    # the three Table 5 convs are rows of it: their runs are shared
+    assert _line(mixing, "standard", "default", "per-pixel", "2")
+
+
+def test_stability_table_and_finding(report):
+    stab = _group(_section(report[0], "Stability"))
+    assert _line(stab, "affine", "tanh", "0.001", "2", "2", "0", "0")
+    high = _line(stab, "affine", "tanh", "0.1", "2", "1", "1", "0")
+    assert "| 0.50 |" in high and "| 12 |" in high and "| 0.09–0.91 |" in high  # rate, step of divergence, Wilson 95%
+    assert _line(stab, "affine", "tanh", "0.001", "1 / 4")  # largest lr with no divergence, totals
+    assert "**What this shows about the paper's claim:**" in stab and "needs runs of both" in stab
 
 
 def test_figures_and_sections(report):
     text, out, _ = report
     figs = {p.name for p in (out / "figures").glob("*.png")}
-    for name in ("curves_table2.png", "curves_table4.png", "curves_table5.png", "curves_table6.png",
-                 "table4_bpd_vs_lr_patches16-cpu-scale.png", "table5_epoch_time_patches16-cpu-scale.png",
-                 "table6_m_patches16-cpu-scale.png"):  # fmt: skip
+    group = "patches16-cpu-scale"
+    for name in (f"table2_curves_{group}.png", f"table4_bpd_vs_lr_{group}.png", f"table5_epoch_time_{group}.png",
+                 f"table6_m_{group}.png", f"mixing_bpd_vs_time_{group}.png", f"stability_divergence_vs_lr_{group}.png"):  # fmt: skip
         assert name in figs and f"(figures/{name})" in text
         with Image.open(out / "figures" / name) as im:
             assert im.size[0] > 100
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["figures"]) == figs  # every figure made is listed, and shown
     assert not any(n.startswith("samples") for n in figs) and "Not drawn (`samples=False`)" in text
     assert _line(text, "expm_action fwd+bwd", "16384×6×6", "1.234", "ms", "< 2", "yes", "level 1")
     assert "produced by `mefbench bench --quick`" in text
     assert "Not included: no asv results directory was given." in text
     assert "## All runs" in text and "arXiv 2007.09651" in text and "check every value against the paper" in text
+    assert "No GPU results" in text or "no GPU results folder was given" in text
 
 
-def test_published_json_has_source_and_no_guesses():
+def test_every_table_spec_is_rendered(report):
+    for spec in TABLES.values():
+        assert f"## {spec.title}" in report[0]
+
+
+def test_published_json_has_sources_and_no_guesses():
     pub = load_published()
     assert pub["source"]["arxiv"] == "2007.09651" and "check" in pub["note"]
     assert pub["table2"]["models"]["MEF"] == {"cifar10": 3.32, "imagenet32": 4.05, "imagenet64": 3.73}
     assert pub["table3"]["models"] == {"Glow": 44.0, "Emerging": 44.7, "Flow++": 31.4, "MEF": 37.7}
-    # Tables 4-6 are not transcribed: every value is null ("see paper")
     assert all(c["mean"] is None and c["std"] is None for t in ("table4", "table5") for c in pub[t]["cells"])
     assert all(v is None for v in pub["table6"]["m"].values())
+    layers = pub["mixing"]["layers"]
+    assert set(layers) <= set(MIXING) and all(v["source"] for v in layers.values())
 
 
-def test_empty_runs_dir(tmp_path):
-    (tmp_path / "runs").mkdir()
-    text = write_report(tmp_path / "runs", tmp_path / "out", samples=False).read_text()
-    assert "There are no runs" in text and "- Runs: 0" in text
-    assert "No runs for Table 4" in text and "| MEF | 3.32 | 4.05 | 3.73 |" in text
-    text = write_report(tmp_path / "missing", tmp_path / "out2", samples=False).read_text()
-    assert "does not exist" in text and "There are no runs" in text
+def test_a_missing_or_empty_runs_dir_is_refused_and_nothing_is_written(tmp_path, runs_dir):
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    out.mkdir()
+    (out / "README.md").write_text("a good report")
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(ValueError, match="nothing was written"):
+            write_report(bad, out, samples=False)
+    assert (out / "README.md").read_text() == "a good report" and not (out / "figures").exists()
+
+
+def test_regenerating_removes_only_its_own_stale_figures(tmp_path, runs_dir):
+    out = tmp_path / "out"
+    with pytest.warns(CorruptRecordWarning):
+        write_report(runs_dir, out, samples=False)
+    figs = out / "figures"
+    mine = sorted(p.name for p in figs.glob("*.png"))
+    (figs / "my_own.png").write_bytes(b"user's file")
+    only_t2 = tmp_path / "only-t2"
+    only_t2.mkdir()
+    alone = record("cpu-t2-mef", 0, 4.1)
+    alone.update(tables=["2"], cells={"2": alone["cells"]["2"]})  # a run of Table 2 alone
+    write_record(only_t2, "t2-s0", alone)
+    write_report(only_t2, out, samples=False)
+    left = {p.name for p in figs.glob("*.png")}
+    assert "my_own.png" in left  # not the report's: kept
+    assert "table2_curves_patches16-cpu-scale.png" in left and "table4_bpd_vs_lr_patches16-cpu-scale.png" not in left
+    assert set(mine) - left  # the previous report's figures that this one does not make are gone
 
 
 def test_asv_section(tmp_path, monkeypatch):
-    (tmp_path / "runs").mkdir()
+    runs = tmp_path / "runs"
+    write_record(runs, "t2-s0", record("cpu-t2-mef", 0, 4.1))
     asv_dir = tmp_path / "asv"
     asv_dir.mkdir()
     fake = types.ModuleType("mefbench.asv_results")
@@ -181,23 +278,47 @@ def test_asv_section(tmp_path, monkeypatch):
     fake.asv_speed_table = speed_table
     fake.plot_asv_history = lambda df, path: Image.new("RGB", (10, 10)).save(path)
     monkeypatch.setitem(sys.modules, "mefbench.asv_results", fake)
-    text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
+    text = write_report(runs, tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
     assert "| linalg.Expm.time | 0.5 |" in text and "(figures/asv_history.png)" in text
     assert "(vm: `0123456789`)" in text
     fake.plot_asv_history = no_history  # the table stays, the figure is explained
-    text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
+    text = write_report(runs, tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
     assert "| linalg.Expm.time | 0.5 |" in text and "History figure not drawn: ValueError: none of" in text
     fake.load_asv_results = lambda d: pd.DataFrame()
-    text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
+    text = write_report(runs, tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
     assert "Not included: no asv results in" in text
     monkeypatch.setitem(sys.modules, "mefbench.asv_results", None)  # import fails
-    text = write_report(tmp_path / "runs", tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
+    text = write_report(runs, tmp_path / "out", asv_dir=asv_dir, samples=False).read_text()
     assert "Not included: `mefbench.asv_results` cannot be imported" in text
+
+
+def test_gpu_section(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, "t2-s0", record("cpu-t2-mef", 0, 4.1))
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "h200.json").write_text(json.dumps({
+        "environment": {"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0"}, "date": "2026-11-28",
+        "bench": {"rows": [{"what": "expm_action", "shape": "s", "measured": 20.0, "unit": "×", "target": "≥ 10×", "ok": True}]},
+        "train_step": [{"model": "MEF", "precision": "bf16", "images_per_s": 1234.5}],
+    }))  # fmt: skip
+    text = write_report(runs, tmp_path / "out", gpu_dir=gpu, samples=False).read_text()
+    section = _section(text, "On a GPU")
+    assert "NVIDIA H200, torch 2.11.0, CUDA 13.0, 2026-11-28" in section
+    assert _line(section, "MEF", "bf16", "1234.5") and _line(section, "expm_action", "s", "20")
 
 
 def test_markdown_table_escapes_and_aligns():
     text = markdown_table(pd.DataFrame({"a": ["x|y", None], "n": [1.5, float("nan")]}))
     assert text.splitlines() == ["| a | n |", "|---|---:|", "| x\\|y | 1.5 |", "| – | – |"]
+
+
+def test_report_cli_needs_runs_and_out(capsys):
+    from mefbench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["report", "--bench", "reports/bench.json"])  # the old README line: no silent defaults
+    assert "--runs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -207,10 +328,10 @@ def test_real_run_report_with_samples(tmp_path):
     torch = pytest.importorskip("torch")
     torch.set_default_dtype(torch.float32)
     p = PRESETS["smoke"]
-    train(p.model, p.train, tmp_path / "runs" / "r", progress=False, tables=(2, 6), scale="smoke", preset="smoke")
+    train(p.model, p.train, tmp_path / "runs" / "r", progress=False, tables=("2", "6"), scale="smoke", preset="smoke")
     readme = write_report(tmp_path / "runs", tmp_path / "out", command="pytest")
     text = readme.read_text()
-    assert "**Status:** all runs finished." in text and "ours: patches16, smoke scale" in text
+    assert "**Status:** all runs finished." in text and "patches16, smoke scale" in text
     assert "from the best finished Table 2 run, `r` (patches16, smoke scale" in text
     for t in ("0.5", "0.7", "1"):
         path = tmp_path / "out" / "figures" / f"samples_t{t}.png"
@@ -218,6 +339,10 @@ def test_real_run_report_with_samples(tmp_path):
         with Image.open(path) as im:
             im.load()
             assert im.mode == "RGB" and im.size[0] >= 4 * 64
-    for name in ("curves_table2.png", "curves_table6.png", "table6_m_patches16-smoke-scale.png"):
-        with Image.open(tmp_path / "out" / "figures" / name) as im:
-            im.load()
+
+
+def test_layers_of_the_zoo_tables_come_from_the_registries():
+    stab = {(p.cell["coupling"], p.cell["variant"]) for p in PRESETS.values() if "stability" in p.tables}
+    assert stab == {(n, v) for n, v, _ in layer_variants(COUPLING)}
+    lrs = {p.cell["lr"] for p in PRESETS.values() if "stability" in p.tables and p.scale == "cpu"}
+    assert lrs == set(STABILITY_LRS)

@@ -3,19 +3,38 @@ import shutil
 
 from mefbench.cli import main
 from mefbench.record import RunLock, read_record
-from mefbench.sweep import parse_tables, plan
+from mefbench.layers import MIXING
+from mefbench.presets import PRESETS, layer_variants
+from mefbench.report.tables import TABLES
+from mefbench.sweep import _key, parse_tables, plan
 from mefbench.training import train
 
 
 def test_plan_shares_runs_between_tables():
-    specs = plan((2, 4, 5, 6), "cpu", seeds=3)
-    names = sorted({s.name.rsplit("-seed", 1)[0] for s in specs})
-    # MEF at lr 0.01 fills tables 2, 4, 5 and 6 once; 5 other distinct configurations
-    assert len(names) == 6 and len(specs) == 18
-    mef = [s for s in specs if set(s.tables) == {2, 4, 5, 6}]
-    assert len(mef) == 3 and sorted(s.train.seed for s in mef) == [0, 1, 2]
-    assert plan((3,), "cpu") == []  # parameter counts need no runs
-    assert parse_tables("all") == (2, 3, 4, 5, 6) and parse_tables("4,2") == (2, 4)
+    tables = ("2", "4", "5", "6", "mixing")
+    specs = plan(tables, "cpu", seeds=3)
+    presets = [p for p in PRESETS.values() if p.scale == "cpu" and set(p.tables) & set(tables)]
+    configs = {_key(p.model, p.train) for p in presets}
+    assert len(specs) == 3 * len(configs) < 3 * len(presets)  # one run per distinct configuration and seed
+    # MEF at lr 0.01 is one run for Tables 2, 4, 5, 6 and its mixing row, with its cell in each
+    mef = [s for s in specs if {"2", "4", "5", "6", "mixing"} <= set(s.tables)]
+    assert sorted(s.train.seed for s in mef) == [0, 1, 2]
+    assert mef[0].cells["4"] == {"coupling": "matexp", "lr": 0.01} and mef[0].cells["5"] == {"conv": "matexp"}
+    assert mef[0].cells["mixing"] == {"conv": "matexp", "variant": "default"}
+    # every mixing layer and variant has its row, the paper's PLU (free diagonal) shared with Table 5
+    rows = {(s.cells["mixing"]["conv"], s.cells["mixing"]["variant"]) for s in specs if "mixing" in s.cells}
+    assert rows == {(name, label) for name, label, _ in layer_variants(MIXING)}
+    plu = [s for s in specs if s.cells.get("mixing") == {"conv": "plu", "variant": "free"}]
+    assert plu and all("5" in s.tables for s in plu)
+    assert plan(("3",), "cpu") == []  # parameter counts need no runs
+    assert parse_tables("all") == tuple(TABLES) and parse_tables("4,2") == ("2", "4")
+
+
+def test_seeds_default_to_the_tables_own():
+    stability = plan(("stability",), "smoke")
+    presets = [p for p in PRESETS.values() if p.scale == "smoke" and "stability" in p.tables]
+    assert len(stability) == TABLES["stability"].seeds * len(presets)
+    assert TABLES["stability"].seeds >= 5 and len(plan(("4",), "smoke")) == TABLES["4"].seeds * 4
 
 
 def test_paper_plan_takes_data_dirs():

@@ -87,27 +87,32 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
-    """One run per (preset, seed, model revision): the same preset and seed run twice (two sweeps
-    into two directories) is one seed, not two. Keeps the finished one, else the most advanced,
-    else the latest; returns the kept frame and a list of {"kept", "dropped", "preset", "seed"}."""
-    if df.empty or "preset" not in df:
+    """One run per experiment and seed: the same configuration (model and recipe, ``config``) and
+    seed recorded twice, e.g. by two sweeps into two directories or by a sweep and a hand-started
+    run of another preset with the same settings, is one seed, not two. Keeps the finished one,
+    else the most advanced, else the latest; returns the kept frame and a list of
+    {"kept", "dropped", "preset", "seed", "kept_status"}."""
+    if df.empty:
         return df, []
+    key = df["config"] if "config" in df else df["preset"]
     keyed = df.assign(
+        _key=key,
         _rank=df["status"].map(_STATUS_RANK).fillna(9),
-        _done=-pd.to_numeric(df.get("epochs_done"), errors="coerce").fillna(0),
-        _when=df.get("updated_at", pd.Series("", index=df.index)).astype(str),
-        _rev=df.get("model_revision", pd.Series(MODEL_REVISION, index=df.index)),
+        _done=-pd.to_numeric(df["epochs_done"], errors="coerce").fillna(0),
+        _when=df["updated_at"].astype(str) if "updated_at" in df else "",
+        _rev=df["model_revision"] if "model_revision" in df else MODEL_REVISION,
     )
-    has_preset = keyed["preset"].notna()
-    ordered = keyed[has_preset].sort_values(["_rank", "_done", "_when"], ascending=[True, True, False])
+    has_key = keyed["_key"].notna()
+    ordered = keyed[has_key].sort_values(["_rank", "_done", "_when", "path"], ascending=[True, True, False, True])
     duplicates = []
     keep_index = []
-    for (preset, seed, _), g in ordered.groupby(["preset", "seed", "_rev"], sort=False, dropna=False):
+    for _, g in ordered.groupby(["_key", "seed", "_rev"], sort=False, dropna=False):
         keep_index.append(g.index[0])
+        first = g.iloc[0]
         for _, row in g.iloc[1:].iterrows():
-            duplicates.append({"preset": preset, "seed": seed, "kept": g.iloc[0]["run"], "dropped": row["run"],
-                               "kept_status": g.iloc[0]["status"]})  # fmt: skip
-    kept = df.loc[sorted(keep_index) + list(df.index[~has_preset])]
+            duplicates.append({"preset": row["preset"], "seed": row["seed"], "kept": first["run"], "dropped": row["run"],
+                               "kept_status": first["status"]})  # fmt: skip
+    kept = df.loc[sorted(keep_index) + list(df.index[~has_key])]
     return kept.sort_index(), duplicates
 
 

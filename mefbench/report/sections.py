@@ -60,7 +60,7 @@ def header(runs: pd.DataFrame, corrupt: list[dict], duplicates: list[dict], runs
                     items.append(f"`{r.run}` {r.status} after {r.epochs_done}/{r.epochs} epochs")
             out += [f"**Status:** {len(not_done)} of {len(runs)} runs not finished: " + "; ".join(items) + ".", ""]
     if duplicates:
-        out += ["**Duplicates (the same preset and seed recorded twice; counted once):**", ""]
+        out += ["**Duplicates (the same configuration and seed recorded twice; counted once):**", ""]
         out += [f"- `{d['dropped']}` repeats `{d['kept']}` (preset `{d['preset']}`, seed {d['seed']}); the tables use "
                 f"`{d['kept']}` ({d['kept_status']})" for d in duplicates] + [""]  # fmt: skip
     if corrupt:
