@@ -33,7 +33,7 @@ JSON layout (``SCHEMA`` 1)::
                    machine, versions, command}) plus parts: [{part, rows, wall_s}]
     train_step    [{model, conv, coupling, precision, batch, image_shape, hidden, blocks, steps,
                     params, warmup_steps, timed_steps, step_ms, images_per_s, peak_memory_mb,
-                    memory_source, first_bpd, last_bpd}]
+                    memory_source, expm_m_mean, expm_m_max, first_bpd, last_bpd, note}]
     epoch_check   [{check, value, ok, note}]
     ddp           [{check, value, ok, note}]   (one "skipped" row where it did not run)
     errors        [{part, item, error, traceback}]
@@ -78,6 +78,7 @@ __all__ = [
     "PARTS",
     "PRECISIONS",
     "Sizes",
+    "away_from_identity",
     "environment",
     "main",
     "measure_train_step",
@@ -88,9 +89,9 @@ __all__ = [
 SCHEMA = 1
 PRESET = "paper-t2-mef-cifar10"
 PARTS = ("bench", "train_step", "epoch_check", "ddp")
-# Seconds per part at the paper's sizes, each about 2-3× the estimate on one H200 (module
-# README: benchmarks/README.md, "On a GPU: the device check"); the whole check never runs past
-# BUDGET_S, whatever the parts do.
+# Seconds per part at the paper's sizes, each about 2-3× the estimate on one H200 (how they were
+# estimated: benchmarks/README.md, "On a GPU: the device check"); the whole check never runs
+# past BUDGET_S, whatever the parts do.
 CAPS = {"bench": 110.0, "train_step": 90.0, "epoch_check": 200.0, "ddp": 90.0}
 BUDGET_S = 420.0
 TINY_CAPS = {"bench": 60.0, "train_step": 60.0, "epoch_check": 90.0, "ddp": 90.0}
@@ -258,7 +259,8 @@ def environment(device: str) -> dict:
             driver=_driver(),
         )
         with contextlib.suppress(Exception):
-            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            version = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     return env
 
 
@@ -326,11 +328,42 @@ def _bench(part: Part) -> None:
             part.put(section)
 
 
+# The coupling nets' zero-initialised output conv is redrawn from N(0, HEAD_STD²). On the paper's
+# model and 8 patches32 images: 0 gives 4.8 bits/dim and m = 1 in every coupling; 3e-3 gives 6.7
+# bits/dim and m 5-9 (mean 6.8); 1e-2 (mefbench bench's value for one layer) gives 38 bits/dim
+# through the 14 couplings, a state no training run is in.
+HEAD_STD = 3e-3
+STEP_LR = 1e-6  # Adamax moves every weight by about lr a step: the timed steps leave the model as it is
+
+
+def away_from_identity(model: torch.nn.Module, seed: int = 0) -> int:
+    """Redraw every coupling net's zero-initialised output conv from N(0, HEAD_STD²), so that the
+    couplings are not the identity (at init S = 0 and the matrix exponential costs nothing); the
+    same draw on every device and process. Returns how many were redrawn."""
+    g = torch.Generator().manual_seed(seed)
+    count = 0
+    for m in model.modules():
+        head = getattr(getattr(m, "net", None), "head", None)
+        if isinstance(head, torch.nn.Conv2d):
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * HEAD_STD)
+            count += 1
+    return count
+
+
 def measure_train_step(
     config: FlowConfig, amp: str | None, batch: int, warmup: int, timed: int, device: torch.device
 ) -> dict:
-    """Images/s of Adamax training steps on one batch (timed after warm-up, synchronised) and the
-    peak memory allocated during the steps (CUDA only: None on the CPU)."""
+    """Images/s of Adamax training steps on one batch (timed after warm-up, synchronised), the peak
+    memory allocated during the steps (CUDA only: None on the CPU) and the series lengths of the
+    matrix exponentials in the timed steps.
+
+    The model is initialised on the batch and moved away from the identity (:func:`away_from_identity`);
+    the learning rate is tiny (:data:`STEP_LR`) so that every step costs what a step of that model
+    costs (the same work at any rate) without the model drifting or diverging on the one batch. A
+    non-finite loss skips the backward pass, so a row with one gets no images/s.
+    """
+    from .linalg import ExpmRecorder, record_expm
     from .models import MultiScaleFlow, count_parameters
     from .training import train_step
 
@@ -339,25 +372,32 @@ def measure_train_step(
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, *config.image_shape, generator=g) * 2 - 1).to(device)
     model.initialize(x)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    away_from_identity(model)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=STEP_LR)
     cuda = device.type == "cuda"
     if cuda:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
     losses = [train_step(model, optimizer, x) for _ in range(warmup)]
+    recorder = ExpmRecorder()
     _sync(device)
     t0 = time.perf_counter()
-    losses += [train_step(model, optimizer, x) for _ in range(timed)]
+    with record_expm(recorder):
+        losses += [train_step(model, optimizer, x) for _ in range(timed)]
     _sync(device)
     elapsed = time.perf_counter() - t0
     peak = _mb(torch.cuda.max_memory_allocated(device)) if cuda else None
+    finite = all(math.isfinite(v) for v in losses)
+    m = recorder.summary().get("m", {})
     row = {
         "conv": config.conv, "coupling": config.coupling, "precision": amp or "float32", "batch": batch,
         "image_shape": _shape(config.image_shape), "hidden": config.hidden_channels, "blocks": config.num_blocks,
         "steps": ",".join(map(str, config.steps)), "params": count_parameters(model), "warmup_steps": warmup,
-        "timed_steps": timed, "step_ms": 1e3 * elapsed / timed, "images_per_s": timed * batch / elapsed,
+        "timed_steps": timed, "step_ms": 1e3 * elapsed / timed if finite else None,
+        "images_per_s": timed * batch / elapsed if finite else None,
         "peak_memory_mb": peak, "memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
-        "first_bpd": losses[0], "last_bpd": losses[-1],
+        "expm_m_mean": m.get("mean"), "expm_m_max": m.get("max"), "first_bpd": losses[0], "last_bpd": losses[-1],
+        "note": "" if finite else "a non-finite loss skipped backward passes: no images/s",
     }  # fmt: skip
     del model, optimizer, x
     if cuda:
@@ -537,6 +577,7 @@ def _ddp_worker(rank: int, world: int, port: int, device_type: str, sizes: Sizes
         g = torch.Generator().manual_seed(1)
         x = (torch.rand(batch, *cfg.image_shape, generator=g) * 2 - 1).to(dev)  # the same on every rank
         model.initialize(x)
+        away_from_identity(model)
         reference = copy.deepcopy(model)
         ddp = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
         local = x.chunk(world)[rank]
@@ -550,7 +591,7 @@ def _ddp_worker(rank: int, world: int, port: int, device_type: str, sizes: Sizes
         add(_check(f"DDP gradient (batch {batch} over {world} processes) vs one process on the whole batch", rel,
                    rel <= DDP_GRAD_TOL, f"relative L2 difference over {len(pairs)} tensors; tolerance {DDP_GRAD_TOL:g}"))  # fmt: skip
         del reference
-        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adamax(model.parameters(), lr=STEP_LR)  # as measure_train_step
         for _ in range(2):
             train_step(ddp, optimizer, local)
         _sync(dev)
@@ -615,6 +656,10 @@ PART_FUNCTIONS: dict[str, Callable[[Part], None]] = {
 def _child(args: argparse.Namespace) -> int:
     """One part, in its own process: results to args.result after every item."""
     sizes = Sizes.tiny() if args.tiny else Sizes.paper()
+    if args.tiny:
+        # tiny ops on a shared CPU: with several threads each op waits on descheduled workers
+        # (seen here: 60× slower steps while other processes kept the 2 cores busy)
+        torch.set_num_threads(1)
     part = Part(args.child, Path(args.result), torch.device(args.device), sizes, Path(args.workdir), Path(args.out))
     try:
         if args.raise_in == args.child:
@@ -757,7 +802,10 @@ def run_check(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             workdir = Path(tmp) / part
             workdir.mkdir()
-            status, data, note = _run_part(part, cap, child_argv, log, workdir)
+            try:
+                status, data, note = _run_part(part, cap, child_argv, log, workdir)
+            except Exception as exc:  # noqa: BLE001 -- e.g. the child could not be started
+                status, data, note = "error", {"section": None, "errors": [_error(part, None, exc)]}, ""
             row.update(wall_s=time.perf_counter() - started, status=status)
             if data is not None:
                 if data.get("section") is not None:
@@ -788,7 +836,8 @@ def _summary(result: dict, log: _Log) -> None:
         log(f"  {row['part']:12} {row['status']:8} {row['wall_s']:6.1f} s of {cap}")
     for row in result["train_step"]:
         peak = f", peak {row['peak_memory_mb']:.0f} MB" if row.get("peak_memory_mb") is not None else ""
-        log(f"  train step {row['model']}, {row['precision']}: {row['images_per_s']:.1f} images/s{peak}")
+        rate = f"{row['images_per_s']:.1f} images/s" if row.get("images_per_s") is not None else row.get("note")
+        log(f"  train step {row['model']}, {row['precision']}: {rate}{peak}")
     failed = [r["check"] for r in [*result["epoch_check"], *result["ddp"]] if r["ok"] is False]
     log(f"  checks not ok: {failed or 'none'}; errors: {len(result['errors'])}; wall {result['wall_s']:.0f} s")
     for e in result["errors"]:
