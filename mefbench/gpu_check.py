@@ -28,7 +28,7 @@ JSON layout (``SCHEMA`` 1)::
                    gpu_memory_gb, capability, tf32_matmul, tf32_cudnn, python, platform, numpy,
                    scipy, mefbench, git_commit, cpu_count}
     budget        {total_s, parts: [{part, cap_s, wall_s, status}]}   status: ok, error,
-                   timeout, skipped, not run
+                   timeout, skipped, not run, interrupted
     bench         as ``mefbench bench --json`` writes it ({rows: [...], quick, threads, device,
                    machine, versions, command}) plus parts: [{part, rows, wall_s}]
     train_step    [{model, conv, coupling, precision, batch, image_shape, hidden, blocks, steps,
@@ -699,14 +699,30 @@ class _Log:
         self.file.close()
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the part's process group (train() then marks its run interrupted), SIGKILL
+    after KILL_GRACE_S."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _run_part(part: str, cap: float, argv: list[str], log: _Log, workdir: Path) -> tuple[str, dict | None, str]:
     """Run one part in a child process for at most cap seconds: (status, its results, note)."""
     result = workdir / f"part-{part}.json"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "mefbench.gpu_check", *argv, "--child", part, "--result", str(result), "--workdir", str(workdir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            text=True, errors="replace")  # fmt: skip
+    # its own process group, so that a time-out ends the DDP workers it spawned too; but not a new
+    # session, which would outlive this process if it were killed from outside
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            errors="replace", **group)  # fmt: skip
     tail: collections.deque[str] = collections.deque(maxlen=15)
 
     def relay() -> None:
@@ -724,102 +740,122 @@ def _run_part(part: str, cap: float, argv: list[str], log: _Log, workdir: Path) 
             status, note = "error", f"exit status {rc}"
     except subprocess.TimeoutExpired:
         status, note = "timeout", f"stopped after its cap of {cap:.1f} s"
-        for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _stop(proc)
+    except KeyboardInterrupt:  # this process is being stopped (SIGTERM, Ctrl-C): stop the part too
+        status, note = "interrupted", "the check was stopped from outside"
+        _stop(proc)
     reader.join(timeout=5)
     data = None
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(result.read_text())
-    if status != "ok" and (data is None or not data.get("errors")):
-        note += "; last output: " + " | ".join(tail)
+    if status != "ok" and not (data and (data.get("errors") or data.get("section"))):
+        note += "; last output: " + " | ".join(tail)  # nothing recorded: say what it printed
     return status, data, note
+
+
+class _Check:
+    """The parent: runs each part in a child process under its cap, merges what it recorded, and
+    rewrites the JSON after every part."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = _Log(self.out / LOG_NAME)
+        self.caps = {**(TINY_CAPS if args.tiny else CAPS), **args.cap}
+        self.budget = args.budget if args.budget is not None else TINY_BUDGET_S if args.tiny else BUDGET_S
+        self.t0 = time.perf_counter()
+        self.result: dict = {
+            "schema": SCHEMA, "command": " ".join(["python3 -m mefbench.gpu_check", *args.argv]), "tiny": args.tiny,
+            "date": _now(), "updated_at": _now(), "wall_s": 0.0, "exit_status": None, "environment": {},
+            "budget": {"total_s": self.budget, "parts": []}, "bench": None, "train_step": [], "epoch_check": [],
+            "ddp": [], "errors": [],
+        }  # fmt: skip
+        self.child_argv = ["--device", args.device, "--out", str(self.out)] + (["--tiny"] if args.tiny else [])
+        if args.raise_in:
+            self.child_argv += ["--raise-in", args.raise_in]
+
+    def save(self) -> None:
+        self.result.update(updated_at=_now(), wall_s=time.perf_counter() - self.t0)
+        _write_json(self.out / JSON_NAME, self.result)
+
+    def error(self, part: str | None, message: str) -> None:
+        self.result["errors"].append({"part": part, "item": None, "error": message, "traceback": ""})
+
+    def run(self) -> dict:
+        args, result, log = self.args, self.result, self.log
+        log(f"device check: {', '.join(args.parts)} on {args.device}{' (tiny)' if args.tiny else ''}; budget "
+            f"{self.budget:.0f} s; writing {self.out / JSON_NAME} and {self.out / LOG_NAME}")  # fmt: skip
+        try:
+            result["environment"] = environment(args.device)
+            log(json.dumps(result["environment"]))
+        except Exception as exc:  # noqa: BLE001 -- recorded; the parts still run
+            result["errors"].append(_error("environment", None, exc))
+            log(f"environment FAILED: {type(exc).__name__}: {exc}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            self.error("environment", f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+        self.save()
+        try:
+            with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+                for part in args.parts:
+                    if self.part(part, Path(tmp)) == "interrupted":
+                        log("interrupted from outside")
+                        break
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C: keep what is done, say where it stopped
+            rows = result["budget"]["parts"]
+            if rows:
+                rows[-1]["status"] = "interrupted"
+            self.error(rows[-1]["part"] if rows else None, "interrupted: the check was stopped from outside")
+            log("interrupted from outside")
+        result["exit_status"] = 1 if result["errors"] else 0
+        self.save()
+        _summary(result, log)
+        log.close()
+        return result
+
+    def part(self, part: str, tmp: Path) -> str:
+        """Run one part; its status."""
+        result, log = self.result, self.log
+        row = {"part": part, "cap_s": None, "wall_s": 0.0, "status": "not run"}
+        result["budget"]["parts"].append(row)
+        skip = _ddp_skip(self.args, result["environment"]) if part == "ddp" else None
+        if skip:
+            row["status"] = "skipped"
+            result["ddp"] = [_check("2-process DDP", result["environment"].get("device_count"), None, f"skipped: {skip}")]
+            log(f"ddp: skipped ({skip})")
+            self.save()
+            return row["status"]
+        cap = part_caps(self.caps, self.budget, time.perf_counter() - self.t0, part)
+        row["cap_s"] = cap
+        if cap < min(1.0, self.caps[part]):
+            row["status"] = "skipped"
+            self.error(part, f"not run: the check's budget of {self.budget:.0f} s is spent")
+            log(f"{part}: not run, the budget is spent")
+            self.save()
+            return row["status"]
+        log(f"{part}: starting (cap {cap:.1f} s)")
+        started = time.perf_counter()
+        workdir = tmp / part
+        workdir.mkdir()
+        try:
+            status, data, note = _run_part(part, cap, self.child_argv, log, workdir)
+        except Exception as exc:  # noqa: BLE001 -- e.g. the child could not be started
+            status, data, note = "error", {"section": None, "errors": [_error(part, None, exc)]}, ""
+        row.update(wall_s=time.perf_counter() - started, status=status)
+        if data is not None:
+            if data.get("section") is not None:
+                result[part] = data["section"]
+            result["errors"] += data.get("errors", [])
+        if status in ("timeout", "interrupted") or (status != "ok" and not (data or {}).get("errors")):
+            self.error(part, f"{status}: {note}")
+        log(f"{part}: {status} in {row['wall_s']:.1f} s" + (f" ({note})" if note else ""))
+        self.save()
+        return status
 
 
 def run_check(args: argparse.Namespace) -> dict:
     """Every selected part, each in its own process and time cap; the JSON after every part."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / LOG_NAME)
-    caps = dict(TINY_CAPS if args.tiny else CAPS)
-    caps.update(args.cap)
-    budget = args.budget if args.budget is not None else TINY_BUDGET_S if args.tiny else BUDGET_S
-    t0 = time.perf_counter()
-    result: dict = {
-        "schema": SCHEMA, "command": " ".join(["python3 -m mefbench.gpu_check", *args.argv]), "tiny": args.tiny,
-        "date": _now(), "updated_at": _now(), "wall_s": 0.0, "exit_status": None, "environment": {},
-        "budget": {"total_s": budget, "parts": []}, "bench": None, "train_step": [], "epoch_check": [], "ddp": [],
-        "errors": [],
-    }  # fmt: skip
-    path = out / JSON_NAME
-
-    def save() -> None:
-        result.update(updated_at=_now(), wall_s=time.perf_counter() - t0)
-        _write_json(path, result)
-
-    log(f"device check: {', '.join(args.parts)} on {args.device}{' (tiny)' if args.tiny else ''}; budget {budget:.0f} s; "
-        f"writing {path} and {out / LOG_NAME}")  # fmt: skip
-    try:
-        result["environment"] = environment(args.device)
-        log(json.dumps(result["environment"]))
-    except Exception as exc:  # noqa: BLE001
-        result["errors"].append(_error("environment", None, exc))
-        log(f"environment FAILED: {type(exc).__name__}: {exc}")
-    save()
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        result["errors"].append({"part": "environment", "item": None, "traceback": "",
-                                 "error": f"--device {args.device}: torch {torch.__version__} sees no CUDA device"})  # fmt: skip
-    child_argv = ["--device", args.device, "--out", str(out)] + (["--tiny"] if args.tiny else [])
-    if args.raise_in:
-        child_argv += ["--raise-in", args.raise_in]
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        for part in args.parts:
-            row = {"part": part, "cap_s": None, "wall_s": 0.0, "status": "not run"}
-            result["budget"]["parts"].append(row)
-            skip = _ddp_skip(args, result["environment"]) if part == "ddp" else None
-            if skip:
-                row["status"] = "skipped"
-                result["ddp"] = [_check("2-process DDP", result["environment"].get("device_count"), None, f"skipped: {skip}")]
-                log(f"ddp: skipped ({skip})")
-                save()
-                continue
-            cap = part_caps(caps, budget, time.perf_counter() - t0, part)
-            row["cap_s"] = cap
-            if cap < min(1.0, caps[part]):
-                row["status"] = "skipped"
-                result["errors"].append({"part": part, "item": None, "traceback": "",
-                                         "error": f"not run: the check's budget of {budget:.0f} s is spent"})  # fmt: skip
-                log(f"{part}: not run, the budget is spent")
-                save()
-                continue
-            log(f"{part}: starting (cap {cap:.1f} s)")
-            started = time.perf_counter()
-            workdir = Path(tmp) / part
-            workdir.mkdir()
-            try:
-                status, data, note = _run_part(part, cap, child_argv, log, workdir)
-            except Exception as exc:  # noqa: BLE001 -- e.g. the child could not be started
-                status, data, note = "error", {"section": None, "errors": [_error(part, None, exc)]}, ""
-            row.update(wall_s=time.perf_counter() - started, status=status)
-            if data is not None:
-                if data.get("section") is not None:
-                    result[part] = data["section"]
-                result["errors"] += data.get("errors", [])
-            if status != "ok" and (data is None or not data.get("errors") or status == "timeout"):
-                result["errors"].append({"part": part, "item": None, "traceback": "", "error": f"{status}: {note}"})
-            log(f"{part}: {status} in {row['wall_s']:.1f} s" + (f" ({note})" if note else ""))
-            save()
-    result["exit_status"] = 1 if result["errors"] else 0
-    save()
-    _summary(result, log)
-    log.close()
-    return result
+    return _Check(args).run()
 
 
 def _ddp_skip(args: argparse.Namespace, env: dict) -> str | None:
@@ -882,6 +918,11 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
     args.cap = dict(args.cap)
     args.argv = argv
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)  # a kill from outside still leaves the JSON and the log
     return run_check(args)["exit_status"]
 
 
