@@ -192,7 +192,12 @@ def _finite(value: object) -> bool:
 
 
 def _mb(n_bytes: float) -> float:
-    return n_bytes / 2**20
+    return round(n_bytes / 2**20, 1)
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """A timing to the digits it is worth (bits/dim and differences keep every digit)."""
+    return float(f"{x:.{digits}g}")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -287,7 +292,7 @@ class Part:
     def add(self, row: dict) -> None:
         self.section.append(row)
         self.save()
-        print(f"  {row}", flush=True)
+        print("  " + json.dumps(row, ensure_ascii=False, default=str), flush=True)
 
     @contextlib.contextmanager
     def item(self, name: str) -> Iterator[None]:
@@ -319,7 +324,7 @@ def _bench(part: Part) -> None:
             if section is None:
                 section = {**data, "rows": [], "parts": []}
             section["rows"] += data["rows"]
-            section["parts"].append({"part": name, "rows": len(data["rows"]), "wall_s": time.perf_counter() - t0})
+            section["parts"].append({"part": name, "rows": len(data["rows"]), "wall_s": round(time.perf_counter() - t0, 1)})
             done = [p["part"] for p in section["parts"]]
             section["command"] = (
                 "mefbench bench" + (" --quick" if sizes.bench_quick else "") + f" --threads {sizes.bench_threads}"
@@ -393,8 +398,8 @@ def measure_train_step(
         "conv": config.conv, "coupling": config.coupling, "precision": amp or "float32", "batch": batch,
         "image_shape": _shape(config.image_shape), "hidden": config.hidden_channels, "blocks": config.num_blocks,
         "steps": ",".join(map(str, config.steps)), "params": count_parameters(model), "warmup_steps": warmup,
-        "timed_steps": timed, "step_ms": 1e3 * elapsed / timed if finite else None,
-        "images_per_s": timed * batch / elapsed if finite else None,
+        "timed_steps": timed, "step_ms": _sig(1e3 * elapsed / timed) if finite else None,
+        "images_per_s": _sig(timed * batch / elapsed) if finite else None,
         "peak_memory_mb": peak, "memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
         "expm_m_mean": m.get("mean"), "expm_m_max": m.get("max"), "first_bpd": losses[0], "last_bpd": losses[-1],
         "note": "" if finite else "a non-finite loss skipped backward passes: no images/s",
@@ -442,7 +447,7 @@ def _epoch_rows(label: str, record: dict) -> list[dict]:
         ))  # fmt: skip
         steps = e["step"] - steps_before
         steps_before = e["step"]
-        rate = steps * batch / e["train_time_s"] if e["train_time_s"] > 0 else math.nan
+        rate = _sig(steps * batch / e["train_time_s"]) if e["train_time_s"] > 0 else math.nan
         rows.append(_check(f"{label}, epoch {n}: train() images/s", rate, _finite(rate),
                            f"{steps} steps of batch {batch} in {e['train_time_s']:.2f} s (evaluation {e['eval_time_s']:.2f} s)"))  # fmt: skip
     return rows
@@ -467,8 +472,9 @@ def _compare_epochs(a: dict, b: dict, tol: float) -> list[dict]:
 
 def _epoch_check(part: Part) -> None:
     """The paper preset's model through train() on patches32: run through, then stop + resume."""
+    from .data import load_dataset
     from .models import bits_per_dim
-    from .training import CHECKPOINT, load_checkpoint, load_model, train
+    from .training import CHECKPOINT, evaluate, load_checkpoint, load_model, train
 
     model_cfg, train_cfg, dev = part.sizes.epoch_model, part.sizes.epoch_train, part.device
     runs = part.workdir / "epoch_check"
@@ -515,6 +521,18 @@ def _epoch_check(part: Part) -> None:
                         f"eval mode on {dev}"))  # fmt: skip
         part.add(_check("checkpoint: round trip max |x − f⁻¹(f(x))|", err, err <= ROUND_TRIP_TOL,
                         f"float32, tolerance {ROUND_TRIP_TOL:g}"))  # fmt: skip
+        del model
+
+    with part.item("checkpoint against the record"):
+        # the EMA weights evaluated as train() evaluates them (same images, batch, seed) repeat the
+        # recorded EMA test bits/dim
+        model = load_model(through, device=dev)
+        images = load_dataset(train_cfg.dataset, "test", train_cfg.data_dir)[: train_cfg.max_test]
+        again = evaluate(model, images, train_cfg.eval_batch_size, train_cfg.seed, dev)
+        recorded = records["uninterrupted"]["epochs"][-1]["test_bpd"]
+        diff = abs(again - recorded)
+        part.add(_check("checkpoint: EMA test bits/dim again vs recorded (|Δ|)", diff, diff <= RESUME_TOL[dev.type] + 1e-6,
+                        f"{again:.6f} now, {recorded:.6f} recorded, {len(images)} test images"))  # fmt: skip
         del model
 
     with part.item("stopped after one epoch"):
@@ -599,7 +617,7 @@ def _ddp_worker(rank: int, world: int, port: int, device_type: str, sizes: Sizes
         for _ in range(sizes.ddp_steps):
             train_step(ddp, optimizer, local)
         _sync(dev)
-        rate = sizes.ddp_steps * batch / (time.perf_counter() - t0)
+        rate = _sig(sizes.ddp_steps * batch / (time.perf_counter() - t0))
         add(_check(f"DDP training step: images/s over {world} processes", rate, _finite(rate),
                    f"{sizes.ddp_steps} timed steps after 2, global batch {batch}, {_shape(cfg.image_shape)}, "
                    f"hidden {cfg.hidden_channels}, {cfg.num_blocks} blocks, {'NCCL' if cuda else 'gloo'}"))  # fmt: skip
@@ -776,7 +794,7 @@ class _Check:
             self.child_argv += ["--raise-in", args.raise_in]
 
     def save(self) -> None:
-        self.result.update(updated_at=_now(), wall_s=time.perf_counter() - self.t0)
+        self.result.update(updated_at=_now(), wall_s=round(time.perf_counter() - self.t0, 1))
         _write_json(self.out / JSON_NAME, self.result)
 
     def error(self, part: str | None, message: str) -> None:
@@ -826,7 +844,7 @@ class _Check:
             self.save()
             return row["status"]
         cap = part_caps(self.caps, self.budget, time.perf_counter() - self.t0, part)
-        row["cap_s"] = cap
+        row["cap_s"] = round(cap, 1)
         if cap < min(1.0, self.caps[part]):
             row["status"] = "skipped"
             self.error(part, f"not run: the check's budget of {self.budget:.0f} s is spent")
@@ -841,7 +859,7 @@ class _Check:
             status, data, note = _run_part(part, cap, self.child_argv, log, workdir)
         except Exception as exc:  # noqa: BLE001 -- e.g. the child could not be started
             status, data, note = "error", {"section": None, "errors": [_error(part, None, exc)]}, ""
-        row.update(wall_s=time.perf_counter() - started, status=status)
+        row.update(wall_s=round(time.perf_counter() - started, 1), status=status)
         if data is not None:
             if data.get("section") is not None:
                 result[part] = data["section"]

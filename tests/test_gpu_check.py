@@ -70,7 +70,7 @@ def test_tiny_check_writes_every_section_with_finite_numbers(tiny):
         assert all(r["ok"] is True for r in checks), [r for r in checks if not r["ok"]]
         assert all(math.isfinite(v) for v in _numbers(checks, "value"))
     names = " ".join(r["check"] for r in data["epoch_check"])
-    for what in ("expm series length", "EMA test bits/dim", "load_checkpoint", "load_model", "round trip",
+    for what in ("expm series length", "EMA test bits/dim", "load_checkpoint", "load_model", "round trip", "again vs recorded",
                  "stop_after_epochs=1", "resume=True", "resume: epoch 2"):  # fmt: skip
         assert what in names
     # on the CPU the resumed run repeats the uninterrupted one exactly
