@@ -128,3 +128,17 @@ def test_a_part_gets_its_cap_or_what_is_left_of_the_budget():
     assert part_caps(caps, budget=400, elapsed=0, part="bench") == 100
     assert part_caps(caps, budget=400, elapsed=350, part="bench") == 400 - 350 - gpu_check.RESERVE_S
     assert part_caps(caps, budget=400, elapsed=399, part="bench") == 0
+
+
+def test_without_a_cuda_device_the_check_says_so_and_runs_nothing(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    done = _run_script(tmp_path)  # the default: --device cuda, the paper's sizes
+    assert done.returncode == 1
+    data = json.loads((tmp_path / JSON_NAME).read_text())
+    assert [e["error"] for e in data["errors"]] == [
+        f"--device cuda: torch {torch.__version__} sees no CUDA device; no part was run"
+    ]
+    assert data["budget"]["parts"] == [] and data["environment"]["torch"] == torch.__version__
