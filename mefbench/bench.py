@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import time
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .layers import COUPLING, MIXING, MatrixExpCoupling
+from .layers import COUPLING, MIXING, Coupling, MatrixExpCoupling
 from .linalg import expm, expm_action, inf_norm
 from .models import FlowConfig, MultiScaleFlow
 from .presets import GLOW_LIKE, PRESETS, REFERENCE_CONV, layer_variants
@@ -209,16 +210,32 @@ def _coupling_rows(setting: Setting) -> list[Row]:
 
 
 def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats: int, setting: Setting) -> float:
-    """Median time of one training step of model b over model a."""
+    """Median time of one training step of model b over model a.
+
+    The couplings' zero-initialised output convs are redrawn small (N(0, 0.003²)), so that the
+    couplings are not the identity (a matrix exponential of S = 0 costs nothing), and the step
+    uses lr 1e-6, so that repeated steps stay where they started: every timed step is a full
+    forward, backward and update (a non-finite loss would skip the backward, and is refused).
+    """
     models, opts = {}, {}
     x = (torch.rand(batch, *config_a.image_shape) * 2 - 1).to(setting.device)
     for name, cfg in (("a", config_a), ("b", config_b)):
         torch.manual_seed(0)
         model = MultiScaleFlow(cfg).to(setting.device)
         model.initialize(x)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, Coupling):
+                    m.net.head.weight.normal_(0, 3e-3)
         models[name] = model.train()
-        opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-3)
-    times = setting.times({k: (lambda k=k: train_step(models[k], opts[k], x)) for k in models}, repeats=repeats)
+        opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-6)
+
+    def step(k: str) -> None:
+        loss = train_step(models[k], opts[k], x)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"bench: the {k} model's loss is {loss}: the timed step would skip its backward")
+
+    times = setting.times({k: (lambda k=k: step(k)) for k in models}, repeats=repeats)
     return paired_ratio(times, "b", "a")
 
 

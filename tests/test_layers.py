@@ -266,3 +266,23 @@ def test_matexp_coupling_inverse_uses_the_forwards_matrices():
     back, inv_logdet = layer.inverse_transform(y2, h)
     torch.testing.assert_close(back, x2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(inv_logdet, -logdet)
+
+
+def test_initialised_layers_do_not_read_their_init_flag_back():
+    """After data-dependent init no forward reads the ``initialized`` buffer (a host sync per norm
+    on a GPU): a meta tensor there, whose value cannot be read, does not stop a training step."""
+    layer = L.FlowSequential(L.ActNorm(4), L.MatrixExpCoupling(4, 8, 2))
+    x = torch.randn(8, 4, 3, 3)
+    layer.train()
+    layer(x)
+    flags = [m for m in layer.modules() if hasattr(m, "_needs_init")]
+    assert len(flags) == 1 + 2 + 2 * 6  # ActNorm; the stem and its norm; per block three ConvNorms and their norms
+    for m in flags:
+        m.initialized = torch.empty((), dtype=torch.bool, device="meta")
+    layer(x)[1].sum().backward()
+    state = {k: v for k, v in L.ActNorm(4).state_dict().items()}
+    fresh = L.ActNorm(4)
+    fresh.load_state_dict(state)  # loading re-reads the flag: an uninitialised state initialises again
+    fresh.train()
+    fresh(x)
+    assert bool(fresh.initialized)

@@ -300,12 +300,12 @@ def test_gpu_section(tmp_path):
     (gpu / "h200.json").write_text(json.dumps({
         "environment": {"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0"}, "date": "2026-11-28",
         "bench": {"rows": [{"what": "expm_action", "shape": "s", "measured": 20.0, "unit": "×", "target": "≥ 10×", "ok": True}]},
-        "train_step": [{"model": "MEF", "precision": "bf16", "images_per_s": 1234.5}],
+        "train_step": [{"model": "MEF", "precision": "bf16", "images_per_s": 1234.56}],
     }))  # fmt: skip
     text = write_report(runs, tmp_path / "out", gpu_dir=gpu, samples=False).read_text()
     section = _section(text, "On a GPU")
     assert "NVIDIA H200, torch 2.11.0, CUDA 13.0, 2026-11-28" in section
-    assert _line(section, "MEF", "bf16", "1234.5") and _line(section, "expm_action", "s", "20")
+    assert _line(section, "MEF", "bf16", "1235") and _line(section, "expm_action", "s", "20")  # 4 digits
 
 
 def test_markdown_table_escapes_and_aligns():

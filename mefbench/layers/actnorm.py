@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Cost, FlowLayer, LayerInfo, check_input
-from .nets import DataInitAffine, init_stats, inverse_std
+from .nets import DataInitAffine, InitFlag, init_stats, inverse_std
 
 __all__ = ["ActNorm", "DataInitAffine", "inverse_softplus"]
 
@@ -17,7 +17,7 @@ def inverse_softplus(s: Tensor) -> Tensor:
     return s + torch.log(-torch.expm1(-s))
 
 
-class ActNorm(FlowLayer):
+class ActNorm(InitFlag, FlowLayer):
     """y = s ⊙ x + b, s = softplus(θ); log|det| = Σ log s (× H·W when per channel).
 
     Args:
@@ -65,6 +65,7 @@ class ActNorm(FlowLayer):
         self.theta.copy_(inverse_softplus(scale).reshape(self.theta.shape))
         self.bias.copy_((-mean * scale).reshape(self.bias.shape))
         self.initialized.fill_(True)
+        self._init_seen = True
 
     def _logdet(self, x: Tensor, log_s: Tensor) -> Tensor:
         per_sample = log_s.sum() * (x.shape[2] * x.shape[3] if self.per == "channel" else 1)
@@ -72,7 +73,7 @@ class ActNorm(FlowLayer):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if not bool(self.initialized) and self.training:
+        if self._needs_init():
             self.data_init(x)
         s = F.softplus(self.theta)
         return s * x + self.bias, self._logdet(x, torch.log(s))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvNorm", "CouplingNet", "DataInitAffine", "NetFactory", "ResidualBlock", "coupling_net", "init_stats"]
+__all__ = ["ConvNorm", "CouplingNet", "DataInitAffine", "InitFlag", "NetFactory", "ResidualBlock", "coupling_net", "init_stats"]
 
 NetFactory = Callable[[int, int], nn.Module]
 
@@ -59,7 +59,29 @@ def inverse_std(std: Tensor, init_scale: float = 1.0) -> Tensor:
     return torch.where(std > _CONSTANT, init_scale / (std + INIT_EPS), torch.full_like(std, init_scale))
 
 
-class DataInitAffine(nn.Module):
+class InitFlag:
+    """Mixin for a module with data-dependent init and an ``initialized`` buffer (saved with it).
+
+    The buffer is read back to the host only until it is seen set: a GPU read-back per norm per
+    forward would stall the stream hundreds of times a step. Loading a state dict re-reads it.
+    """
+
+    _init_seen: bool = False
+
+    def _needs_init(self) -> bool:
+        if not self.training or self._init_seen:
+            return False
+        if bool(self.initialized):
+            self._init_seen = True
+            return False
+        return True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._init_seen = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class DataInitAffine(InitFlag, nn.Module):
     """Per-channel affine z = w ⊙ h + b inside coupling nets (the official ``Norm``; not a flow layer).
 
     Data-dependent init (:meth:`data_init`) gives zero mean and unit variance per channel on the
@@ -81,14 +103,15 @@ class DataInitAffine(nn.Module):
         self.weight.copy_(scale.reshape(self.weight.shape))
         self.bias.copy_((-mean * scale).reshape(self.bias.shape))
         self.initialized.fill_(True)
+        self._init_seen = True
 
     def forward(self, h: Tensor) -> Tensor:
-        if not bool(self.initialized) and self.training:
+        if self._needs_init():
             self.data_init(h)
         return h * self.weight + self.bias
 
 
-class ConvNorm(nn.Module):
+class ConvNorm(InitFlag, nn.Module):
     """conv k×k (no bias) → per-channel affine → ELU if ``activation``: the official ``Conv2d``.
 
     Data-dependent init (first forward in training mode): the conv weight is divided per output
@@ -114,9 +137,10 @@ class ConvNorm(nn.Module):
         self.conv.weight.mul_(inverse_std(std).view(-1, 1, 1, 1))
         self.norm.data_init(self.conv(x), self.init_scale)
         self.initialized.fill_(True)
+        self._init_seen = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized) and self.training:
+        if self._needs_init():
             self.data_init(x)
         h = self.norm(self.conv(x))
         return F.elu(h) if self.activation else h

@@ -245,12 +245,24 @@ def gpu_section(gpu_dir: str | Path | None) -> list[str]:
         env = data.get("environment", {})
         out += [f"### `{file.name}`: {env.get('device', 'unknown device')}, torch {env.get('torch', '?')}, "
                 f"CUDA {env.get('cuda', '?')}, {data.get('date', 'undated')}", ""]  # fmt: skip
+        parts = (data.get("budget") or {}).get("parts") if isinstance(data.get("budget"), dict) else None
+        if parts:
+            out += ["Parts (each under its own time cap):", "", markdown_table(_rounded(pd.DataFrame(parts))), ""]
         if isinstance(data.get("bench"), dict) and data["bench"].get("rows"):
             out += ["`mefbench bench --device cuda`:", "", markdown_table(_bench_table(data["bench"])), ""]
-        for key in ("train_step", "epoch_check"):
+        for key, title in (("train_step", "training step"), ("epoch_check", "epoch check"), ("ddp", "DDP")):
             if isinstance(data.get(key), list) and data[key]:
-                out += [f"{key.replace('_', ' ')}:", "", markdown_table(pd.DataFrame(data[key])), ""]
+                out += [f"{title}:", "", markdown_table(_rounded(pd.DataFrame(data[key]))), ""]
+        errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
+        if errors:
+            out += ["Errors recorded by the check:", ""]
+            out += [f"- {e.get('part')}{'/' + str(e['item']) if e.get('item') else ''}: {e.get('error')}" for e in errors] + [""]
     return out
+
+
+def _rounded(df: pd.DataFrame) -> pd.DataFrame:
+    """Floats to 4 significant digits for display."""
+    return df.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
 
 
 def published_source(published: dict) -> list[str]:
