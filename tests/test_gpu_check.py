@@ -87,7 +87,7 @@ def test_the_report_shows_the_check(tiny):
     data, out, _ = tiny
     text = "\n".join(gpu_section(out))
     assert data["environment"]["device"] in text and data["date"] in text
-    assert "mefbench bench --device cuda" in text and "train step" in text and "epoch check" in text
+    assert "mefbench bench --device cuda" in text and "training step" in text and "epoch check" in text
 
 
 def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path):
