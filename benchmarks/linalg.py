@@ -84,9 +84,7 @@ class _Base:
 
     def setup(self, method: str, n: int, batch: int) -> None:
         if self.grad and (method, n, batch) in SLOW_GRAD:
-            raise NotImplementedError(
-                f"{method} forward+backward at n={n}, batch={batch} is skipped (> 1 min)"
-            )
+            raise NotImplementedError(f"{method} forward+backward at n={n}, batch={batch} is skipped (> 1 min)")
         set_up_torch()
         self.S = _matrices(n, batch).requires_grad_(self.grad)
         self.x = _vectors(n, batch)

@@ -35,7 +35,7 @@ _MEF = PRESETS[CPU_PRESET].model
 
 
 def _pairs() -> dict[str, dict]:
-    """"conv (variant) + coupling (variant)" -> model changes: every mixing layer with MEF's coupling,
+    """ "conv (variant) + coupling (variant)" -> model changes: every mixing layer with MEF's coupling,
     every coupling with MEF's conv, and the Glow-like pair."""
     pairs = {}
     for conv, label, options in layer_variants(MIXING):
@@ -88,9 +88,7 @@ class Reference:
         pass
 
 
-def short_training_bpd(
-    steps: int = 20, seed: int = 0, test_images: int = 128, preset: str = "smoke"
-) -> float:
+def short_training_bpd(steps: int = 20, seed: int = 0, test_images: int = 128, preset: str = "smoke") -> float:
     """Test bits/dim on the first ``test_images`` patches16 test images after ``steps`` Adamax steps.
 
     The preset's model and batch size, lr 0.01, data-dependent init on its init batch, fixed seed:

@@ -33,7 +33,9 @@ class Targets:
             _MEASURED[part] = run_bench(quick=True, threads=2, only=(part,))
         rows = _MEASURED[part]
         if len(rows) != ROWS_PER_PART[part]:
-            raise RuntimeError(f"bench part {part!r} printed {len(rows)} rows; ROWS_PER_PART says {ROWS_PER_PART[part]}")
+            raise RuntimeError(
+                f"bench part {part!r} printed {len(rows)} rows; ROWS_PER_PART says {ROWS_PER_PART[part]}"
+            )
         self.row = rows[row]
 
     def track_measured(self, part: str, row: int) -> float:

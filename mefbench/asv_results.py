@@ -29,6 +29,7 @@ __all__ = ["COLUMNS", "KEY_BENCHMARKS", "asv_speed_table", "load_asv_results", "
 
 COLUMNS = ["machine", "commit", "date", "env", "benchmark", "params", "value", "unit"]
 
+
 def _mef_pair() -> str:
     from .presets import PRESETS
 
@@ -91,7 +92,7 @@ def _rows(name: str, row: object, columns: list[str]) -> tuple[list, list]:
     if isinstance(row, dict):  # the older layout: {"result": [...], "params": [...]}
         values, params = row.get("result"), row.get("params", [])
     elif isinstance(row, list):
-        fields = dict(zip(columns, row))
+        fields = dict(zip(columns, row, strict=False))  # asv leaves trailing empty fields out
         values, params = fields.get("result"), fields.get("params", [])
     else:
         raise TypeError(f"benchmark {name!r}: row is a {type(row).__name__}")
@@ -113,11 +114,7 @@ def _read_result_file(path: Path, machine: str, benchmarks: dict) -> list[dict]:
         raise TypeError("no 'results' object")
     commit = data["commit_hash"]
     env = data.get("env_name", path.stem.split("-", 1)[-1])
-    date = (
-        pd.to_datetime(data["date"], unit="ms", utc=True)
-        if data.get("date") is not None
-        else pd.NaT
-    )
+    date = pd.to_datetime(data["date"], unit="ms", utc=True) if data.get("date") is not None else pd.NaT
     columns = data.get("result_columns") or ["result", "params"]
     out = []
     for name, row in data["results"].items():
@@ -127,8 +124,8 @@ def _read_result_file(path: Path, machine: str, benchmarks: dict) -> list[dict]:
         if len(names) != len(params):
             names = [f"p{i}" for i in range(len(params))]
         unit = info.get("unit") or _default_unit(name)
-        for value, point in zip(values, itertools.product(*params)):
-            label = ", ".join(f"{n}={_param_value(v)}" for n, v in zip(names, point))
+        for value, point in zip(values, itertools.product(*params), strict=False):  # a short row: points not run
+            label = ", ".join(f"{n}={_param_value(v)}" for n, v in zip(names, point, strict=True))
             out.append(
                 {
                     "machine": machine,
@@ -162,8 +159,7 @@ def load_asv_results(asv_dir: str | Path = ".asv") -> pd.DataFrame:
         results_dir = Path(asv_dir)  # given the results folder itself
     if not results_dir.is_dir():
         raise FileNotFoundError(
-            f"no asv results in {results_dir}: run `asv machine --yes && asv run --quick` first "
-            "(benchmarks/README.md)"
+            f"no asv results in {results_dir}: run `asv machine --yes && asv run --quick` first (benchmarks/README.md)"
         )
     benchmarks = _read_benchmarks(results_dir)
     rows: list[dict] = []
@@ -179,9 +175,7 @@ def load_asv_results(asv_dir: str | Path = ".asv") -> pd.DataFrame:
     frame["value"] = frame["value"].astype(float)
     if frame.empty:
         frame["date"] = pd.to_datetime(frame["date"], utc=True)
-    return frame.sort_values(["machine", "date", "benchmark", "env"], kind="stable").reset_index(
-        drop=True
-    )
+    return frame.sort_values(["machine", "date", "benchmark", "env"], kind="stable").reset_index(drop=True)
 
 
 def _latest(df: pd.DataFrame) -> pd.DataFrame:
@@ -206,23 +200,17 @@ def asv_speed_table(df: pd.DataFrame) -> pd.DataFrame:
     times = df[df["unit"] == "seconds"]
     latest = _latest(times).copy()
     if latest.empty:
-        empty = pd.DataFrame(
-            index=pd.MultiIndex.from_arrays([[], []], names=["benchmark", "params"])
-        )
+        empty = pd.DataFrame(index=pd.MultiIndex.from_arrays([[], []], names=["benchmark", "params"]))
         empty.attrs["commits"] = {}
         return empty
     several_envs = latest.groupby("machine")["env"].nunique().max() > 1
     latest["column"] = latest["machine"] + (" / " + latest["env"] if several_envs else "")
     latest["ms"] = latest["value"] * 1e3
     latest = latest.sort_values("benchmark", kind="stable")  # keeps each grid in asv's order
-    table = (
-        latest.groupby(["benchmark", "params", "column"], sort=False)["ms"]
-        .first()
-        .unstack("column")
-    )
+    table = latest.groupby(["benchmark", "params", "column"], sort=False)["ms"].first().unstack("column")
     table = table.reindex(pd.unique(latest.set_index(["benchmark", "params"]).index))
     table.columns.name = None
-    table.attrs["commits"] = dict(zip(latest["column"], latest["commit"]))
+    table.attrs["commits"] = dict(zip(latest["column"], latest["commit"], strict=True))
     return table
 
 
@@ -258,9 +246,7 @@ def plot_asv_history(
     wanted = KEY_BENCHMARKS if benchmarks is None else benchmarks
     panels = []
     for name, fixed in wanted.items():
-        rows = df[
-            (df["benchmark"] == name) & df["params"].map(lambda s, f=fixed: _params_match(s, f))
-        ]
+        rows = df[(df["benchmark"] == name) & df["params"].map(lambda s, f=fixed: _params_match(s, f))]
         rows = rows.dropna(subset=["value", "date"])
         if not rows.empty:
             panels.append((name, fixed, rows))
@@ -273,13 +259,12 @@ def plot_asv_history(
     fig = Figure(figsize=(6.5 * cols, 3.6 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
-    for ax, (name, fixed, rows) in zip(axes, panels):
+    for ax, (name, fixed, rows) in zip(axes, panels, strict=False):  # the grid may have spare axes
         rows = rows.copy()
         unit = rows["unit"].iloc[0]
         rows["value"], label = _scaled(rows["value"], unit)
         rows["series"] = [
-            ", ".join(p for p in s.split(", ") if p.split("=", 1)[0] not in fixed) or "value"
-            for s in rows["params"]
+            ", ".join(p for p in s.split(", ") if p.split("=", 1)[0] not in fixed) or "value" for s in rows["params"]
         ]
         if rows["machine"].nunique() > 1:
             rows["series"] = rows["machine"] + ": " + rows["series"]

@@ -89,7 +89,7 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over repeats of num's time over den's time in the same repeat."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 QUICK = "not judged: --quick sizes"
@@ -192,7 +192,7 @@ def _coupling_rows(setting: Setting) -> list[Row]:
 
             times = setting.times({"layer": full, "net": net_only}, repeats=repeats)
             t = medians(times)
-            extra = statistics.median(a - b for a, b in zip(times["layer"], times["net"]))
+            extra = statistics.median(a - b for a, b in zip(times["layer"], times["net"], strict=True))
             overhead = extra / t["layer"]
             note = f"layer {t['layer'] * 1e3:.2f} ms, net {t['net'] * 1e3:.2f} ms"
             if extra < 0:
@@ -200,10 +200,12 @@ def _coupling_rows(setting: Setting) -> list[Row]:
             if overhead > 0.15 and not setting.quick:
                 fixed = _per_call_cost(layer, setting, repeats)
                 entries = batch * (c // 2) ** 2 * hw * hw
-                note += (f"; {extra * 1e3:.2f} ms beyond the net, of which {fixed * 1e3:.2f} ms is per-call cost "
-                         f"(the same transform at one pixel: Python, op dispatch, the norm's read-back) and the rest "
-                         f"passes over S's {entries:,} entries; a hidden-{hidden} net is too small to hide it: "
-                         f"{(overhead - 0.15) * 100:.0f} points over")
+                note += (
+                    f"; {extra * 1e3:.2f} ms beyond the net, of which {fixed * 1e3:.2f} ms is per-call cost "
+                    f"(the same transform at one pixel: Python, op dispatch, the norm's read-back) and the rest "
+                    f"passes over S's {entries:,} entries; a hidden-{hidden} net is too small to hide it: "
+                    f"{(overhead - 0.15) * 100:.0f} points over"
+                )
             rows.append(Row("MatrixExpCoupling fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch {batch}, hidden {hidden}",
                             100 * overhead, "≤ 15%", "%", _judge(setting, overhead <= 0.15), note))  # fmt: skip
     return rows
@@ -304,11 +306,8 @@ def _accuracy_rows(setting: Setting) -> list[Row]:
             err_y = np.linalg.norm(y - y_ref, axis=1) / np.linalg.norm(y_ref, axis=1)
             worst["expm"] = max(worst["expm"], float(err_e.max()))
             worst["expm_action"] = max(worst["expm_action"], float(err_y.max()))
-    return [
-        Row(f"{k} float32 relative error vs scipy float64", "n ∈ {6, 12, 24}, ∥X∥∞ ≤ 30", v, "≤ 1e-5, never NaN", "",
-            v <= 1e-5 and not nan)  # fmt: skip
-        for k, v in worst.items()
-    ]
+    what, shape, target = "float32 relative error vs scipy float64", "n ∈ {6, 12, 24}, ∥X∥∞ ≤ 30", "≤ 1e-5, never NaN"
+    return [Row(f"{k} {what}", shape, v, target, "", v <= 1e-5 and not nan) for k, v in worst.items()]
 
 
 def _label(name: str, variant: str) -> str:
@@ -391,7 +390,7 @@ def _coupling_zoo_rows(setting: Setting) -> list[Row]:
 
         times = setting.times({"layer": full, "net": net_only, "inverse": inverse}, repeats)
         t = medians(times)
-        extra = statistics.median(a - b for a, b in zip(times["layer"], times["net"]))
+        extra = statistics.median(a - b for a, b in zip(times["layer"], times["net"], strict=True))
         rows.append(Row(f"coupling {_label(name, variant)}: fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch {batch}, hidden 32",
                         extra * 1e3, "report", " ms", None,
                         f"{100 * extra / t['layer']:.0f}% of the layer's {t['layer'] * 1e3:.2f} ms; inverse {t['inverse'] * 1e3:.2f} ms"))  # fmt: skip

@@ -57,7 +57,9 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         for name, cls in registry.items():
             info = cls.info
             print(f"  {name:12} {info.family:10} log-det {info.logdet:9} inverse {info.inverse:11} {summary(cls)}")
-            print(f"  {'':12} cost: forward {info.cost.forward}; log-det {info.cost.logdet}; inverse {info.cost.inverse}")
+            print(
+                f"  {'':12} cost: forward {info.cost.forward}; log-det {info.cost.logdet}; inverse {info.cost.inverse}"
+            )
             options = [o for o in option_names(cls) if o not in ("hidden_channels", "num_blocks", "net")]
             print(f"  {'':12} options: {', '.join(options) or 'none'}; reference: {info.reference}")
         print()
@@ -72,9 +74,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         for p in sorted(PRESETS.values(), key=lambda p: (("smoke", "cpu", "paper").index(p.scale), p.name))
     ]
     widths = [max(len(r[i]) for r in rows + [("preset", "scale", "tables", "dataset", "")]) for i in range(4)]
-    print("  ".join(h.ljust(w) for h, w in zip(("preset", "scale", "tables", "dataset"), widths)) + "  description")
+    print(
+        "  ".join(h.ljust(w) for h, w in zip(("preset", "scale", "tables", "dataset"), widths, strict=True))
+        + "  description"
+    )
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
+        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     return 0
 
 
@@ -191,7 +196,7 @@ def _cmd_migrate_records(args: argparse.Namespace) -> int:
         print(f"migrated {path}")
     for path in locked:
         print(f"locked (a run in progress writes today's schema), left as it is: {path}")
-    for path, error in unreadable:
+    for _, error in unreadable:  # the error names the file
         print(f"unreadable, left as it is: {error}", file=sys.stderr)
     print(
         f"{len(migrated)} records migrated to schema {SCHEMA}, {len(current)} already current, "
@@ -268,9 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one run from a preset")
     p.add_argument("--preset", required=True, help="a name from `mefbench presets`")
     p.add_argument("--conv", choices=list(MIXING), help="the mixing layer (`mefbench layers` lists them)")
-    p.add_argument("--conv-option", action="append", metavar="KEY=VALUE", help="an option of the mixing layer (repeatable)")
+    p.add_argument(
+        "--conv-option", action="append", metavar="KEY=VALUE", help="an option of the mixing layer (repeatable)"
+    )
     p.add_argument("--coupling", choices=list(COUPLING), help="the coupling layer")
-    p.add_argument("--coupling-option", action="append", metavar="KEY=VALUE", help="an option of the coupling (repeatable)")
+    p.add_argument(
+        "--coupling-option", action="append", metavar="KEY=VALUE", help="an option of the coupling (repeatable)"
+    )
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
@@ -278,8 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where cifar10 / imagenet32 / imagenet64 files are")
     p.add_argument("--out", help="the run directory (default runs/<preset>[-overrides]-seed<N>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--amp", choices=list(AMP_CHOICES), help="mixed precision for the coupling nets (the flow's maths stays float32)")
-    p.add_argument("--channels-last", action="store_true", help="model and batches in torch.channels_last memory format")
+    p.add_argument(
+        "--amp",
+        choices=list(AMP_CHOICES),
+        help="mixed precision for the coupling nets (the flow's maths stays float32)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="model and batches in torch.channels_last memory format"
+    )
     _add_common_train(p)
     p.set_defaults(func=_cmd_train)
 
@@ -304,7 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     def sweep_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--table", default="all", help=tables_help)
         p.add_argument("--scale", choices=["smoke", "cpu", "paper"], required=True)
-        p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the tables' own, 3; 5 for stability)")
+        p.add_argument(
+            "--seeds",
+            type=int,
+            default=None,
+            help="seeds per configuration (default: the tables' own, 3; 5 for stability)",
+        )
         p.add_argument("--runs", required=True, help="where run directories go")
         p.add_argument("--data-dir", action="append", help="PATH, or DATASET=PATH (repeatable)")
         p.add_argument("--amp", choices=list(AMP_CHOICES), help="mixed precision for the coupling nets in every run")
@@ -336,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed and accuracy of the matrix-exponential layers vs their targets")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke check)")
     p.add_argument("--json", help="also write the rows as JSON here (the report reads it)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:index]; on a GPU the layer and model rows use batch 64")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:index]; on a GPU the layer and model rows use batch 64"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model, layers, couplings")
     p.set_defaults(func=_cmd_bench)

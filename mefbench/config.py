@@ -15,7 +15,7 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["DictConfig", "FlowConfig", "TrainConfig", "AMP_CHOICES", "ACTNORM_CHOICES", "PRIOR_CHOICES"]
+__all__ = ["ACTNORM_CHOICES", "AMP_CHOICES", "PRIOR_CHOICES", "DictConfig", "FlowConfig", "TrainConfig"]
 
 T = TypeVar("T", bound="DictConfig")
 
@@ -60,7 +60,9 @@ def _json_options(owner: str, options: Any) -> dict:
     try:
         json.dumps(options)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"FlowConfig.{owner} must be JSON-serialisable (it is recorded with every run): {exc}") from exc
+        raise ValueError(
+            f"FlowConfig.{owner} must be JSON-serialisable (it is recorded with every run): {exc}"
+        ) from exc
     return dict(options)
 
 
@@ -134,7 +136,7 @@ class FlowConfig(DictConfig):
             raise ValueError(
                 f"FlowConfig needs hidden_channels >= 1 and num_blocks >= 0, got {self.hidden_channels}, {self.num_blocks}"
             )
-        c, h, w = self.image_shape
+        _, h, w = self.image_shape
         levels = len(self.steps)
         if levels < 1 or min(self.steps) < 1:
             raise ValueError(f"FlowConfig.steps needs at least one level of at least one step, got {self.steps}")

@@ -222,9 +222,7 @@ def _photo(name: str) -> np.ndarray:
         ) from err
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] < 3:
-        raise RuntimeError(
-            f"skimage.data.{name} gave {img.dtype} {img.shape}, expected an 8-bit RGB image"
-        )
+        raise RuntimeError(f"skimage.data.{name} gave {img.dtype} {img.shape}, expected an 8-bit RGB image")
     return img[:, :, :3]
 
 
@@ -365,16 +363,10 @@ def _read_cifar_py(path: Path) -> np.ndarray:
                 f"the file may be truncated ({_CIFAR_LAYOUT})"
             ) from err
     data = obj.get(b"data", obj.get("data")) if isinstance(obj, dict) else obj
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != 3 * 32 * 32
-    ):
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(
-            f"{path}: expected a dict whose b'data' is a uint8 array of shape (N, 3072), got {got} "
-            f"({_CIFAR_LAYOUT})"
+            f"{path}: expected a dict whose b'data' is a uint8 array of shape (N, 3072), got {got} ({_CIFAR_LAYOUT})"
         )
     return data.reshape(-1, 3, 32, 32)
 
@@ -416,9 +408,7 @@ def _npz_files(root: Path, size: int, split: str) -> list[Path] | None:
         if (folder / names[0]).is_file():
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
-                raise FileNotFoundError(
-                    f"{folder} lacks {', '.join(missing)}; {_imagenet_layout(size)}"
-                )
+                raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; {_imagenet_layout(size)}")
             return [folder / n for n in names]
     return None
 
@@ -464,8 +454,7 @@ def _load_imagenet_png(folder: Path, size: int) -> torch.Tensor:
         with Image.open(path) as img:
             if img.size != (size, size):
                 raise ValueError(
-                    f"{path} is {img.size[0]}x{img.size[1]}, expected {size}x{size}; "
-                    f"{_imagenet_layout(size)}"
+                    f"{path} is {img.size[0]}x{img.size[1]}, expected {size}x{size}; {_imagenet_layout(size)}"
                 )
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
         out[i] = torch.from_numpy(arr.transpose(2, 0, 1).copy())
@@ -477,18 +466,14 @@ def _imagenet_loader(size: int) -> Loader:
         """Downsampled ImageNet from npz batches or PNG folders (see the module docstring)."""
         root = Path(data_dir)  # type: ignore[arg-type]
         if not root.is_dir():
-            raise FileNotFoundError(
-                f"ImageNet data_dir {root} is not a directory; {_imagenet_layout(size)}"
-            )
+            raise FileNotFoundError(f"ImageNet data_dir {root} is not a directory; {_imagenet_layout(size)}")
         files = _npz_files(root, size, split)
         if files is not None:
             return _load_imagenet_npz(files, size)
         folder = root / f"{'train' if split == 'train' else 'valid'}_{size}x{size}"
         if folder.is_dir():
             return _load_imagenet_png(folder, size)
-        raise FileNotFoundError(
-            f"no ImageNet {size}x{size} {split} data in {root}; {_imagenet_layout(size)}"
-        )
+        raise FileNotFoundError(f"no ImageNet {size}x{size} {split} data in {root}; {_imagenet_layout(size)}")
 
     return load
 

@@ -211,7 +211,9 @@ def _git_commit(root: Path) -> str | None:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return (done.stdout.strip() or None) if done.returncode == 0 else None
@@ -300,7 +302,7 @@ class Part:
         print(name, flush=True)
         try:
             yield
-        except Exception as exc:  # noqa: BLE001 -- one failing item must not lose the others
+        except Exception as exc:
             self.errors.append(_error(self.name, name, exc))
             self.save()
             print(f"{name} FAILED: {type(exc).__name__}: {exc}", flush=True)
@@ -324,7 +326,9 @@ def _bench(part: Part) -> None:
             if section is None:
                 section = {**data, "rows": [], "parts": []}
             section["rows"] += data["rows"]
-            section["parts"].append({"part": name, "rows": len(data["rows"]), "wall_s": round(time.perf_counter() - t0, 1)})
+            section["parts"].append(
+                {"part": name, "rows": len(data["rows"]), "wall_s": round(time.perf_counter() - t0, 1)}
+            )
             done = [p["part"] for p in section["parts"]]
             section["command"] = (
                 "mefbench bench" + (" --quick" if sizes.bench_quick else "") + f" --threads {sizes.bench_threads}"
@@ -457,7 +461,7 @@ def _compare_epochs(a: dict, b: dict, tol: float) -> list[dict]:
     """Resumed against uninterrupted, epoch by epoch: the largest difference of the recorded
     bits/dim (and of the mean series length)."""
     rows = []
-    for ea, eb in zip(a["epochs"], b["epochs"]):
+    for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
         diffs = {k: abs(ea[k] - eb[k]) for k in ("train_bpd", "train_bpd_ema", "test_bpd", "test_bpd_raw")}
         dm = abs(ea.get("expm", {}).get("m", {}).get("mean", 0.0) - eb.get("expm", {}).get("m", {}).get("mean", 0.0))
         worst = max(diffs.values())
@@ -500,7 +504,14 @@ def _epoch_check(part: Part) -> None:
                         f"{rec['epochs'][-1]['step'] if done else 0} steps of batch {train_cfg.batch_size} on "
                         f"{train_cfg.dataset}, {wall:.1f} s in train()"))  # fmt: skip
         if peak is not None:
-            part.add(_check("uninterrupted run: peak memory in train() (MB)", peak, _finite(peak), "torch.cuda.max_memory_allocated"))
+            part.add(
+                _check(
+                    "uninterrupted run: peak memory in train() (MB)",
+                    peak,
+                    _finite(peak),
+                    "torch.cuda.max_memory_allocated",
+                )
+            )
         for row in _epoch_rows("uninterrupted", rec):
             part.add(row)
 
@@ -577,7 +588,9 @@ def _ddp_worker(rank: int, world: int, port: int, device_type: str, sizes: Sizes
     from .models import MultiScaleFlow, bits_per_dim
     from .training import RECORD, train, train_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     cuda = device_type == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -606,7 +619,11 @@ def _ddp_worker(rank: int, world: int, port: int, device_type: str, sizes: Sizes
         for net, data in ((ddp, local), (reference, x)):
             _, logdet, logp = net(data)
             bits_per_dim(logp + logdet, cfg.dims).mean().backward()
-        pairs = [(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()) if q.grad is not None]
+        pairs = [
+            (p.grad, q.grad)
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True)
+            if q.grad is not None
+        ]
         num = sum(float(((a - b).double() ** 2).sum()) for a, b in pairs)
         den = sum(float((b.double() ** 2).sum()) for _, b in pairs)
         rel = math.sqrt(num / den) if den > 0 else math.nan
@@ -679,7 +696,7 @@ def _child(args: argparse.Namespace) -> int:
         if args.raise_in == args.child:
             raise RuntimeError(f"deliberate failure in part {args.child!r} (--raise-in, to test the error path)")
         PART_FUNCTIONS[args.child](part)
-    except Exception as exc:  # noqa: BLE001 -- recorded, and the parent goes on with the next part
+    except Exception as exc:
         part.errors.append(_error(args.child, None, exc))
         part.save()
         traceback.print_exc()
@@ -730,8 +747,23 @@ def _run_part(part: str, cap: float, argv: list[str], log: _Log, workdir: Path) 
     """Run one part in a child process for at most cap seconds: (status, its results, note)."""
     result = workdir / f"part-{part}.json"
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "mefbench.gpu_check", *argv, "--child", part, "--result", str(result), "--workdir", str(workdir)]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "mefbench.gpu_check",
+        *argv,
+        "--child",
+        part,
+        "--result",
+        str(result),
+        "--workdir",
+        str(workdir),
+    ]
     # its own process group, so that a time-out ends the DDP workers it spawned too; but not a new
     # session, which would outlive this process if it were killed from outside
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -803,11 +835,13 @@ class _Check:
         try:
             result["environment"] = environment(args.device)
             log(json.dumps(result["environment"]))
-        except Exception as exc:  # noqa: BLE001 -- recorded; the parts still run
+        except Exception as exc:
             result["errors"].append(_error("environment", None, exc))
             log(f"environment FAILED: {type(exc).__name__}: {exc}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            self.error("environment", f"--device {args.device}: torch {torch.__version__} sees no CUDA device; no part was run")
+            self.error(
+                "environment", f"--device {args.device}: torch {torch.__version__} sees no CUDA device; no part was run"
+            )
             log(result["errors"][-1]["error"])
             args.parts = ()
         self.save()
@@ -837,7 +871,9 @@ class _Check:
         skip = _ddp_skip(self.args, result["environment"]) if part == "ddp" else None
         if skip:
             row["status"] = "skipped"
-            result["ddp"] = [_check("2-process DDP", result["environment"].get("device_count"), None, f"skipped: {skip}")]
+            result["ddp"] = [
+                _check("2-process DDP", result["environment"].get("device_count"), None, f"skipped: {skip}")
+            ]
             log(f"ddp: skipped ({skip})")
             self.save()
             return row["status"]
@@ -855,7 +891,7 @@ class _Check:
         workdir.mkdir()
         try:
             status, data, note = _run_part(part, cap, self.child_argv, log, workdir)
-        except Exception as exc:  # noqa: BLE001 -- e.g. the child could not be started
+        except Exception as exc:
             status, data, note = "error", {"section": None, "errors": [_error(part, None, exc)]}, ""
         row.update(wall_s=round(time.perf_counter() - started, 1), status=status)
         if data is not None:
@@ -915,9 +951,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m mefbench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models, few steps, bench --quick (CPU tests)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "reports/gpu", help="folder for gpu_check.json and .log ($OUT, else reports/gpu)")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or "reports/gpu",
+        help="folder for gpu_check.json and .log ($OUT, else reports/gpu)",
+    )
     p.add_argument("--parts", type=_parts, default=PARTS, help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--budget", type=float, default=None, help=f"seconds for the whole check (default {BUDGET_S:.0f}; tiny {TINY_BUDGET_S:.0f})")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for the whole check (default {BUDGET_S:.0f}; tiny {TINY_BUDGET_S:.0f})",
+    )
     p.add_argument("--cap", type=_cap, action="append", default=[], metavar="PART=SECONDS", help="one part's time cap")
     p.add_argument("--ddp-on-cpu", action="store_true", help="with --device cpu, run the DDP part with gloo")
     p.add_argument("--raise-in", choices=PARTS, default=None, help="make a part fail at once (tests the error path)")

@@ -54,6 +54,7 @@ __all__ = [
     "taylor_tolerance",
 ]
 
+
 class NonFiniteError(ValueError):
     """A matrix exponential met inf or NaN: in its input, or (:class:`ExpmOverflowError`) in its result."""
 

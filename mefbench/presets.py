@@ -26,8 +26,8 @@ from .config import FlowConfig, TrainConfig
 __all__ = [
     "GLOW_LIKE",
     "PAPER_CONV_OPTIONS",
-    "REFERENCE_CONV",
     "PRESETS",
+    "REFERENCE_CONV",
     "SCALES",
     "STABILITY_LRS",
     "TABLE4_COUPLINGS",
@@ -183,7 +183,9 @@ def _paper_tables(add) -> None:
                 base_epochs = _SMALL[scale]["train"]["epochs"]
                 epochs = base_epochs * 4 if long else base_epochs
                 decay = _SMALL[scale]["train"]["decay_epochs"] if not long else ()
-                model, train = _small(scale, {"coupling": coupling}, {"lr": lr, "epochs": epochs, "decay_epochs": decay})
+                model, train = _small(
+                    scale, {"coupling": coupling}, {"lr": lr, "epochs": epochs, "decay_epochs": decay}
+                )
                 add(f"{scale}-t4-{coupling}-lr{lr}", f"Table 4 at {scale} scale: {coupling} coupling, lr {lr}",
                     model, train, ("4",), scale, cell)  # fmt: skip
 
@@ -227,7 +229,9 @@ def _zoo_tables(add) -> None:
                 _paper_model("cifar10", coupling=coupling, coupling_options=options, hidden_channels=hidden),
                 _paper_train("cifar10", lr=lr), ("stability",), "paper", cell)  # fmt: skip
             for scale in ("cpu", "smoke") if smoke else ("cpu",):
-                model, train = _small(scale, {"coupling": coupling, "coupling_options": options}, {"lr": lr}, _STABILITY)
+                model, train = _small(
+                    scale, {"coupling": coupling, "coupling_options": options}, {"lr": lr}, _STABILITY
+                )
                 add(f"{scale}-stab-{name}-lr{lr}", f"stability at {scale} scale: {name} coupling at lr {lr}",
                     model, train, ("stability",), scale, cell)  # fmt: skip
 

@@ -10,7 +10,6 @@ loading: it is named in a :class:`CorruptRecordWarning` and listed, with the rea
 from __future__ import annotations
 
 import json
-
 import math
 import warnings
 from pathlib import Path

@@ -48,7 +48,9 @@ def parse_tables(text: str) -> tuple[str, ...]:
 
 
 def _key(model: FlowConfig, train_cfg: TrainConfig) -> str:
-    return json.dumps([model.to_dict(), dataclasses.replace(train_cfg, seed=0, data_dir=None).to_dict()], sort_keys=True)
+    return json.dumps(
+        [model.to_dict(), dataclasses.replace(train_cfg, seed=0, data_dir=None).to_dict()], sort_keys=True
+    )
 
 
 def default_seeds(tables: tuple[str, ...]) -> int:

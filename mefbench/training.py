@@ -182,7 +182,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise RunError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written, or truncated since")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated, foreign or unsafe files
+    except Exception as exc:
         raise RunError(_checkpoint_problem(path, exc)) from None
     if not isinstance(ckpt, dict):
         raise RunError(f"checkpoint {path} is not a mefbench checkpoint: it holds {type(ckpt).__name__}, not a dict")
@@ -485,7 +485,9 @@ def _claim_run_dir(run_dir: Path, resume: bool, lock: RunLock) -> bool:
                 status = f"status {read_record(run_dir).status!r}"
             except RunError as exc:
                 status = f"unreadable record: {exc}"
-            raise RunError(f"{run_dir} already holds a run ({status}); pass --resume to continue it or choose another --out")
+            raise RunError(
+                f"{run_dir} already holds a run ({status}); pass --resume to continue it or choose another --out"
+            )
         return has_run
     if resume:
         where = "does not exist" if not run_dir.exists() else f"holds no run (no {RECORD})"
@@ -499,7 +501,9 @@ def _claim_run_dir(run_dir: Path, resume: bool, lock: RunLock) -> bool:
 def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
     info = DATASETS[cfg.dataset]
     if tuple(model_config.image_shape) != tuple(info.shape):
-        raise ValueError(f"model image_shape {model_config.image_shape} does not match dataset {cfg.dataset} {info.shape}")
+        raise ValueError(
+            f"model image_shape {model_config.image_shape} does not match dataset {cfg.dataset} {info.shape}"
+        )
     train_images = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test_images = load_dataset(cfg.dataset, "test", cfg.data_dir)
     if cfg.max_test is not None:
@@ -510,7 +514,9 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
     if cfg.max_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     if steps_per_epoch < 1:
-        raise ValueError(f"{cfg.dataset} has {len(train_images)} train images, fewer than one batch of {cfg.batch_size}")
+        raise ValueError(
+            f"{cfg.dataset} has {len(train_images)} train images, fewer than one batch of {cfg.batch_size}"
+        )
     train_eval = train_images[torch.randperm(len(train_images), generator=_generator(cfg.seed, 3))[: len(test_images)]]
     return _Data(
         train_images=train_images,
@@ -622,7 +628,9 @@ def _recover(
             )
         inside = RunRecord.from_json(ckpt["record"], f"the record inside {ckpt_path}")
         if len(inside.epochs) != epoch:
-            raise RunError(f"{ckpt_path} is at epoch {epoch} but the record inside it holds {len(inside.epochs)} epochs")
+            raise RunError(
+                f"{ckpt_path} is at epoch {epoch} but the record inside it holds {len(inside.epochs)} epochs"
+            )
         return inside, ckpt, True  # record.json was one commit behind: the checkpoint's record is the run's
     if epoch < len(record.epochs):
         raise RunError(
@@ -667,7 +675,14 @@ def _open_run(
 
 
 def _run_epoch(
-    epoch: int, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device, rank: int, progress: bool, ddp_model: nn.Module
+    epoch: int,
+    state: _State,
+    data: _Data,
+    cfg: TrainConfig,
+    dev: torch.device,
+    rank: int,
+    progress: bool,
+    ddp_model: nn.Module,
 ) -> EpochRecord | Divergence:
     """Train one epoch (0-based index) and evaluate; a non-finite loss ends it as a Divergence."""
     g = _generator(cfg.seed, 100, epoch)
@@ -763,7 +778,9 @@ def _measure_trained(state: _State, data: _Data, cfg: TrainConfig, dev: torch.de
     return {"sample_time_per_image_s": elapsed / n, "sample_images": n, "roundtrip_error": roundtrip}
 
 
-def _finish(run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device) -> RunRecord:
+def _finish(
+    run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device
+) -> RunRecord:
     """Measure the trained model, mark the run finished and write the record (rank 0)."""
     _test_point("finishing", len(record.epochs))
     final = FinalMetrics.from_epochs(record.epochs, **_measure_trained(state, data, cfg, dev))
@@ -845,7 +862,9 @@ def _train_epochs(
 
     ddp_model: nn.Module = state.model
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(state.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
     start = len(record.epochs)
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
     with _sigterm_as_interrupt():
@@ -854,7 +873,10 @@ def _train_epochs(
                 result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
                 if isinstance(result, Divergence):
                     if progress and rank == 0:
-                        print(f"run diverged at step {result.step} (epoch {result.epoch}): loss {result.loss}", file=sys.stderr)
+                        print(
+                            f"run diverged at step {result.step} (epoch {result.epoch}): loss {result.loss}",
+                            file=sys.stderr,
+                        )
                     return save(dataclasses.replace(record, status="diverged", diverged=result))
                 epochs = [*record.epochs, result]
                 changed = dataclasses.replace(record, epochs=epochs, final=FinalMetrics.from_epochs(epochs))

@@ -31,9 +31,7 @@ def _module(name: str):
 
 
 def _methods(cls) -> list[str]:
-    return sorted(
-        name for name in dir(cls) if name.startswith(PREFIXES) and callable(getattr(cls, name))
-    )
+    return sorted(name for name in dir(cls) if name.startswith(PREFIXES) and callable(getattr(cls, name)))
 
 
 def _classes(module) -> list[type]:
@@ -59,11 +57,7 @@ def _cases() -> list:
     for name in MODULES:
         for cls in _classes(_module(name)):
             for point in _small_points(cls):
-                cases.append(
-                    pytest.param(
-                        name, cls.__name__, point, id=f"{name}.{cls.__name__}{list(point)}"
-                    )
-                )
+                cases.append(pytest.param(name, cls.__name__, point, id=f"{name}.{cls.__name__}{list(point)}"))
     return cases
 
 
@@ -81,14 +75,10 @@ def test_every_module_has_benchmarks():
         for cls in classes:
             params = getattr(cls, "params", [])
             names = getattr(cls, "param_names", [])
-            assert len(params) == len(names), (
-                f"{cls.__name__}: params and param_names differ in length"
-            )
+            assert len(params) == len(names), f"{cls.__name__}: params and param_names differ in length"
             for method in _methods(cls):
                 if method.startswith("track_"):
-                    assert getattr(getattr(cls, method), "unit", None), (
-                        f"{cls.__name__}.{method} has no unit"
-                    )
+                    assert getattr(getattr(cls, method), "unit", None), f"{cls.__name__}.{method} has no unit"
 
 
 @pytest.mark.parametrize(("module", "cls_name", "point"), _cases())
@@ -102,9 +92,7 @@ def test_benchmark_runs(module: str, cls_name: str, point: tuple):
         for method in _methods(cls):
             result = getattr(bench, method)(*point)
             if method.startswith("track_"):
-                assert isinstance(result, numbers.Real) and math.isfinite(result), (
-                    f"{method} returned {result!r}"
-                )
+                assert isinstance(result, numbers.Real) and math.isfinite(result), f"{method} returned {result!r}"
     finally:
         if hasattr(bench, "teardown"):
             bench.teardown(*point)

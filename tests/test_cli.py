@@ -60,10 +60,19 @@ def test_train_dataset_override_adapts_the_image_shape(tmp_path):
         (["train", "--preset", "paper-t2-mef-cifar10", "--out", "x"], "--data-dir"),
         (["sample", "--run", "missing-run"], "no record.json"),
         (["sweep", "--table", "7", "--scale", "smoke", "--runs", "r"], "--table takes"),
-        (["train", "--preset", "smoke", "--seed", "-5"], "--seed: TrainConfig.seed must be a non-negative integer, got -5"),
-        (["train", "--preset", "smoke", "--lr", "inf"], "--lr: TrainConfig.lr must be a finite number in (0, 1], got inf"),
+        (
+            ["train", "--preset", "smoke", "--seed", "-5"],
+            "--seed: TrainConfig.seed must be a non-negative integer, got -5",
+        ),
+        (
+            ["train", "--preset", "smoke", "--lr", "inf"],
+            "--lr: TrainConfig.lr must be a finite number in (0, 1], got inf",
+        ),
         (["train", "--preset", "smoke", "--lr", "1e6"], "--lr: TrainConfig.lr must be a finite number in (0, 1]"),
-        (["train", "--preset", "smoke", "--epochs", "0"], "--epochs: TrainConfig.epochs must be an integer of at least 1"),
+        (
+            ["train", "--preset", "smoke", "--epochs", "0"],
+            "--epochs: TrainConfig.epochs must be an integer of at least 1",
+        ),
         (["train", "--preset", "smoke", "--coupling-option", "nope=1"], "--coupling-option: "),
         (["train", "--preset", "smoke", "--out", "gone", "--resume"], "--resume: gone does not exist"),
         (["sample", "--run", "missing-run", "--n", "0"], "--n must be at least 1"),

@@ -188,9 +188,9 @@ def test_bad_input_is_a_clear_error(case):
         layer(torch.zeros(1, c + 1, h, w))
     with pytest.raises(ValueError, match=f"{cls_name} expects 4-D input"):
         layer(torch.zeros(c, h, w))
-    with pytest.raises(ValueError, match="computes in float32 or float64, got torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"computes in float32 or float64, got torch\.bfloat16"):
         layer(torch.zeros(1, c, h, w, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="has torch.float32 parameters but got torch.float64 input"):
+    with pytest.raises(ValueError, match=r"has torch\.float32 parameters but got torch\.float64 input"):
         layer.float()(torch.zeros(1, c, h, w, dtype=torch.float64))
 
 

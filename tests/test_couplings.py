@@ -181,7 +181,9 @@ def test_spline_with_zero_parameters_is_the_identity():
 def test_float_keys_are_ordered_consecutive_and_invertible():
     for dtype in (torch.float32, torch.float64):
         tiny = torch.finfo(dtype).tiny
-        x = torch.tensor([-math.inf, -3.0, -1.0, -tiny, -0.0, 0.0, tiny / 4, tiny, 1e-30, 1.0, 2.5, math.inf], dtype=dtype)
+        x = torch.tensor(
+            [-math.inf, -3.0, -1.0, -tiny, -0.0, 0.0, tiny / 4, tiny, 1e-30, 1.0, 2.5, math.inf], dtype=dtype
+        )
         keys = float_to_key(x)
         assert (keys[1:] > keys[:-1]).all()
         assert torch.equal(key_to_float(keys, dtype).view(keys.dtype), x.view(keys.dtype))  # to the bit
@@ -199,7 +201,9 @@ def _mixture_params(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.T
 def test_mixture_inverse_convergence_check_raises_a_clear_error():
     logits, means, log_scales = _mixture_params(20)
     t = 3 * torch.randn(20, 1, 1, 1)
-    with pytest.raises(RuntimeError, match=r"LogisticMixtureCoupling: the inverse's bisection did not close its bracket.* in 3 steps"):
+    with pytest.raises(
+        RuntimeError, match=r"LogisticMixtureCoupling: the inverse's bisection did not close its bracket.* in 3 steps"
+    ):
         mixture_logit_cdf_inverse(t, logits, means, log_scales, iterations=3, owner="LogisticMixtureCoupling")
     x, _ = mixture_logit_cdf_inverse(t, logits, means, log_scales)  # the derived count converges
     torch.testing.assert_close(mixture_logit_cdf(x, logits, means, log_scales)[0], t, atol=1e-12, rtol=0)
@@ -248,9 +252,7 @@ def test_mixture_inverse_gradient_is_the_implicit_one():
 # ----------------------------------------------------------------------------- gradcheck
 
 
-@pytest.mark.parametrize(
-    "name, options", [("spline", {"bins": 3, "bound": 1.0}), ("mixture", {"components": 3})]
-)
+@pytest.mark.parametrize("name, options", [("spline", {"bins": 3, "bound": 1.0}), ("mixture", {"components": 3})])
 @pytest.mark.parametrize("direction", ["transform", "inverse_transform"])
 def test_transform_gradcheck(name, options, direction):
     layer = L.COUPLING.build(name, 4, hidden_channels=4, num_blocks=1, **options)

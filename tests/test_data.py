@@ -41,7 +41,7 @@ def test_registry_fields() -> None:
 
 
 def test_unknown_name_and_split() -> None:
-    with pytest.raises(ValueError, match="known datasets: .*cifar10"):
+    with pytest.raises(ValueError, match=r"known datasets: .*cifar10"):
         load_dataset("mnist", "train")
     with pytest.raises(ValueError, match="split must be one of"):
         load_dataset("digits", "valid")
@@ -198,9 +198,7 @@ def test_cifar10_truncated_bin(tmp_path: Path) -> None:
     _write_cifar_bin(folder, np.random.default_rng(4))
     path = folder / "data_batch_3.bin"
     path.write_bytes(path.read_bytes()[:-5])
-    with pytest.raises(
-        ValueError, match=r"data_batch_3\.bin.*multiple of 3073.*cifar-10-batches-bin"
-    ):
+    with pytest.raises(ValueError, match=r"data_batch_3\.bin.*multiple of 3073.*cifar-10-batches-bin"):
         load_dataset("cifar10", "train", tmp_path)
 
 

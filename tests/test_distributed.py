@@ -15,7 +15,11 @@ from mefbench.training import CHECKPOINT, RECORD
 def test_two_processes_with_gloo(tmp_path):
     """torchrun --nproc_per_node=2 -m mefbench train: DDP on CPU (gloo), only rank 0 writes."""
     root = str(Path(mefbench.__file__).resolve().parent.parent)  # this checkout's mefbench, not an installed one
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
+    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "mefbench", "train", "--preset", "smoke", "--device", "cpu", "--out", "run", "--no-progress",

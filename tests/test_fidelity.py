@@ -83,7 +83,9 @@ def test_coupling_net_init_statistics():
     torch.testing.assert_close(h.mean(dim=(0, 2, 3)), torch.zeros(16), atol=1e-9, rtol=0)
     torch.testing.assert_close(h.std(dim=(0, 2, 3)), torch.ones(16), atol=1e-6, rtol=0)  # n − 1, as torch.std
     last = net.blocks[0].body[2].norm
-    assert torch.equal(last.weight, torch.zeros_like(last.weight)) and torch.equal(last.bias, torch.zeros_like(last.bias))
+    assert torch.equal(last.weight, torch.zeros_like(last.weight)) and torch.equal(
+        last.bias, torch.zeros_like(last.bias)
+    )
 
 
 # ----------------------------------------------------------------------------- the official computation

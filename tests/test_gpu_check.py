@@ -23,13 +23,21 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 def _run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
     """bash benchmarks/gpu_check.sh from the repository root, with this interpreter as python3."""
-    env = {**os.environ, "OUT": str(out), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
     env.pop("PYTHONPATH", None)  # the script itself must make mefbench importable
-    return subprocess.run(["bash", str(SCRIPT), *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 def _numbers(rows: list[dict], *keys: str) -> list[float]:
-    return [row[k] for row in rows for k in keys if isinstance(row.get(k), (int, float)) and not isinstance(row[k], bool)]
+    return [
+        row[k] for row in rows for k in keys if isinstance(row.get(k), (int, float)) and not isinstance(row[k], bool)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,12 @@ def test_tiny_check_writes_every_section_with_finite_numbers(tiny):
 
     rows = data["train_step"]
     assert len(rows) == len(step_models(sizes.step_model)) * len(PRECISIONS)
-    assert {(r["model"], r["precision"]) for r in rows} == {(m, p) for m in step_models(sizes.step_model) for p in PRECISIONS}
-    assert all(r["batch"] == sizes.step_batch and r["peak_memory_mb"] is None for r in rows)  # no CUDA memory on the CPU
+    assert {(r["model"], r["precision"]) for r in rows} == {
+        (m, p) for m in step_models(sizes.step_model) for p in PRECISIONS
+    }
+    assert all(
+        r["batch"] == sizes.step_batch and r["peak_memory_mb"] is None for r in rows
+    )  # no CUDA memory on the CPU
     assert all(math.isfinite(v) and v > 0 for v in _numbers(rows, "images_per_s", "step_ms", "params"))
     assert all(math.isfinite(v) for v in _numbers(rows, "first_bpd", "last_bpd"))
 
@@ -101,7 +113,9 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path):
     assert set(errors) == {"bench", "epoch_check"}
     assert "deliberate failure" in errors["bench"]
     assert "stopped after its cap of 0.5 s" in errors["epoch_check"]
-    assert data["bench"] is None and len(data["train_step"]) == len(step_models(Sizes.tiny().step_model)) * len(PRECISIONS)
+    assert data["bench"] is None and len(data["train_step"]) == len(step_models(Sizes.tiny().step_model)) * len(
+        PRECISIONS
+    )
     assert data["epoch_check"] == [] and data["ddp"] == []  # killed before its first row; ddp not asked for
 
 
@@ -116,7 +130,10 @@ def test_the_paper_sizes_are_the_presets():
     s = Sizes.paper()
     assert s.step_model == s.epoch_model == gpu_check.PRESETS[gpu_check.PRESET].model
     assert (s.step_model.image_shape, s.step_model.steps, s.step_model.hidden_channels, s.step_model.num_blocks) == (
-        (3, 32, 32), (8, 4, 2), 128, 8
+        (3, 32, 32),
+        (8, 4, 2),
+        128,
+        8,
     )
     assert s.step_batch == s.epoch_train.batch_size == 64 and s.epoch_train.dataset == "patches32"
     assert not s.bench_quick and s.bench_parts == tuple(BENCH_PARTS)

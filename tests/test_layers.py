@@ -89,7 +89,7 @@ def test_matexp_coupling_bounded_at_init():
     layer = L.MatrixExpCoupling(12, 8, 1)
     with torch.no_grad():
         layer.net.head.weight.normal_(0, 100.0)
-    t, S = layer._unpack(layer.net(torch.randn(2, 6, 3, 3)))
+    _, S = layer._unpack(layer.net(torch.randn(2, 6, 3, 3)))
     assert S.abs().sum(2).amax() <= 1.0 + 1e-12  # ∥S∥∞ per pixel; S is (B, c, c, H, W)
 
 
@@ -213,7 +213,7 @@ def test_fused_matexp_coupling_matches_unfused_path(size):
         params = [h, x2, *layer.scale.parameters()]
         grads = torch.autograd.grad((y * g_y).sum() + (logdet * g_ld).sum(), params)
         results.append((y, logdet, *grads))
-    for fused, generic in zip(*results):
+    for fused, generic in zip(*results, strict=True):
         torch.testing.assert_close(fused, generic, rtol=1e-10, atol=1e-11)
     if size > 1:
         with record_expm() as rec:
@@ -244,7 +244,7 @@ def test_matexp_coupling_accumulates_gradients_over_several_forwards():
 
     separate = [torch.autograd.grad(loss(x), list(layer.parameters())) for x in xs]
     together = torch.autograd.grad(loss(xs[0]) + loss(xs[1]), list(layer.parameters()))
-    for a, b, both in zip(*separate, together):
+    for a, b, both in zip(*separate, together, strict=True):
         torch.testing.assert_close(a + b, both)
 
 
@@ -254,7 +254,7 @@ def test_matexp_coupling_inverse_uses_the_forwards_matrices():
     layer = _ready(L.MatrixExpCoupling(8, hidden_channels=4, num_blocks=1), (8, 3, 3))
     c = layer.c2
     h = torch.randn(2, c + c * c, 3, 3)
-    t, o = h.split([c, c * c], dim=1)
+    _, o = h.split([c, c * c], dim=1)
     s = layer.scale
     from mefbench.layers.scale_maps import bounded_tanh_via_sigmoid
 
@@ -280,7 +280,7 @@ def test_initialised_layers_do_not_read_their_init_flag_back():
     for m in flags:
         m.initialized = torch.empty((), dtype=torch.bool, device="meta")
     layer(x)[1].sum().backward()
-    state = {k: v for k, v in L.ActNorm(4).state_dict().items()}
+    state = L.ActNorm(4).state_dict()
     fresh = L.ActNorm(4)
     fresh.load_state_dict(state)  # loading re-reads the flag: an uninitialised state initialises again
     fresh.train()

@@ -32,14 +32,16 @@ def test_expm_and_action_match_scipy(norm, kind, dtype, tol):
     ref = np.stack([scipy.linalg.expm(x) for x in X.numpy()])
     E = expm(X.to(dtype)).double().numpy()
     assert np.isfinite(E).all()
-    for r, e in zip(ref, E):
+    for r, e in zip(ref, E, strict=True):
         assert _rel(e, r) < tol
     v = torch.randn(8, 6, dtype=torch.float64)
     y = expm_action(X.to(dtype), v.to(dtype)).double().numpy()
     y_ref = np.einsum("bij,bj->bi", ref, v.numpy())
     err = np.linalg.norm(y - y_ref, axis=-1) / np.linalg.norm(y_ref, axis=-1)
     # relative to the size of e^S times x, the scale at which rounding happens
-    scale = np.linalg.norm(ref, ord=2, axis=(1, 2)) * np.linalg.norm(v.numpy(), axis=-1) / np.linalg.norm(y_ref, axis=-1)
+    scale = (
+        np.linalg.norm(ref, ord=2, axis=(1, 2)) * np.linalg.norm(v.numpy(), axis=-1) / np.linalg.norm(y_ref, axis=-1)
+    )
     assert (err < tol * np.maximum(scale, 1)).all()
 
 
@@ -48,7 +50,7 @@ def test_expm_batch_shapes_and_mixed_norms():
     E = expm(X)
     assert E.shape == (2, 3, 4, 4)
     ref = np.stack([scipy.linalg.expm(x) for x in X.reshape(-1, 4, 4).numpy()]).reshape(2, 3, 4, 4)
-    for r, e in zip(ref.reshape(-1, 4, 4), E.reshape(-1, 4, 4).numpy()):
+    for r, e in zip(ref.reshape(-1, 4, 4), E.reshape(-1, 4, 4).numpy(), strict=True):
         assert _rel(e, r) < 1e-11
 
 
@@ -103,7 +105,7 @@ def test_series_terms_bound():
         assert tail <= 1e-8
         if m > 1:
             tail_shorter = sum(norm**k / math.factorial(k) for k in range(m - 1, m + 60))
-            assert tail_shorter > 1e-8 / 10 or norm**(m - 1) < 1e-8
+            assert tail_shorter > 1e-8 / 10 or norm ** (m - 1) < 1e-8
 
 
 def test_errors():
@@ -136,7 +138,7 @@ def test_large_batch_products_match_the_broadcast_path(monkeypatch):
     broadcast = torch.autograd.grad((expm_action(S, x, layout="channels") * g).sum(), (S, x))
     monkeypatch.setattr(linalg, "_BROADCAST_MAX", 0)
     looped = torch.autograd.grad((expm_action(S, x, layout="channels") * g).sum(), (S, x))
-    for a, b in zip(broadcast, looped):
+    for a, b in zip(broadcast, looped, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
     assert torch.autograd.gradcheck(lambda S, x: expm_action(S, x, layout="channels"), (S, x))
 
@@ -253,7 +255,7 @@ def test_representable_exponentials_match_scipy_at_large_norms(kind, norm, dtype
     y_ref = np.einsum("bij,bj->bi", ref, x.double().numpy())
     assert (np.linalg.norm(y - y_ref, axis=1) / np.linalg.norm(x.double().numpy(), axis=1) < tol).all()
     assert _rel(expm(X).double().numpy(), ref) < tol
-    phi_ref = np.stack([np.linalg.solve(m, e - np.eye(6)) for m, e in zip(X64, ref)])  # X⁻¹(e^X − I)
+    phi_ref = np.stack([np.linalg.solve(m, e - np.eye(6)) for m, e in zip(X64, ref, strict=True)])  # X⁻¹(e^X − I)
     assert _rel(phi(X).double().numpy(), phi_ref) < tol
 
 
@@ -275,7 +277,7 @@ def test_overflow_depends_on_the_dtype():
     x = torch.randn(2, 4, dtype=torch.float64)
     y = expm_action(S, x)
     torch.testing.assert_close(y.norm(dim=1), math.exp(100) * x.norm(dim=1), rtol=1e-13, atol=0)
-    with pytest.raises(ValueError, match="overflows torch.float32"):
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
         expm_action(S.float(), x.float())
     x[0, 1] = float("nan")
     with pytest.raises(linalg.NonFiniteError, match="x has inf or NaN"):
@@ -315,7 +317,7 @@ def test_large_norm_gradients_match_autograd():
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     ours = torch.autograd.grad(expm_action(S, x).sum(), (S, x))
     ref = torch.autograd.grad((torch.linalg.matrix_exp(S) @ x.unsqueeze(-1)).sum(), (S, x))
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * b.abs().max().item())
 
 
@@ -325,7 +327,7 @@ def test_scratch_buffers_survive_inference_mode_and_threads():
 
     S = torch.randn(2, 3, 3) / 4
     x = torch.randn(2, 3)
-    expected = torch.from_numpy(np.stack([scipy.linalg.expm(m) @ v for m, v in zip(S.numpy(), x.numpy())]))
+    expected = torch.from_numpy(np.stack([scipy.linalg.expm(m) @ v for m, v in zip(S.numpy(), x.numpy(), strict=True)]))
     with torch.inference_mode():
         torch.testing.assert_close(expm_action(S, x), expected)
     S.requires_grad_()
@@ -342,5 +344,5 @@ def test_second_derivatives_are_refused_clearly():
     S = (torch.randn(2, 3, 3) / 4).requires_grad_()
     x = torch.randn(2, 3)
     (g,) = torch.autograd.grad(expm_action(S, x).sum(), S, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
         g.sum().backward()

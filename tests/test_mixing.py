@@ -103,7 +103,9 @@ def test_me_woodbury_is_channel_height_width_in_turn():
     shape = (3, 4, 5)
     layer = perturbed(L.MEWoodburyConv(3, size=(4, 5)))
     assert layer.ranks == {"rank": 3, "height_rank": 4, "width_rank": 5}  # min(16, dim)
-    factors = [torch.eye(d) + getattr(layer, f"U_{a}") @ getattr(layer, f"V_{a}") for a, d in zip("chw", shape)]
+    factors = [
+        torch.eye(d) + getattr(layer, f"U_{a}") @ getattr(layer, f"V_{a}") for a, d in zip("chw", shape, strict=True)
+    ]
     A = dense(lambda x: layer(x)[0], shape)
     torch.testing.assert_close(A, torch.kron(factors[0], torch.kron(factors[1], factors[2])))
     torch.testing.assert_close(layer(torch.randn(1, *shape))[1][0], torch.linalg.slogdet(A).logabsdet)
@@ -257,29 +259,66 @@ def _errors():
         (lambda: L.EmergingConv(4, kernel_size=0), "EmergingConv option kernel_size must be odd and >= 1, got 0"),
         (lambda: L.PeriodicConv(4, kernel_size=2), "PeriodicConv option kernel_size must be odd and >= 1, got 2"),
         (lambda: L.ConvExp(4, kernel_size=-1), "ConvExp option kernel_size must be odd and >= 1, got -1"),
-        (lambda: L.EmergingConv(24, size=(2, 2), kernel_size=5), "EmergingConv: image 2×2 is too small for kernel_size 5"),
-        (lambda: L.PeriodicConv(4, size=(6, 2), kernel_size=5), "PeriodicConv: image 6×2 is too small for kernel_size 5"),
+        (
+            lambda: L.EmergingConv(24, size=(2, 2), kernel_size=5),
+            "EmergingConv: image 2×2 is too small for kernel_size 5",
+        ),
+        (
+            lambda: L.PeriodicConv(4, size=(6, 2), kernel_size=5),
+            "PeriodicConv: image 6×2 is too small for kernel_size 5",
+        ),
         (lambda: L.ConvExp(4, size=(1, 5), kernel_size=3), "ConvExp: image 1×5 is too small for kernel_size 3"),
         (lambda: L.ConvExp(4, max_norm=0), r"ConvExp option max_norm must be a number in \(0, 4\], got 0"),
         (lambda: L.ConvExp(4, max_norm=4.5), r"ConvExp option max_norm must be a number in \(0, 4\], got 4.5"),
-        (lambda: L.WoodburyConv(4, size=(2, 3), rank=9), r"WoodburyConv option rank must be at most 4 \(the channels\), got 9"),
-        (lambda: L.WoodburyConv(4, size=(2, 3), spatial_rank=7), r"WoodburyConv option spatial_rank must be at most 6 \(the pixels H·W\), got 7"),
+        (
+            lambda: L.WoodburyConv(4, size=(2, 3), rank=9),
+            r"WoodburyConv option rank must be at most 4 \(the channels\), got 9",
+        ),
+        (
+            lambda: L.WoodburyConv(4, size=(2, 3), spatial_rank=7),
+            r"WoodburyConv option spatial_rank must be at most 6 \(the pixels H·W\), got 7",
+        ),
         (lambda: L.WoodburyConv(4, size=(2, 3), rank=0), "WoodburyConv option rank must be an integer >= 1, got 0"),
         (lambda: L.WoodburyConv(4), r"WoodburyConv needs size=\(H, W\) at construction"),
-        (lambda: L.MEWoodburyConv(4, size=(2, 3), height_rank=3), r"MEWoodburyConv option height_rank must be at most 2 \(the height H\), got 3"),
-        (lambda: L.MEWoodburyConv(4, size=(2, 3), width_rank=4), r"MEWoodburyConv option width_rank must be at most 3 \(the width W\), got 4"),
-        (lambda: L.HouseholderConv1x1(4, reflections=0), "HouseholderConv1x1 option reflections must be an integer >= 1, got 0"),
+        (
+            lambda: L.MEWoodburyConv(4, size=(2, 3), height_rank=3),
+            r"MEWoodburyConv option height_rank must be at most 2 \(the height H\), got 3",
+        ),
+        (
+            lambda: L.MEWoodburyConv(4, size=(2, 3), width_rank=4),
+            r"MEWoodburyConv option width_rank must be at most 3 \(the width W\), got 4",
+        ),
+        (
+            lambda: L.HouseholderConv1x1(4, reflections=0),
+            "HouseholderConv1x1 option reflections must be an integer >= 1, got 0",
+        ),
         (lambda: L.QRConv1x1(4, diagonal="log"), "QRConv1x1 option diagonal must be one of"),
         (lambda: L.EmergingConv(0), "EmergingConv needs at least 1 channel, got 0"),
-        (lambda: L.ButterflyConv(4, size=(2, 3), levels=4), r"ButterflyConv option levels must be at most 3 \(the power of 2 in C·H·W = 24\), got 4"),
+        (
+            lambda: L.ButterflyConv(4, size=(2, 3), levels=4),
+            r"ButterflyConv option levels must be at most 3 \(the power of 2 in C·H·W = 24\), got 4",
+        ),
         (lambda: L.ButterflyConv(3, size=(1, 3)), "ButterflyConv needs an even number of entries C·H·W, got 3·1·3 = 9"),
         (lambda: L.ButterflyConv(4), r"ButterflyConv needs size=\(H, W\) at construction"),
         # sizes met only at call time
-        (lambda: L.EmergingConv(2, kernel_size=5)(torch.zeros(1, 2, 2, 2)), "EmergingConv: image 2×2 is too small for kernel_size 5"),
-        (lambda: L.PeriodicConv(2).inverse(torch.zeros(1, 2, 1, 3)), "PeriodicConv: image 1×3 is too small for kernel_size 3"),
-        (lambda: L.WoodburyConv(2, size=(2, 3))(torch.zeros(1, 2, 3, 3)), "WoodburyConv was built for 2×3 images, got 3×3"),
-        (lambda: MultiScaleFlow(FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), conv="emerging", conv_options={"kernel_size": 5})),
-         "EmergingConv: image 2×2 is too small for kernel_size 5"),
+        (
+            lambda: L.EmergingConv(2, kernel_size=5)(torch.zeros(1, 2, 2, 2)),
+            "EmergingConv: image 2×2 is too small for kernel_size 5",
+        ),
+        (
+            lambda: L.PeriodicConv(2).inverse(torch.zeros(1, 2, 1, 3)),
+            "PeriodicConv: image 1×3 is too small for kernel_size 3",
+        ),
+        (
+            lambda: L.WoodburyConv(2, size=(2, 3))(torch.zeros(1, 2, 3, 3)),
+            "WoodburyConv was built for 2×3 images, got 3×3",
+        ),
+        (
+            lambda: MultiScaleFlow(
+                FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), conv="emerging", conv_options={"kernel_size": 5})
+            ),
+            "EmergingConv: image 2×2 is too small for kernel_size 5",
+        ),
     ]
 
 
@@ -317,9 +356,7 @@ def test_eval_caches_are_reused_until_a_parameter_changes(name):
 
 @pytest.mark.parametrize("name", list(L.MIXING))
 def test_tiny_model_inverts_exactly(name):
-    model = MultiScaleFlow(
-        FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), hidden_channels=8, num_blocks=1, conv=name)
-    )
+    model = MultiScaleFlow(FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), hidden_channels=8, num_blocks=1, conv=name))
     x = torch.rand(4, 3, 8, 8) * 2 - 1
     model.initialize(x)
     model.eval()

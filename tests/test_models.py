@@ -34,6 +34,7 @@ def test_exact_inverse_and_logdet(changes):
     x = torch.rand(3, *config.image_shape) * 2 - 1
     zs, logdet, _ = model(x)
     assert torch.allclose(model.inverse(zs), x, atol=1e-10)
+
     # log-det of the whole model against the autograd Jacobian of the flattened map
     def flat(v):
         return torch.cat([z.reshape(-1) for z in model(v.reshape(1, *config.image_shape))[0]])

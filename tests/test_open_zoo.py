@@ -88,7 +88,10 @@ def test_a_registered_layer_reaches_everything(registered, tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(["train", "--preset", "smoke", "--conv", "tmpdiag", "--conv-option", "init=0.1",
                  "--out", str(runs / "conv"), "--no-progress"]) == 0  # fmt: skip
-    assert main(["train", "--preset", "smoke", "--coupling", "tmptanh", "--out", str(runs / "coupling"), "--no-progress"]) == 0
+    assert (
+        main(["train", "--preset", "smoke", "--coupling", "tmptanh", "--out", str(runs / "coupling"), "--no-progress"])
+        == 0
+    )
     record = json.loads((runs / "conv" / "record.json").read_text())
     assert record["model"]["conv"] == "tmpdiag" and record["model"]["conv_options"] == {"init": 0.1}
 

@@ -44,7 +44,9 @@ def _group(section: str, group: str = "patches16, cpu scale") -> str:
     return section[start : end if end > 0 else None]
 
 
-def record(preset: str, seed: int, bpd: float, *, revision: int = MODEL_REVISION, final: dict | None = None, **kw) -> dict:
+def record(
+    preset: str, seed: int, bpd: float, *, revision: int = MODEL_REVISION, final: dict | None = None, **kw
+) -> dict:
     """A record of today's schema for the preset, with the tables and cells a sweep gives it (a
     run shared by several presets lists all their tables), at the given model revision."""
     rec = RunRecord.from_dict(json.loads(json.dumps(make_record(preset, seed, bpd, **kw)))).to_dict()

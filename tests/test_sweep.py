@@ -2,9 +2,9 @@ import os
 import shutil
 
 from mefbench.cli import main
-from mefbench.record import RunLock, read_record
 from mefbench.layers import MIXING
 from mefbench.presets import PRESETS, layer_variants
+from mefbench.record import RunLock, read_record
 from mefbench.report.tables import TABLES
 from mefbench.sweep import _key, parse_tables, plan
 from mefbench.training import train

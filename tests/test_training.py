@@ -130,10 +130,10 @@ def test_corrupt_checkpoint_and_record_are_named(tmp_path):
     model, cfg = _tiny(epochs=1)
     train(model, cfg, tmp_path / "run", progress=False)
     (tmp_path / "run" / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(RunError, match="corrupt or unreadable checkpoint .*checkpoint.pt"):
+    with pytest.raises(RunError, match=r"corrupt or unreadable checkpoint .*checkpoint\.pt"):
         load_model(tmp_path / "run")
     (tmp_path / "run" / RECORD).write_text("{ half a rec")
-    with pytest.raises(RunError, match="corrupt run record .*record.json"):
+    with pytest.raises(RunError, match=r"corrupt run record .*record\.json"):
         train(model, cfg, tmp_path / "run", resume=True, progress=False)
 
 
@@ -166,7 +166,9 @@ def test_checkpoint_problems_are_clear(tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     ckpt["ema"] = {k.replace("levels.0", "levels.9"): v for k, v in ckpt["ema"].items()}
     torch.save(ckpt, ckpt_path)
-    with pytest.raises(RunError, match=r"does not fit this run's model \(EMA weights\): \d+ missing keys .*unexpected keys"):
+    with pytest.raises(
+        RunError, match=r"does not fit this run's model \(EMA weights\): \d+ missing keys .*unexpected keys"
+    ):
         load_model(run)
     torch.save({"model": {}}, ckpt_path)
     with pytest.raises(RunError, match=r"not a mefbench checkpoint: it lacks \['ema'"):

@@ -29,8 +29,8 @@ __all__ = [
     "LayerInfo",
     "Registry",
     "RegistryView",
-    "check_input",
     "canonical_options",
+    "check_input",
     "check_options",
     "option_defaults",
     "option_names",
@@ -151,7 +151,9 @@ def canonical_options(cls: type, options: Mapping[str, object]) -> dict:
     """options without the entries that equal the class's defaults: one spelling per configuration
     (so that {"scale": "tanh"} and {} are the same run to a sweep)."""
     defaults = option_defaults(cls)
-    return {k: v for k, v in options.items() if not (k in defaults and defaults[k] == v and type(defaults[k]) is type(v))}
+    return {
+        k: v for k, v in options.items() if not (k in defaults and defaults[k] == v and type(defaults[k]) is type(v))
+    }
 
 
 def check_options(cls: type, options: Mapping[str, object]) -> None:

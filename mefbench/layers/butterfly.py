@@ -64,12 +64,16 @@ class ButterflyConv(FlowLayer):
         dim = channels * self.size[0] * self.size[1]
         most = butterfly_levels(dim)
         if most == 0:
-            raise ValueError(f"ButterflyConv needs an even number of entries C·H·W, got {channels}·{self.size[0]}·{self.size[1]} = {dim}")
+            raise ValueError(
+                f"ButterflyConv needs an even number of entries C·H·W, got {channels}·{self.size[0]}·{self.size[1]} = {dim}"
+            )
         if levels is None:
             levels = most
         check_int("ButterflyConv", "levels", levels)
         if levels > most:
-            raise ValueError(f"ButterflyConv option levels must be at most {most} (the power of 2 in C·H·W = {dim}), got {levels}")
+            raise ValueError(
+                f"ButterflyConv option levels must be at most {most} (the power of 2 in C·H·W = {dim}), got {levels}"
+            )
         self.levels = levels
         angle = 2 * math.pi * torch.rand(levels, dim // 2)
         cos, sin = torch.cos(angle), torch.sin(angle)
@@ -80,12 +84,16 @@ class ButterflyConv(FlowLayer):
         check_input(x, self.channels, "ButterflyConv", self)
         if tuple(x.shape[2:]) != self.size:
             h, w = self.size
-            raise ValueError(f"ButterflyConv was built for {h}×{w} images, got {x.shape[2]}×{x.shape[3]} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"ButterflyConv was built for {h}×{w} images, got {x.shape[2]}×{x.shape[3]} (shape {tuple(x.shape)})"
+            )
 
     def logdet(self, size: tuple[int, int]) -> Tensor:
         """log|det| of the map (it does not depend on the input): Σ log|ad − bc| over all blocks."""
         if tuple(size) != self.size:
-            raise ValueError(f"ButterflyConv was built for {self.size[0]}×{self.size[1]} images, got size {tuple(size)}")
+            raise ValueError(
+                f"ButterflyConv was built for {self.size[0]}×{self.size[1]} images, got size {tuple(size)}"
+            )
         return self._logdet(1)[0]
 
     def _logdet(self, batch: int) -> Tensor:

@@ -130,4 +130,3 @@ class ConvExp(FlowLayer):
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self._map(y, -1.0)
-

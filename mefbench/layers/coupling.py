@@ -30,6 +30,7 @@ from .scale_maps import (
 )
 
 __all__ = [
+    "SCALE_MAPS",
     "AdditiveCoupling",
     "AffineCoupling",
     "BoundedTanh",
@@ -37,7 +38,6 @@ __all__ = [
     "CouplingNet",
     "ExpScale",
     "MatrixExpCoupling",
-    "SCALE_MAPS",
     "SigmoidScale",
 ]
 
@@ -326,4 +326,3 @@ class MatrixExpCoupling(Coupling):
     def inverse_transform(self, y2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         t, *mats = self._unpack(h)
         return self._exp_action(tuple(mats), y2 - t, -1.0)
-

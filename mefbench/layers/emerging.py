@@ -136,7 +136,9 @@ class EmergingConv(FlowLayer):
     def kernels(self) -> tuple[Tensor, Tensor]:
         """(K₁, K₂): the masked kernels with their diagonals; K₂ acts on the flipped input."""
         return self._cache.get(
-            self, "kernels", lambda: (self._kernel(self.weight1, self.log_diag1), self._kernel(self.weight2, self.log_diag2))
+            self,
+            "kernels",
+            lambda: (self._kernel(self.weight1, self.log_diag1), self._kernel(self.weight2, self.log_diag2)),
         )
 
     def _check(self, x: Tensor) -> None:

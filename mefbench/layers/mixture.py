@@ -186,7 +186,6 @@ class LogisticMixtureCoupling(Coupling):
         inverse="iterative",
     )
 
-
     def __init__(
         self,
         channels: int,

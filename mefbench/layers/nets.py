@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvNorm", "CouplingNet", "DataInitAffine", "InitFlag", "NetFactory", "ResidualBlock", "coupling_net", "init_stats"]
+__all__ = [
+    "ConvNorm",
+    "CouplingNet",
+    "DataInitAffine",
+    "InitFlag",
+    "NetFactory",
+    "ResidualBlock",
+    "coupling_net",
+    "init_stats",
+]
 
 NetFactory = Callable[[int, int], nn.Module]
 

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .base import Cost, FlowLayer, LayerInfo, check_input
 
-__all__ = ["Squeeze", "SQUEEZE_ORDERS"]
+__all__ = ["SQUEEZE_ORDERS", "Squeeze"]
 
 SQUEEZE_ORDERS = ("subpixel", "channel")
 

@@ -110,9 +110,7 @@ def rq_spline(
     denominator = s + curve * xi1
     out = x_k + xi * w if inverse else y_k + h * (s * xi * xi + d0 * xi1) / denominator
     log_deriv = (
-        2 * torch.log(s)
-        + torch.log(d1 * xi * xi + 2 * s * xi1 + d0 * (1 - xi) ** 2)
-        - 2 * torch.log(denominator)
+        2 * torch.log(s) + torch.log(d1 * xi * xi + 2 * s * xi1 + d0 * (1 - xi) ** 2) - 2 * torch.log(denominator)
     )
     out, log_deriv = out.squeeze(1), log_deriv.squeeze(1)
     if inverse:

@@ -67,7 +67,9 @@ class _Woodbury(FlowLayer):
         check_input(x, self.channels, name, self)
         if tuple(x.shape[2:]) != self.size:
             h, w = self.size
-            raise ValueError(f"{name} was built for {h}×{w} images, got {x.shape[2]}×{x.shape[3]} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{name} was built for {h}×{w} images, got {x.shape[2]}×{x.shape[3]} (shape {tuple(x.shape)})"
+            )
 
     def _factors(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per axis: U, V, M⁻¹V and log|det M|."""
@@ -83,13 +85,17 @@ class _Woodbury(FlowLayer):
 
     def _logdet(self, factors, batch: int) -> Tensor:
         numel = self.channels * self.size[0] * self.size[1]
-        total = sum(logabsdet * (numel // dim) for (_, _, _, logabsdet), dim in zip(factors, self.axis_sizes()))
+        total = sum(
+            logabsdet * (numel // dim) for (_, _, _, logabsdet), dim in zip(factors, self.axis_sizes(), strict=True)
+        )
         return total.expand(batch)
 
     def logdet(self, size: tuple[int, int]) -> Tensor:
         """log|det| of the map (it does not depend on the input): the d×d determinants only."""
         if tuple(size) != self.size:
-            raise ValueError(f"{type(self).__name__} was built for {self.size[0]}×{self.size[1]} images, got size {tuple(size)}")
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.size[0]}×{self.size[1]} images, got size {tuple(size)}"
+            )
         return self._logdet(self._factors(), 1)[0]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -84,7 +84,9 @@ def write_report(
     runs, epochs = runs_frame(records, corrupt), epochs_frame(records, corrupt)
     runs, duplicates = dedupe(normalise(runs))
     epochs = epochs[epochs["path"].isin(runs["path"])]
-    labels = [group_label(d, s, r) for d, s, r in zip(runs["dataset"], runs["scale"], runs["model_revision"], strict=True)]
+    labels = [
+        group_label(d, s, r) for d, s, r in zip(runs["dataset"], runs["scale"], runs["model_revision"], strict=True)
+    ]
     runs = runs.assign(group=labels)
     published = load_published()
     figdir = out_dir / "figures"

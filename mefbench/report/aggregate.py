@@ -25,8 +25,8 @@ __all__ = [
     "finished",
     "group_label",
     "in_table",
-    "normalise",
     "mixing_rows",
+    "normalise",
     "stability_rows",
     "stability_summary",
     "table2_rows",
@@ -261,7 +261,15 @@ def table6_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
             if r[f"{name}_count"] > 0
         ]
         p = pool_stats(parts)
-        row = {"": name, "mean": DASH, "std": DASH, "max": DASH, "min": DASH, "expm calls": 0, "runs pooled": len(parts)}
+        row = {
+            "": name,
+            "mean": DASH,
+            "std": DASH,
+            "max": DASH,
+            "min": DASH,
+            "expm calls": 0,
+            "runs pooled": len(parts),
+        }
         if p:
             row.update(mean=f"{p['mean']:.3f}", std=f"{p['std']:.3f}", max=f"{p['max']:g}", min=f"{p['min']:g}",
                        **{"expm calls": int(p["count"])})  # fmt: skip

@@ -13,7 +13,15 @@ from matplotlib.figure import Figure
 from .aggregate import finished, stability_rows
 from .format import slug
 
-__all__ = ["FigureContext", "curves", "divergence_vs_lr", "epoch_time_bars", "lr_errorbars", "m_per_run", "quality_vs_time"]
+__all__ = [
+    "FigureContext",
+    "curves",
+    "divergence_vs_lr",
+    "epoch_time_bars",
+    "lr_errorbars",
+    "m_per_run",
+    "quality_vs_time",
+]
 
 
 @dataclass
@@ -33,7 +41,9 @@ class FigureContext:
         return f"{table}_{what}_{slug(self.group)}.png"
 
     def cell_label(self, row: pd.Series) -> str:
-        return ", ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in self.cell_keys) or self.group
+        return (
+            ", ".join(f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in self.cell_keys) or self.group
+        )
 
 
 def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, object]:
@@ -77,7 +87,9 @@ def lr_errorbars(ctx: FigureContext) -> list[str]:
         if len(a):
             ax.errorbar(a["lr"], a["mean"], yerr=a["std"].fillna(0.0), marker="o", capsize=4, label=coupling)
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="test bits/dim (EMA weights)", title=f"{ctx.title}: bits/dim vs lr ({ctx.group})")
+    ax.set(
+        xlabel="learning rate", ylabel="test bits/dim (EMA weights)", title=f"{ctx.title}: bits/dim vs lr ({ctx.group})"
+    )
     ax.legend(title="coupling")
     path = _save(fig, ctx, "bpd_vs_lr")
     return [f"![bits/dim vs learning rate, {ctx.group}]({path})", "",
@@ -153,7 +165,9 @@ def divergence_vs_lr(ctx: FigureContext) -> list[str]:
         ax.errorbar(r["lr"] * jitter, r["divergence rate"], yerr=err, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
-    ax.set(xlabel="learning rate", ylabel="P(diverged)", title=f"{ctx.title}: divergence vs learning rate ({ctx.group})")
+    ax.set(
+        xlabel="learning rate", ylabel="P(diverged)", title=f"{ctx.title}: divergence vs learning rate ({ctx.group})"
+    )
     ax.legend(fontsize="small", ncol=2)
     path = _save(fig, ctx, "divergence_vs_lr")
     return [f"![divergence probability vs learning rate, {ctx.group}]({path})", "",

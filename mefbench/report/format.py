@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 
-__all__ = ["DASH", "markdown_table", "pm", "published_pm", "params", "slug", "number"]
+__all__ = ["DASH", "markdown_table", "number", "params", "pm", "published_pm", "slug"]
 
 DASH = "–"
 

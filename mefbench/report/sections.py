@@ -20,17 +20,30 @@ from ..training import CHECKPOINT, RunError, load_model
 from .aggregate import finished, in_table
 from .format import DASH, markdown_table
 
-__all__ = ["SAMPLE_TEMPERATURES", "all_runs", "asv_section", "bench_section", "gpu_section", "header", "published_source", "samples"]
+__all__ = [
+    "SAMPLE_TEMPERATURES",
+    "all_runs",
+    "asv_section",
+    "bench_section",
+    "gpu_section",
+    "header",
+    "published_source",
+    "samples",
+]
 
 SAMPLE_TEMPERATURES = (0.5, 0.7, 1.0)
 
 
-def header(runs: pd.DataFrame, corrupt: list[dict], duplicates: list[dict], runs_dir: Path, command: str | None) -> list[str]:
+def header(
+    runs: pd.DataFrame, corrupt: list[dict], duplicates: list[dict], runs_dir: Path, command: str | None
+) -> list[str]:
     import matplotlib
     import seaborn
 
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    how = f"`{command}`" if command else f"`mefbench.report.write_report({str(runs_dir)!r}, ...)` (no command line given)"
+    how = (
+        f"`{command}`" if command else f"`mefbench.report.write_report({str(runs_dir)!r}, ...)` (no command line given)"
+    )
     statuses = runs["status"].value_counts()
     out = [
         "# mefbench report: Generative Flows with Matrix Exponential (Xiao & Liu, ICML 2020, arXiv 2007.09651)",
@@ -52,10 +65,18 @@ def header(runs: pd.DataFrame, corrupt: list[dict], duplicates: list[dict], runs
             items = []
             for r in not_done.itertuples():
                 if r.status == "diverged":
-                    where = f"epoch {r.diverged_epoch:g}, step {r.diverged_step:g}" if np.isfinite(r.diverged_step) else "unknown step"
-                    items.append(f"`{r.run}` diverged at {where} (loss {r.diverged_loss:g}) after {r.epochs_done}/{r.epochs} epochs")
+                    where = (
+                        f"epoch {r.diverged_epoch:g}, step {r.diverged_step:g}"
+                        if np.isfinite(r.diverged_step)
+                        else "unknown step"
+                    )
+                    items.append(
+                        f"`{r.run}` diverged at {where} (loss {r.diverged_loss:g}) after {r.epochs_done}/{r.epochs} epochs"
+                    )
                 elif r.status == "running":
-                    items.append(f"`{r.run}` still marked running ({r.epochs_done}/{r.epochs} epochs; running now, or killed before it could record it)")
+                    items.append(
+                        f"`{r.run}` still marked running ({r.epochs_done}/{r.epochs} epochs; running now, or killed before it could record it)"
+                    )
                 else:
                     items.append(f"`{r.run}` {r.status} after {r.epochs_done}/{r.epochs} epochs")
             out += [f"**Status:** {len(not_done)} of {len(runs)} runs not finished: " + "; ".join(items) + ".", ""]
@@ -72,7 +93,10 @@ def header(runs: pd.DataFrame, corrupt: list[dict], duplicates: list[dict], runs
                 "grouped apart (their group says which revision) and never averaged with today's.", ""]  # fmt: skip
     no_table = runs[runs["tables"].map(len) == 0]
     if len(no_table):
-        out += [f"Runs that feed no table (listed under All runs only): {', '.join(f'`{r}`' for r in no_table['run'])}.", ""]
+        out += [
+            f"Runs that feed no table (listed under All runs only): {', '.join(f'`{r}`' for r in no_table['run'])}.",
+            "",
+        ]
     scales = sorted({s if isinstance(s, str) and s else "unlabelled" for s in runs["scale"]} - {"paper"})
     if scales:
         out += [
@@ -94,7 +118,12 @@ def environment(runs: pd.DataFrame) -> list[str]:
         for k, val in (v or {}).items():
             packages.setdefault(k, set()).add(str(val))
     if packages:
-        out += [markdown_table(pd.DataFrame([{"package": k, "versions": ", ".join(sorted(v))} for k, v in packages.items()])), ""]
+        out += [
+            markdown_table(
+                pd.DataFrame([{"package": k, "versions": ", ".join(sorted(v))} for k, v in packages.items()])
+            ),
+            "",
+        ]
     machines: dict[tuple, int] = {}
     for dev, world, m in zip(runs["device"], runs["world_size"], runs["machine"], strict=True):
         m = m or {}
@@ -174,7 +203,7 @@ def asv_section(asv_dir: str | Path | None, figdir: Path) -> tuple[list[str], li
         if df is None or len(df) == 0:
             return out + [f"Not included: no asv results in `{asv_dir}`.", ""], []
         table = asv.asv_speed_table(df)
-    except Exception as exc:  # noqa: BLE001 -- another module's failure must not lose the rest of the report
+    except Exception as exc:
         return out + [f"Not included: reading the asv results failed: {type(exc).__name__}: {exc}", ""], []
     commits = dict(getattr(table, "attrs", {}).get("commits") or {})
     table = pd.DataFrame(table)
@@ -193,7 +222,7 @@ def asv_section(asv_dir: str | Path | None, figdir: Path) -> tuple[list[str], li
     try:
         asv.plot_asv_history(df, figdir / "asv_history.png")
         return out + ["![asv history](figures/asv_history.png)", ""], ["asv_history.png"]
-    except Exception as exc:  # noqa: BLE001 -- as above
+    except Exception as exc:
         return out + [f"History figure not drawn: {type(exc).__name__}: {exc}", ""], []
 
 
@@ -256,7 +285,9 @@ def gpu_section(gpu_dir: str | Path | None) -> list[str]:
         errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
         if errors:
             out += ["Errors recorded by the check:", ""]
-            out += [f"- {e.get('part')}{'/' + str(e['item']) if e.get('item') else ''}: {e.get('error')}" for e in errors] + [""]
+            out += [
+                f"- {e.get('part')}{'/' + str(e['item']) if e.get('item') else ''}: {e.get('error')}" for e in errors
+            ] + [""]
     return out
 
 

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from ..models import MultiScaleFlow, count_parameters
-from ..stats import wilson_interval
 from ..presets import PRESETS
+from ..stats import wilson_interval
 from . import aggregate as agg
 from . import figures as fig
 from .format import DASH, markdown_table, number, params, published_pm
@@ -71,7 +71,10 @@ class TableSpec:
 def _published_table2(pub: dict) -> list[str]:
     names = pub["datasets"]
     rows = [
-        {"model": model, **{label: published_pm(values.get(key), None) if key in values else DASH for key, label in names.items()}}
+        {
+            "model": model,
+            **{label: published_pm(values.get(key), None) if key in values else DASH for key, label in names.items()},
+        }
         for model, values in pub["models"].items()
     ]
     notes = [f"{m}: {vals['note']}" for m, vals in pub["models"].items() if vals.get("note")]
@@ -104,7 +107,11 @@ def paper_count_presets() -> list[tuple[str, str]]:
             continue
         seen.add(key)
         m = p.model
-        what = f"{m.coupling} coupling (hidden {m.hidden_channels}; Table 4)" if "4" in p.tables else f"{m.conv} 1×1 conv (Table 5)"
+        what = (
+            f"{m.coupling} coupling (hidden {m.hidden_channels}; Table 4)"
+            if "4" in p.tables
+            else f"{m.conv} 1×1 conv (Table 5)"
+        )
         rows.append((f"MEF with {what}", name))
     return rows
 
@@ -299,7 +306,10 @@ TABLES: dict[str, TableSpec] = {
 def _stability_display(rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return rows
-    ci = [f"{lo:.2f}–{hi:.2f}" if np.isfinite(lo) else DASH for lo, hi in zip(rows["rate 95% CI low"], rows["rate 95% CI high"], strict=True)]
+    ci = [
+        f"{lo:.2f}–{hi:.2f}" if np.isfinite(lo) else DASH
+        for lo, hi in zip(rows["rate 95% CI low"], rows["rate 95% CI high"], strict=True)
+    ]
     return rows.drop(columns=["rate 95% CI low", "rate 95% CI high"]).assign(
         lr=rows["lr"].map(lambda v: f"{v:g}"),
         **{"divergence rate": rows["divergence rate"].map(lambda v: number(v, "{:.2f}")), "95% CI": ci},
@@ -328,7 +338,10 @@ def render_table(spec: TableSpec, runs: pd.DataFrame, epochs: pd.DataFrame, publ
         return out + (spec.extra(runs, pub, "") if spec.extra else [])
     mine = agg.cell_frame(agg.in_table(runs, spec.id), spec.id, spec.cell_keys, spec.kind)
     if mine.empty:
-        return out + [f"No runs for {spec.short} in the runs directory (presets that feed it: {_presets_for(spec.id)}).", ""]
+        return out + [
+            f"No runs for {spec.short} in the runs directory (presets that feed it: {_presets_for(spec.id)}).",
+            "",
+        ]
     for group, gdf in mine.groupby("group", sort=False):
         rows = spec.rows(gdf, pub)
         table = pd.DataFrame([rows]) if isinstance(rows, dict) else rows
@@ -344,4 +357,3 @@ def render_table(spec: TableSpec, runs: pd.DataFrame, epochs: pd.DataFrame, publ
     if spec.notes:
         out += [spec.notes, ""]
     return out
-
