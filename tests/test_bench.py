@@ -58,3 +58,37 @@ def test_paired_ratio_follows_each_repeat():
     assert paired_ratio(times, "b", "a") == 2.0
     t = time_interleaved({"x": lambda: None, "y": lambda: None}, repeats=4, warmup=0)
     assert [len(v) for v in t.values()] == [4, 4]
+
+
+def test_quick_rows_are_not_judged_against_the_full_size_targets(capsys):
+    """--quick runs small sizes: a speed-up of 0.7× there says nothing about the 10× target."""
+    rows = run_bench(quick=True, threads=1, only=("action", "coupling"))
+    assert rows and all(r.ok is None for r in rows)
+    from mefbench.bench import QUICK, _format
+
+    assert QUICK in _format(rows) and " NO" not in _format(rows)
+
+
+def test_a_negative_overhead_is_shown_not_clamped(monkeypatch):
+    """When noise makes the layer measure faster than its net alone, the row says so (no '0 %')."""
+    import mefbench.bench as bench
+
+    def fake_times(self, fns, repeats):
+        return (
+            {"layer": [1.0] * repeats, "net": [1.2] * repeats} if "net" in fns else {k: [1e-3] * repeats for k in fns}
+        )
+
+    monkeypatch.setattr(bench.Setting, "times", fake_times)
+    rows = bench._coupling_rows(bench.Setting(__import__("torch").device("cpu"), quick=False))
+    assert all(r.measured < 0 for r in rows) and all("no slower than its net" in r.note for r in rows)
+    assert all(r.ok for r in rows)  # −20 % is within ≤ 15 %
+
+
+def test_every_registered_layer_and_coupling_has_a_bench_row():
+    from mefbench.bench import row_count
+    from mefbench.layers import COUPLING, MIXING
+    from mefbench.presets import layer_variants
+
+    assert row_count("layers") == len(layer_variants(MIXING)) and row_count("couplings") == len(
+        layer_variants(COUPLING)
+    )

@@ -286,3 +286,9 @@ def test_initialised_layers_do_not_read_their_init_flag_back():
     fresh.train()
     fresh(x)
     assert bool(fresh.initialized)
+
+
+def test_actnorm_never_changes_the_dtype_silently():
+    layer = L.ActNorm(3).float()
+    with pytest.raises(ValueError, match=r"ActNorm has torch\.float32 parameters but got torch\.float64 input"):
+        layer(torch.zeros(2, 3, 2, 2, dtype=torch.float64))

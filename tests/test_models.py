@@ -113,3 +113,24 @@ def test_wrong_image_shape_is_a_clear_error():
     model = MultiScaleFlow(FlowConfig(**SMALL))
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 8, 8\)"):
         model(torch.zeros(1, 1, 8, 8))
+
+
+def test_names_users_import_still_work_or_say_what_replaces_them():
+    import mefbench.layers as L
+    from mefbench import linalg, results
+
+    assert callable(linalg.expm) and callable(linalg.expm_action) and callable(results.load_runs)
+    assert set(L.CONV1X1) <= set(L.MIXING) and "matexp" in L.COUPLING and "smoke" in PRESETS
+    from mefbench.layers.coupling import SCALE_MAPS, BoundedTanh, CouplingNet  # the old module paths
+
+    assert BoundedTanh and CouplingNet and "tanh" in SCALE_MAPS
+    import mefbench.report
+    import mefbench.sweep
+
+    with pytest.warns(DeprecationWarning, match="paper_count_presets"):
+        assert mefbench.report.PAPER_COUNT_PRESETS[0] == ("MEF", "paper-t2-mef-cifar10")
+    with pytest.warns(DeprecationWarning, match="mefbench.report.TABLES"):
+        assert "4" in mefbench.sweep.TABLES
+    from mefbench.training import TrainConfig, pool_stats
+
+    assert TrainConfig().dataset == "cifar10" and pool_stats([]) == {}

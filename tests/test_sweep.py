@@ -2,7 +2,7 @@ import os
 import shutil
 
 from mefbench.cli import main
-from mefbench.layers import MIXING
+from mefbench.layers import COUPLING, MIXING
 from mefbench.presets import PRESETS, layer_variants
 from mefbench.record import RunLock, read_record
 from mefbench.report.tables import TABLES
@@ -79,3 +79,26 @@ def test_sweep_runs_keeps_resumes_and_skips(tmp_path, capsys):
     resumed = read_record(tmp_path / interrupted)
     assert resumed.status == "finished" and resumed.resumes[0].from_epoch == 1
     assert read_record(tmp_path / kept) == records[kept]
+
+
+def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
+    """The stability benchmark's smoke grid: every coupling and variant at the grid's two rates, one
+    seed, swept and reported (CI runs it; the cpu grid is the committed report's)."""
+    from mefbench.report import write_report
+
+    runs = tmp_path / "runs"
+    assert (
+        main(
+            ["sweep", "--table", "stability", "--scale", "smoke", "--seeds", "1", "--runs", str(runs), "--no-progress"]
+        )
+        == 0
+    )
+    planned = plan(("stability",), "smoke", seeds=1)
+    out = capsys.readouterr().out
+    assert f"{len(planned)} runs under" in out
+    text = write_report(runs, tmp_path / "report", samples=False).read_text()
+    section = text[text.index("## Stability") :].split("\n## ")[0]
+    for coupling, label, _ in layer_variants(COUPLING):
+        assert f"| {coupling} | {label} | 0.001 |" in section and f"| {coupling} | {label} | 0.1 |" in section
+    assert "largest lr with no divergence" in section and "**What this shows about the paper's claim:**" in section
+    assert "(figures/stability_divergence_vs_lr_patches16-smoke-scale.png)" in section

@@ -130,3 +130,18 @@ def _update_manifest(out_dir: Path, figures: list[str]) -> None:
         if stale.is_file():
             stale.unlink()
     _write_atomic(path, json.dumps({"files": ["README.md"], "figures": figures}, indent=2))
+
+
+def __getattr__(name: str):
+    if name == "PAPER_COUNT_PRESETS":
+        import warnings
+
+        from .tables import paper_count_presets
+
+        warnings.warn(
+            "mefbench.report.PAPER_COUNT_PRESETS is deprecated: use mefbench.report.tables.paper_count_presets()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return tuple(paper_count_presets())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

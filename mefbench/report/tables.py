@@ -310,10 +310,12 @@ def _stability_display(rows: pd.DataFrame) -> pd.DataFrame:
         f"{lo:.2f}–{hi:.2f}" if np.isfinite(lo) else DASH
         for lo, hi in zip(rows["rate 95% CI low"], rows["rate 95% CI high"], strict=True)
     ]
-    return rows.drop(columns=["rate 95% CI low", "rate 95% CI high"]).assign(
+    out = rows.drop(columns=["rate 95% CI low", "rate 95% CI high"]).assign(
         lr=rows["lr"].map(lambda v: f"{v:g}"),
-        **{"divergence rate": rows["divergence rate"].map(lambda v: number(v, "{:.2f}")), "95% CI": ci},
+        **{"divergence rate": rows["divergence rate"].map(lambda v: number(v, "{:.2f}"))},
     )
+    out.insert(out.columns.get_loc("divergence rate") + 1, "95% CI", ci)
+    return out
 
 
 def table_ids() -> tuple[str, ...]:
