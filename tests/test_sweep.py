@@ -35,6 +35,9 @@ def test_seeds_default_to_the_tables_own():
     presets = [p for p in PRESETS.values() if p.scale == "smoke" and "stability" in p.tables]
     assert len(stability) == TABLES["stability"].seeds * len(presets)
     assert TABLES["stability"].seeds >= 5 and len(plan(("4",), "smoke")) == TABLES["4"].seeds * 4
+    # planned together, each run keeps its own tables' seeds
+    both = plan(("4", "stability"), "smoke")
+    assert len(both) == len(stability) + len(plan(("4",), "smoke"))
 
 
 def test_paper_plan_takes_data_dirs():
