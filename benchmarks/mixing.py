@@ -27,15 +27,20 @@ LAYERS = {
 }
 
 
+def _build(layer: str, level: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """The benchmark's layer at a level, after one thread, float32 and the seed are set."""
+    set_up_torch()
+    name, options = LAYERS[layer]
+    c, h, w = LEVELS[level]
+    return MIXING.build(name, c, size=(h, w), **options), (c, h, w)
+
+
 class MixingLayer(_LayerTimings):
     params = [list(LAYERS), list(LEVELS)]
     param_names = ["layer", "level"]
 
     def setup(self, layer: str, level: str) -> None:
-        set_up_torch()
-        name, options = LAYERS[layer]
-        c, h, w = LEVELS[level]
-        self.layer = MIXING.build(name, c, size=(h, w), **options)
+        self.layer, (c, h, w) = _build(layer, level)
         x = torch.randn(BATCH, c, h, w)
         with torch.no_grad():
             self.layer(x)  # data-dependent init where the layer has one
@@ -53,10 +58,7 @@ class MixingLogdet:
     param_names = ["layer", "level"]
 
     def setup(self, layer: str, level: str) -> None:
-        set_up_torch()
-        name, options = LAYERS[layer]
-        c, h, w = LEVELS[level]
-        self.layer = MIXING.build(name, c, size=(h, w), **options)
+        self.layer, (_, h, w) = _build(layer, level)
         if not hasattr(self.layer, "logdet"):
             raise NotImplementedError(f"{layer} computes its log-det only together with the map")
         self.size = (h, w)
