@@ -79,7 +79,11 @@ def plan(
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     groups: dict[str, RunSpec] = {}
-    for name in sorted(PRESETS):
+    order = _table_ids()
+    # a run that several presets share is named after the one of the earliest table (the paper's
+    # Table 2 run, not its row in a zoo table)
+    ranked = sorted(PRESETS, key=lambda n: (min((order.index(t) for t in PRESETS[n].tables), default=len(order)), n))
+    for name in ranked:
         preset = PRESETS[name]
         mine = tuple(t for t in preset.tables if t in tables)
         if preset.scale != scale or not mine:

@@ -19,6 +19,7 @@ def test_plan_shares_runs_between_tables():
     # MEF at lr 0.01 is one run for Tables 2, 4, 5, 6 and its mixing row, with its cell in each
     mef = [s for s in specs if {"2", "4", "5", "6", "mixing"} <= set(s.tables)]
     assert sorted(s.train.seed for s in mef) == [0, 1, 2]
+    assert {s.name for s in mef} == {f"cpu-t2-mef-seed{i}" for i in range(3)}  # named after the earliest table
     assert mef[0].cells["4"] == {"coupling": "matexp", "lr": 0.01} and mef[0].cells["5"] == {"conv": "matexp"}
     assert mef[0].cells["mixing"] == {"conv": "matexp", "variant": "default"}
     # every mixing layer and variant has its row, the paper's PLU (free diagonal) shared with Table 5
