@@ -119,6 +119,7 @@ class FinalMetrics:
     roundtrip_error: float | None = None  # max |x − inverse(forward(x))| on a test batch, float32
     peak_memory_bytes: int | None = None  # one training step, see peak_memory_method
     peak_memory_method: str | None = None
+    measure_error: str | None = None  # why a measurement of the trained model failed (it is then inf / None)
 
     @classmethod
     def from_epochs(cls, epochs: list[EpochRecord], **measured: Any) -> FinalMetrics:

@@ -194,10 +194,17 @@ def run_sweep(
             print(f"{head}: skipped: {exc}", flush=True)
             skipped.append(spec.name)
             continue
+        except Exception as exc:
+            print(f"{head}: FAILED ({type(exc).__name__}: {exc}); its record says how far it got", flush=True)
+            skipped.append(spec.name)
+            continue
         print(f"{head}: {_summary(record)}", flush=True)
         records.append(record)
     if skipped:
-        print(f"skipped {len(skipped)} of {len(specs)} runs (locked or unreadable): {', '.join(skipped)}", flush=True)
+        print(
+            f"skipped {len(skipped)} of {len(specs)} runs (locked, unreadable or failed): {', '.join(skipped)}",
+            flush=True,
+        )
     return records
 
 

@@ -759,23 +759,33 @@ def _commit(run_dir: Path, record: RunRecord, state: _State) -> RunRecord:
 
 @torch.no_grad()
 def _measure_trained(state: _State, data: _Data, cfg: TrainConfig, dev: torch.device) -> dict:
-    """Sampling time per image and the round-trip error of the trained EMA model (float32)."""
+    """Sampling time per image and the round-trip error of the trained EMA model (float32).
+
+    A trained model whose inverse fails (a layer that raises, e.g. an iterative inverse that does
+    not converge) is data, not a crash: its round-trip error is recorded as inf, the sampling time
+    as None, and the reason in ``measure_error``.
+    """
     model = state.ema.module
     was_training = model.training
     model.eval()
     fmt = _memory_format(cfg.channels_last)
     x = dequantize(data.test_images[:64], generator=_generator(cfg.seed, 5)).to(dev).contiguous(memory_format=fmt)
-    zs, _, _ = model(x)
-    roundtrip = float((model.inverse(zs) - x).abs().max())
     n = min(64, 4 * cfg.batch_size)
-    model.sample(2, generator=_generator(cfg.seed, 6))  # warm-up: eval caches, kernels
-    synchronize(dev)
-    t0 = time.perf_counter()
-    model.sample(n, generator=_generator(cfg.seed, 6))
-    synchronize(dev)
-    elapsed = time.perf_counter() - t0
-    model.train(was_training)
-    return {"sample_time_per_image_s": elapsed / n, "sample_images": n, "roundtrip_error": roundtrip}
+    out: dict = {"sample_time_per_image_s": None, "sample_images": None, "roundtrip_error": math.inf}
+    try:
+        zs, _, _ = model(x)
+        out["roundtrip_error"] = float((model.inverse(zs) - x).abs().max())
+        model.sample(2, generator=_generator(cfg.seed, 6))  # warm-up: eval caches, kernels
+        synchronize(dev)
+        t0 = time.perf_counter()
+        model.sample(n, generator=_generator(cfg.seed, 6))
+        synchronize(dev)
+        out.update(sample_time_per_image_s=(time.perf_counter() - t0) / n, sample_images=n)
+    except (RuntimeError, ValueError) as exc:
+        out["measure_error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _finish(

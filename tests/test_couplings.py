@@ -284,3 +284,18 @@ def test_multiscale_flow_inverts_exactly(name):
     assert torch.isfinite(bpd).all() and torch.isfinite(logdet).all()
     couplings = [m for m in model.modules() if isinstance(m, NAMES[name])]
     assert len(couplings) == 2
+
+
+def test_mixture_inverse_passes_non_finite_targets_through_without_a_false_alarm():
+    """NaN or inf targets (from an upstream layer that overflowed) come out as NaN / ±inf; only a
+    finite target whose bracket does not close is an error."""
+    from mefbench.layers.mixture import mixture_logit_cdf_inverse
+
+    torch.manual_seed(0)
+    k, n = 3, 64
+    t = torch.randn(n, dtype=torch.float32)
+    t[:5] = float("nan")
+    t[5] = float("inf")
+    logits, means, log_scales = (torch.randn(1, k, n, dtype=torch.float32) for _ in range(3))  # components in dim 1
+    x, _ = mixture_logit_cdf_inverse(t.unsqueeze(0), logits, means, log_scales)
+    assert torch.isnan(x[0, :5]).all() and x[0, 5] == float("inf") and torch.isfinite(x[0, 6:]).all()

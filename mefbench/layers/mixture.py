@@ -126,15 +126,17 @@ def mixture_logit_cdf_inverse(
         infinity = float_to_key(torch.tensor(math.inf, dtype=t.dtype, device=t.device))
         lo = (float_to_key(roots.amin(dim=1)) - 1).clamp(-infinity - 1, infinity)
         hi = (float_to_key(roots.amax(dim=1)) + 1).clamp(-infinity - 1, infinity)
+        finite = torch.isfinite(t)  # a non-finite t is passed through below: no bracket to close
         if iterations is None:
-            span = (hi.double() - lo.double()).amax().item()  # read once, before the loop
+            widths = torch.where(finite, hi.double() - lo.double(), 0.0)
+            span = widths.amax().item() if widths.numel() else 0.0  # read once, before the loop
             iterations = max(0, math.ceil(math.log2(span))) if span > 1 else 0
         for _ in range(iterations):
             mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
             above = _logit_cdf(key_to_float(mid, t.dtype), log_pi, means, inv_scales) >= t
             hi = torch.where(above, mid, hi)
             lo = torch.where(above, lo, mid)
-        converged = (hi == lo) | (hi == lo + 1)
+        converged = (hi == lo) | (hi == lo + 1) | ~finite
         if not bool(converged.all()):  # the one check read back to the host
             raise RuntimeError(
                 f"{owner}: the inverse's bisection did not close its bracket to adjacent floating-point "
@@ -145,7 +147,7 @@ def mixture_logit_cdf_inverse(
             _logit_cdf(x_lo, log_pi, means, inv_scales) - t
         ).abs()
         # ±inf ↦ ±inf, NaN ↦ NaN
-        x = torch.where(torch.isfinite(t), torch.where(nearer_hi, x_hi, x_lo), t)
+        x = torch.where(finite, torch.where(nearer_hi, x_hi, x_lo), t)
 
     logit, log_slope = mixture_logit_cdf(x, logits, means, log_scales)
     if logit.requires_grad or t.requires_grad:
