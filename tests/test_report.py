@@ -85,11 +85,13 @@ def runs_dir(tmp_path_factory) -> Path:
     mixing_final = {"sample_time_per_image_s": 0.002, "roundtrip_error": 3e-6, "peak_memory_bytes": 2**21}
     write_record(root / "mix", "emerging-s0", record("cpu-mix-emerging", 0, 4.5, epoch_time=15.0, final=mixing_final))
     write_record(root / "mix", "emerging-s1", record("cpu-mix-emerging", 1, 4.7, epoch_time=17.0, final=mixing_final))
-    for lr, outcomes in ((0.001, ("finished", "finished")), (0.1, ("diverged", "finished"))):
-        for seed, status in enumerate(outcomes):
+    # lr 0.1: one seed diverges, one finishes worse than the uniform density (9.5 > 8 bits/dim)
+    for lr, outcomes in ((0.001, ((5.0, "finished"), (5.1, "finished"))),
+                         (0.1, ((5.0, "diverged"), (5.2, "finished"), (9.5, "finished")))):  # fmt: skip
+        for seed, (bpd, status) in enumerate(outcomes):
             div = {"epoch": 1, "step": 12 + seed, "loss": float("inf")} if status == "diverged" else None
             write_record(root / "stab", f"affine-tanh-lr{lr}-s{seed}", record(
-                f"cpu-stab-affine-tanh-lr{lr}", seed, 5.0 + lr, status=status, diverged=div,
+                f"cpu-stab-affine-tanh-lr{lr}", seed, bpd, status=status, diverged=div,
                 epochs_done=1 if status == "diverged" else None))  # fmt: skip
     bad = root / "broken" / "record.json"
     bad.parent.mkdir()
@@ -118,8 +120,8 @@ def test_header_status_duplicates_and_corrupt(report, runs_dir):
     assert any(bad in w for w in warned)
     assert f"`{bad}`" in text  # listed in the report too
     assert "`mefbench report runs`" in text and f"`{runs_dir}`" in text
-    # 23 records: one unreadable, the duplicate counted once
-    assert "- Runs: 21 (" in text and "2 diverged" in text
+    # 24 records: one unreadable, the duplicate counted once
+    assert "- Runs: 22 (" in text and "2 diverged" in text
     status = next(line for line in text.splitlines() if line.startswith("**Status:**"))
     assert "`mef-s2` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/4 epochs" in status
     dup = text[text.index("**Duplicates") :].splitlines()[2]
@@ -189,10 +191,11 @@ def test_mixing_table(report):
 
 def test_stability_table_and_finding(report):
     stab = _group(_section(report[0], "Stability"))
-    assert _line(stab, "affine", "tanh", "0.001", "2", "2", "0", "0")
-    high = _line(stab, "affine", "tanh", "0.1", "2", "1", "1", "0")
-    assert "| 0.50 |" in high and "| 12 |" in high and "| 0.09–0.91 |" in high  # rate, step of divergence, Wilson 95%
-    assert _line(stab, "affine", "tanh", "0.001", "1 / 4")  # largest lr with no divergence, totals
+    assert _line(stab, "affine", "tanh", "0.001", "2", "2", "0", "0", "0.00", "0.00–0.66", "–", "0", "0.00")
+    # divergence rate 1/3 with its Wilson interval, the step, one worse than uniform, failure rate 2/3
+    high = _line(stab, "affine", "tanh", "0.1", "3", "2", "1", "0", "0.33", "0.06–0.79", "12", "1", "0.67", "0.21–0.94")
+    assert high.endswith("| 7.350 [5.200, 9.500] |")  # median [min, max] of the finished runs
+    assert _line(stab, "affine", "tanh", "0.001", "0.001", "1 / 5", "2 / 5")  # largest safe lr, totals
     assert "**What this shows about the paper's claim:**" in stab and "needs runs of both" in stab
 
 

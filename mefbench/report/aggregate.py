@@ -302,11 +302,20 @@ def mixing_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
             "time per epoch (s)": pm(t, 2),
             f"time / {reference}": number(t.mean() / ref_time if len(t) and ref_time > 0 else math.nan, "{:.2f}"),
             "sampling (ms / image)": pm(1e3 * _col(fin, "sample_time_per_image_s"), 3),
-            "round-trip error": number(_col(fin, "roundtrip_error").max(), "{:.1e}"),
+            "round-trip error": _roundtrip(_col(fin, "roundtrip_error")),
             "peak memory (MB)": pm(_col(fin, "peak_memory_bytes") / 2**20, 1),
             "published bits/dim (own paper, CIFAR-10)": f"{value:.2f} ({pub.get('source')})" if value is not None else "not available",
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _roundtrip(errors: pd.Series) -> str:
+    """The largest round-trip error of the finished runs, and how many trained models the inverse
+    failed on (recorded as inf, with the reason in the record's ``measure_error``)."""
+    finite = errors[np.isfinite(errors)]
+    failed = int(np.isinf(errors).sum())
+    text = number(finite.max(), "{:.1e}") if len(finite) else DASH
+    return text if not failed else f"{text}; inverse failed in {failed} of {len(errors)}"
 
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:
@@ -315,39 +324,73 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(df[name], errors="coerce")
 
 
+# The uniform density on the 256 levels of 8-bit data scores exactly 8 bits/dim: a run that ends
+# above it has learned less than nothing, whatever its loss did on the way.
+UNIFORM_BPD = 8.0
+
+
 def stability_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Per (coupling, variant, lr): runs, diverged, divergence rate with its Wilson 95% interval,
-    the steps at which runs diverged, and bits/dim of the finished runs. Unfinished runs (still
-    running or interrupted) are counted apart and left out of the rate."""
+    the steps at which runs diverged, the finished runs that ended worse than the uniform density
+    (> 8 bits/dim), the failure rate (diverged or worse than uniform), and bits/dim of the finished
+    runs (median and range: a failed run's can be astronomically large). Unfinished runs (still
+    running or interrupted) are counted apart and left out of the rates."""
     rows = []
     for (coupling, variant, lr), cell in _layer_cells(df, "coupling", ["lr"]):
         c = counts(cell)
         decided = c["finished"] + c["diverged"]
         low, high = wilson_interval(c["diverged"], decided) if decided else (math.nan, math.nan)
         steps = pd.to_numeric(cell.loc[cell["status"] == "diverged", "diverged_step"], errors="coerce").dropna()
+        bpd = pd.to_numeric(cell.loc[finished(cell), "test_bpd"], errors="coerce")
+        worse = int((bpd > UNIFORM_BPD).sum())
+        failed = c["diverged"] + worse
+        f_low, f_high = wilson_interval(failed, decided) if decided else (math.nan, math.nan)
         rows.append({
             "coupling": coupling, "variant": variant, "lr": lr, **c,
             "divergence rate": c["diverged"] / decided if decided else math.nan,
             "rate 95% CI low": low, "rate 95% CI high": high,
             "diverged at step": ", ".join(f"{int(s)}" for s in sorted(steps)) or DASH,
-            "bits/dim (finished)": pm(cell.loc[finished(cell), "test_bpd"]),
+            "worse than uniform": worse,
+            "failure rate": failed / decided if decided else math.nan,
+            "failure 95% CI low": f_low, "failure 95% CI high": f_high,
+            "bits/dim (finished): median [min, max]": _median_range(bpd),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
+def _median_range(values: pd.Series) -> str:
+    v = values[np.isfinite(values)]
+    if v.empty:
+        return DASH
+    fmt = lambda x: f"{x:.3f}" if abs(x) < 1e4 else f"{x:.2e}"  # noqa: E731
+    return fmt(v.median()) if len(v) == 1 else f"{fmt(v.median())} [{fmt(v.min())}, {fmt(v.max())}]"
+
+
 def stability_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (coupling, variant): the largest rate of the grid at which no run diverged (and every
-    smaller rate had none either), and the divergence totals."""
+    smaller rate had none either), the same for failures (diverged or worse than uniform), and the
+    totals."""
     out = []
     if rows.empty:
         return pd.DataFrame(out)
     for (coupling, variant), g in rows.groupby(["coupling", "variant"], sort=False):
         g = g.sort_values("lr")
-        safe = math.nan
-        for _, r in g.iterrows():
-            if r["finished"] + r["diverged"] == 0 or r["diverged"] > 0:
-                break
-            safe = r["lr"]
-        out.append({"coupling": coupling, "variant": variant, "largest lr with no divergence": number(safe, "{:g}"),
-                    "diverged / decided runs": f"{int(g['diverged'].sum())} / {int((g['finished'] + g['diverged']).sum())}"})  # fmt: skip
+        decided = int((g["finished"] + g["diverged"]).sum())
+        out.append({
+            "coupling": coupling, "variant": variant,
+            "largest lr with no divergence": number(_largest_safe(g, g["diverged"]), "{:g}"),
+            "largest lr with no failure": number(_largest_safe(g, g["diverged"] + g["worse than uniform"]), "{:g}"),
+            "diverged / decided runs": f"{int(g['diverged'].sum())} / {decided}",
+            "failed / decided runs": f"{int((g['diverged'] + g['worse than uniform']).sum())} / {decided}",
+        })  # fmt: skip
     return pd.DataFrame(out)
+
+
+def _largest_safe(rows: pd.DataFrame, bad: pd.Series) -> float:
+    """The largest rate at which, and below which, every decided run was good (NaN if none)."""
+    safe = math.nan
+    for i, r in rows.iterrows():
+        if r["finished"] + r["diverged"] == 0 or bad[i] > 0:
+            break
+        safe = r["lr"]
+    return safe

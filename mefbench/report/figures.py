@@ -149,26 +149,33 @@ def quality_vs_time(ctx: FigureContext) -> list[str]:
 
 
 def divergence_vs_lr(ctx: FigureContext) -> list[str]:
-    """Stability: divergence probability against learning rate, per coupling (and variant), with
-    Wilson 95% intervals."""
+    """Stability: the probability that a run diverged, and that it failed (diverged or ended worse
+    than the uniform density), against learning rate, per coupling and variant, with Wilson 95%
+    intervals."""
     rows = stability_rows(ctx.runs)
     rows = rows[(rows["finished"] + rows["diverged"]) > 0] if len(rows) else rows
     if rows.empty:
         return []
-    fig, ax = _figure(7.0, 4.5)
+    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
     labels = rows["coupling"] + np.where(rows["variant"] == "default", "", " (" + rows["variant"] + ")")
     rows = rows.assign(label=labels)
-    for i, label in enumerate(dict.fromkeys(rows["label"])):
-        r = rows[rows["label"] == label].sort_values("lr")
-        jitter = 1 + 0.03 * (i - len(set(rows["label"])) / 2)  # keep overlapping points apart
-        err = np.vstack([r["divergence rate"] - r["rate 95% CI low"], r["rate 95% CI high"] - r["divergence rate"]])
-        ax.errorbar(r["lr"] * jitter, r["divergence rate"], yerr=err, marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set(
-        xlabel="learning rate", ylabel="P(diverged)", title=f"{ctx.title}: divergence vs learning rate ({ctx.group})"
-    )
-    ax.legend(fontsize="small", ncol=2)
+    names = list(dict.fromkeys(rows["label"]))
+    panels = (("divergence rate", "rate 95% CI low", "rate 95% CI high", "P(diverged)"),
+              ("failure rate", "failure 95% CI low", "failure 95% CI high", "P(diverged or > 8 bits/dim)"))  # fmt: skip
+    for ax, (rate, low, high, ylabel) in zip(axes, panels, strict=True):
+        for i, label in enumerate(names):
+            r = rows[rows["label"] == label].sort_values("lr")
+            jitter = 1 + 0.03 * (i - len(names) / 2)  # keep overlapping points apart
+            err = np.vstack([r[rate] - r[low], r[high] - r[rate]])
+            ax.errorbar(r["lr"] * jitter, r[rate], yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set(xlabel="learning rate", ylabel=ylabel)
+    axes[0].set_title(f"{ctx.title}: divergence ({ctx.group})")
+    axes[1].set_title("failure: diverged or worse than uniform")
+    axes[1].legend(fontsize="small", ncol=2)
     path = _save(fig, ctx, "divergence_vs_lr")
-    return [f"![divergence probability vs learning rate, {ctx.group}]({path})", "",
-            "*Fraction of runs that diverged, with Wilson 95% intervals; points of one rate are spread sideways.*", ""]  # fmt: skip
+    return [f"![divergence and failure probability vs learning rate, {ctx.group}]({path})", "",
+            "*Fraction of runs that diverged (left) and that failed (right), with Wilson 95% intervals; points of "
+            "one rate are spread sideways.*", ""]  # fmt: skip

@@ -162,6 +162,8 @@ def _table3(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
         "Published: the paper's Table 3.",
         "",
     ]
+    paper = {"2", "4", "5", "6"}  # the zoo tables show their own parameter counts
+    runs = runs[runs["tables"].map(lambda t: bool(paper & set(t)))] if len(runs) else runs
     if runs.empty:
         return out
     keys = ["preset", "scale", "dataset", "conv", "coupling", "hidden_channels", "num_blocks"]
@@ -172,7 +174,12 @@ def _table3(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
         .reset_index()
         .rename(columns={"hidden_channels": "hidden", "num_blocks": "blocks", "num_params": "params (from records)"})
     )  # fmt: skip
-    return out + ["Configurations actually run (parameter counts from the records):", "", markdown_table(ran), ""]
+    return out + [
+        "Configurations of the paper's tables actually run (parameter counts from the records):",
+        "",
+        markdown_table(ran),
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------- extras per group
@@ -200,26 +207,33 @@ def _stability_extra(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
 
 def _stability_finding(rows: pd.DataFrame) -> str:
     """One sentence, generated from the numbers, on the paper's claim (the matrix-exponential
-    coupling trains stably where the affine coupling does not, Table 4 at lr 0.01 and up)."""
+    coupling trains stably where the affine coupling does not, Table 4 at lr 0.01 and up): the
+    failure rates (diverged, or ended worse than the uniform density) of the two at lr ≥ 0.01,
+    compared by their Wilson 95% intervals."""
     claim = "**What this shows about the paper's claim:**"
     if rows.empty:
         return f"{claim} nothing yet: no run has finished or diverged."
     high = rows[rows["lr"] >= 0.01]
 
-    def tally(mask: pd.Series) -> tuple[int, int]:
+    def tally(mask: pd.Series) -> tuple[int, int, int]:
         sub = high[mask]
-        return int(sub["diverged"].sum()), int((sub["finished"] + sub["diverged"]).sum())
+        return (
+            int(sub["diverged"].sum()),
+            int((sub["diverged"] + sub["worse than uniform"]).sum()),
+            int((sub["finished"] + sub["diverged"]).sum()),
+        )
 
     mef = tally((high["coupling"] == "matexp") & (high["variant"] == "default"))
     affine = tally((high["coupling"] == "affine") & (high["variant"] == "tanh"))
-    if not mef[1] or not affine[1]:
+    if not mef[2] or not affine[2]:
         return (f"{claim} nothing yet: the claim (the matrix-exp coupling trains stably where the affine one does "
-                f"not) needs runs of both at lr ≥ 0.01 in one group; this group has {mef[1]} and {affine[1]}.")  # fmt: skip
-    m_low, m_high = wilson_interval(*mef)
-    a_low, a_high = wilson_interval(*affine)
-    numbers = (f"at lr ≥ 0.01 the matrix-exp coupling diverged in {mef[0]} of {mef[1]} runs "
-               f"(95% CI {m_low:.2f}–{m_high:.2f}) and the affine coupling with the paper's bounded tanh in "
-               f"{affine[0]} of {affine[1]} ({a_low:.2f}–{a_high:.2f})")  # fmt: skip
+                f"not) needs runs of both at lr ≥ 0.01 in one group; this group has {mef[2]} and {affine[2]}.")  # fmt: skip
+    m_low, m_high = wilson_interval(mef[1], mef[2])
+    a_low, a_high = wilson_interval(affine[1], affine[2])
+    numbers = (f"at lr ≥ 0.01 the matrix-exp coupling failed in {mef[1]} of {mef[2]} runs ({mef[0]} diverged; 95% CI "
+               f"{m_low:.2f}–{m_high:.2f}) and the affine coupling with the paper's bounded tanh in {affine[1]} of "
+               f"{affine[2]} ({affine[0]} diverged; {a_low:.2f}–{a_high:.2f}), failed meaning diverged or ended worse "
+               f"than the uniform density")  # fmt: skip
     if m_high < a_low:
         verdict = "the matrix-exp coupling is measurably more stable here, as the paper claims"
     elif a_high < m_low:
@@ -293,9 +307,11 @@ TABLES: dict[str, TableSpec] = {
             cell_keys=("coupling", "variant", "lr"), rows=lambda df, pub: _stability_display(agg.stability_rows(df)),
             figures=(fig.divergence_vs_lr,), extra=_stability_extra, seeds=5, curves=False,
             notes=("A run diverges when its training loss becomes non-finite; it is recorded with that step and "
-                   "never retried. Rate: diverged / (finished + diverged) with the Wilson 95% score interval; runs "
-                   "still running or interrupted are counted apart. Largest lr with no divergence: the largest rate "
-                   "of the grid at which, and below which, no seed diverged. Matrix-exp 1×1 conv in all; at CPU "
+                   "never retried. A finished run is worse than uniform when its test bits/dim ends above 8, what the "
+                   "uniform density on the 256 levels scores: it learned less than nothing. Failed: diverged or worse "
+                   "than uniform. Rates: over finished + diverged runs, with Wilson 95% score intervals; runs still "
+                   "running or interrupted are counted apart. Largest lr with no divergence (failure): the largest "
+                   "rate of the grid at which, and below which, no seed diverged (failed). Matrix-exp 1×1 conv in all; at CPU "
                    "scale a small net without warm-up (see `mefbench presets`), at paper scale Table 4's recipe, "
                    "whose lr-0.01 cells are Table 4's runs."),
         ),
@@ -310,11 +326,18 @@ def _stability_display(rows: pd.DataFrame) -> pd.DataFrame:
         f"{lo:.2f}–{hi:.2f}" if np.isfinite(lo) else DASH
         for lo, hi in zip(rows["rate 95% CI low"], rows["rate 95% CI high"], strict=True)
     ]
-    out = rows.drop(columns=["rate 95% CI low", "rate 95% CI high"]).assign(
+    f_ci = [
+        f"{lo:.2f}–{hi:.2f}" if np.isfinite(lo) else DASH
+        for lo, hi in zip(rows["failure 95% CI low"], rows["failure 95% CI high"], strict=True)
+    ]
+    out = rows.drop(
+        columns=["rate 95% CI low", "rate 95% CI high", "failure 95% CI low", "failure 95% CI high"]
+    ).assign(
         lr=rows["lr"].map(lambda v: f"{v:g}"),
-        **{"divergence rate": rows["divergence rate"].map(lambda v: number(v, "{:.2f}"))},
+        **{name: rows[name].map(lambda v: number(v, "{:.2f}")) for name in ("divergence rate", "failure rate")},
     )
     out.insert(out.columns.get_loc("divergence rate") + 1, "95% CI", ci)
+    out.insert(out.columns.get_loc("failure rate") + 1, "failure 95% CI", f_ci)
     return out
 
 
