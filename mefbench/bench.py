@@ -449,7 +449,7 @@ def _format(rows: list[Row]) -> str:
     lines = [f"{'what':62} {'shape':42} {'measured':>10}  target  ok"]
     for r in rows:
         value = f"{r.measured:.2e}" if r.unit == "" else f"{r.measured:.2f}{r.unit}"
-        ok = ("-" if r.target == "report" else QUICK) if r.ok is None else ("yes" if r.ok else "NO")
+        ok = ("-" if r.target.startswith("report") else QUICK) if r.ok is None else ("yes" if r.ok else "NO")
         note = f"  ({r.note})" if r.note else ""
         lines.append(f"{r.what:62} {r.shape:42} {value:>10}  {r.target}  {ok}{note}")
     return "\n".join(lines)
