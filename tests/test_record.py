@@ -26,7 +26,8 @@ from mefbench.record import (
 )
 from mefbench.stats import pool_stats, wilson_interval
 
-COMMITTED = Path(__file__).resolve().parent.parent / "reports" / "runs"
+# records of the first committed cpu reproduction (schema 1, model revision 1), kept as test data
+COMMITTED = Path(__file__).resolve().parent / "data" / "schema1_runs"
 
 
 def _record(**changes) -> RunRecord:
@@ -100,7 +101,7 @@ def test_missing_record_is_named(tmp_path):
 
 @pytest.mark.parametrize("run", sorted(p.name for p in COMMITTED.iterdir()) if COMMITTED.exists() else [])
 def test_committed_schema1_records_load(run):
-    """The committed cpu-scale records (schema 1) load, migrated: string table ids, cells derived
+    """Records of the first committed cpu reproduction (schema 1) load, migrated: string table ids, cells derived
     from the presets, model revision 1, the model's flat options moved into coupling_options."""
     raw = json.loads((COMMITTED / run / "record.json").read_text())
     assert raw["schema"] == 1
