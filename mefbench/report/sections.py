@@ -216,7 +216,11 @@ def asv_section(asv_dir: str | Path | None, figdir: Path) -> tuple[list[str], li
         + (" (" + ", ".join(f"{m}: `{str(c)[:10]}`" for m, c in commits.items()) + ")" if commits else "")
         + ".",
         "",
+        f"<details><summary>{len(table)} timings (every benchmark and parameter point)</summary>",
+        "",
         markdown_table(table),
+        "",
+        "</details>",
         "",
     ]
     try:
