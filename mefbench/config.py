@@ -157,17 +157,19 @@ class FlowConfig(DictConfig):
 
 def migrate_model_dict(data: dict) -> dict:
     """A model dict of the first record schema (flat ``scale`` and ``coupling_rank``) in today's
-    form: the two move into ``coupling_options`` when they differ from the default."""
-    from .layers import COUPLING, option_names
+    form: the two move into ``coupling_options``, left out where they equal the coupling's default."""
+    from .layers import COUPLING, canonical_options, option_names
 
     data = dict(data)
-    scale, rank = data.pop("scale", "tanh"), data.pop("coupling_rank", None)
+    scale, rank = data.pop("scale", None), data.pop("coupling_rank", None)
     options = dict(data.get("coupling_options") or {})
     takes = option_names(COUPLING[data["coupling"]]) if data.get("coupling") in COUPLING else ()
-    if scale not in (None, "tanh") and "scale" in takes:
+    if scale is not None and "scale" in takes:
         options["scale"] = scale
     if rank is not None and "rank" in takes:
         options["rank"] = rank
+    if data.get("coupling") in COUPLING:  # one spelling: the coupling's defaults are left out
+        options = canonical_options(COUPLING[data["coupling"]], options)
     data["coupling_options"] = options
     data.setdefault("conv_options", {})
     return data
