@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`mefbench layers | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (RunError, ValueError, OSError) as exc:  # OSError: FileNotFoundError, PermissionError, a full disk
         print(f"mefbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
