@@ -155,8 +155,6 @@ class SplineCoupling(Coupling):
         inverse="closed form",
     )
 
-    # a small bound and few bins, so that the contract tests' N(0, 1) inputs hit the tails too
-
     def __init__(
         self,
         channels: int,
