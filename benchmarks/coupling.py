@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mefbench.layers import COUPLING, Coupling, MatrixExpCoupling
-from mefbench.presets import layer_variants
+from mefbench.presets import layer_variants, variant_label
 
 from ._common import BATCH, LEVELS, _LayerTimings, backward, set_up_torch
 
@@ -29,10 +29,7 @@ HIDDEN = 32
 NUM_BLOCKS = 1
 LOW_RANK = "matexp (rank 3)"
 # "name" or "name (variant)" -> (registry name, options)
-_ZOO = {
-    (name if variant == "default" else f"{name} ({variant})"): (name, options)
-    for name, variant, options in layer_variants(COUPLING)
-}
+_ZOO = {variant_label(name, variant): (name, options) for name, variant, options in layer_variants(COUPLING)}
 KINDS = [*_ZOO, LOW_RANK]
 
 

@@ -22,7 +22,7 @@ import torch
 from mefbench.data import dequantize, load_dataset
 from mefbench.layers import COUPLING, MIXING
 from mefbench.models import MultiScaleFlow, count_parameters
-from mefbench.presets import GLOW_LIKE, PRESETS, layer_variants
+from mefbench.presets import GLOW_LIKE, PRESETS, layer_variants, variant_label
 from mefbench.report.tables import paper_count_presets
 from mefbench.training import evaluate, train_step
 
@@ -39,11 +39,9 @@ def _pairs() -> dict[str, dict]:
     every coupling with MEF's conv, and the Glow-like pair."""
     pairs = {}
     for conv, label, options in layer_variants(MIXING):
-        name = conv if label == "default" else f"{conv} ({label})"
-        pairs[f"{name} + {_MEF.coupling}"] = {"conv": conv, "conv_options": options}
+        pairs[f"{variant_label(conv, label)} + {_MEF.coupling}"] = {"conv": conv, "conv_options": options}
     for coupling, label, options in layer_variants(COUPLING):
-        name = coupling if label == "default" else f"{coupling} ({label})"
-        pairs[f"{_MEF.conv} + {name}"] = {"coupling": coupling, "coupling_options": options}
+        pairs[f"{_MEF.conv} + {variant_label(coupling, label)}"] = {"coupling": coupling, "coupling_options": options}
     pairs[f"{GLOW_LIKE['conv']} + {GLOW_LIKE['coupling']} (Glow-like)"] = dict(GLOW_LIKE)
     return pairs
 

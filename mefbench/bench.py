@@ -36,7 +36,7 @@ from . import __version__
 from .layers import COUPLING, MIXING, Coupling, MatrixExpCoupling
 from .linalg import expm, expm_action, inf_norm
 from .models import FlowConfig, MultiScaleFlow
-from .presets import GLOW_LIKE, PRESETS, REFERENCE_CONV, layer_variants
+from .presets import GLOW_LIKE, PRESETS, REFERENCE_CONV, layer_variants, variant_label
 from .training import train_step
 
 __all__ = ["PARTS", "Row", "main", "measure", "medians", "paired_ratio", "row_count", "run_bench", "time_interleaved"]
@@ -310,10 +310,6 @@ def _accuracy_rows(setting: Setting) -> list[Row]:
     return [Row(f"{k} {what}", shape, v, target, "", v <= 1e-5 and not nan) for k, v in worst.items()]
 
 
-def _label(name: str, variant: str) -> str:
-    return name if variant == "default" else f"{name} ({variant})"
-
-
 def _layer_rows(setting: Setting) -> list[Row]:
     """Every mixing layer (and variant): forward+backward and inverse time against Glow's 1×1 conv,
     at the paper's first level (C = 12, 16×16; the largest activations)."""
@@ -326,8 +322,8 @@ def _layer_rows(setting: Setting) -> list[Row]:
         torch.manual_seed(0)
         layer = MIXING.build(name, c, size=(hw, hw), **options).to(setting.device).train()
         layer(x)  # data-dependent init where the layer has one
-        layers[_label(name, variant)] = layer
-    reference = _label(REFERENCE_CONV, "default")
+        layers[variant_label(name, variant)] = layer
+    reference = variant_label(REFERENCE_CONV, "default")
 
     def fwd_bwd(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -391,7 +387,7 @@ def _coupling_zoo_rows(setting: Setting) -> list[Row]:
         times = setting.times({"layer": full, "net": net_only, "inverse": inverse}, repeats)
         t = medians(times)
         extra = statistics.median(a - b for a, b in zip(times["layer"], times["net"], strict=True))
-        rows.append(Row(f"coupling {_label(name, variant)}: fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch {batch}, hidden 32",
+        rows.append(Row(f"coupling {variant_label(name, variant)}: fwd+bwd time beyond its net", f"C={c}, {hw}×{hw}, batch {batch}, hidden 32",
                         extra * 1e3, "report", " ms", None,
                         f"{100 * extra / t['layer']:.0f}% of the layer's {t['layer'] * 1e3:.2f} ms; inverse {t['inverse'] * 1e3:.2f} ms"))  # fmt: skip
     return rows

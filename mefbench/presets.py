@@ -36,6 +36,7 @@ __all__ = [
     "Preset",
     "get_preset",
     "layer_variants",
+    "variant_label",
 ]
 
 SCALES = ("smoke", "cpu", "paper")
@@ -80,6 +81,11 @@ def layer_variants(registry: Mapping[str, type]) -> list[tuple[str, str, dict]]:
         variants = getattr(cls, "variants", None) or {"default": {}}
         rows += [(name, label, dict(options)) for label, options in variants.items()]
     return rows
+
+
+def variant_label(name: str, label: str) -> str:
+    """How tables, benchmarks and bench rows name a layer's variant: "name", or "name (label)"."""
+    return name if label == "default" else f"{name} ({label})"
 
 
 def _slug(name: str, label: str) -> str:

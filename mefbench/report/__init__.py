@@ -20,10 +20,10 @@ Modules: :mod:`.format` (markdown and numbers), :mod:`.aggregate` (pure pandas p
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
 
+from ..record import replace_atomic
 from ..results import epochs_frame, runs_frame, scan_records
 from .aggregate import dedupe, group_label, normalise
 from .format import markdown_table
@@ -48,12 +48,6 @@ MANIFEST = ".mefbench-report.json"
 def load_published() -> dict:
     """The published numbers (``mefbench/published.json``) with their source."""
     return json.loads(resources.files("mefbench").joinpath("published.json").read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -102,7 +96,8 @@ def write_report(
     lines += gpu_section(gpu_dir)
     lines += asv_section(asv_dir, figdir)[0] + bench_section(bench_file) + all_runs(runs) + published_source(published)
     readme = out_dir / "README.md"
-    _write_atomic(readme, "\n".join(lines).rstrip() + "\n")
+    text = "\n".join(lines).rstrip() + "\n"
+    replace_atomic(readme, lambda f: f.write(text.encode()))
     _update_manifest(out_dir, sorted(_referenced(lines)))  # every figure made is shown
     return readme
 
@@ -129,7 +124,8 @@ def _update_manifest(out_dir: Path, figures: list[str]) -> None:
         stale = out_dir / "figures" / Path(name).name
         if stale.is_file():
             stale.unlink()
-    _write_atomic(path, json.dumps({"files": ["README.md"], "figures": figures}, indent=2))
+    manifest = json.dumps({"files": ["README.md"], "figures": figures}, indent=2)
+    replace_atomic(path, lambda f: f.write(manifest.encode()))
 
 
 def __getattr__(name: str):

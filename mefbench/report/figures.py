@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..presets import variant_label
 from .aggregate import finished, stability_rows
 from .format import slug
 
@@ -158,8 +159,7 @@ def divergence_vs_lr(ctx: FigureContext) -> list[str]:
         return []
     fig = Figure(figsize=(11.0, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    labels = rows["coupling"] + np.where(rows["variant"] == "default", "", " (" + rows["variant"] + ")")
-    rows = rows.assign(label=labels)
+    rows = rows.assign(label=[variant_label(c, v) for c, v in zip(rows["coupling"], rows["variant"], strict=True)])
     names = list(dict.fromkeys(rows["label"]))
     panels = (("divergence rate", "rate 95% CI low", "rate 95% CI high", "P(diverged)"),
               ("failure rate", "failure 95% CI low", "failure 95% CI high", "P(diverged or > 8 bits/dim)"))  # fmt: skip

@@ -194,10 +194,6 @@ def _table6_per_run(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
     return ["Per run:", "", markdown_table(per_run), ""]
 
 
-def _label(coupling: str, variant: str) -> str:
-    return coupling if variant == "default" else f"{coupling} ({variant})"
-
-
 def _stability_extra(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
     rows = agg.stability_rows(runs)
     summary = agg.stability_summary(rows)
