@@ -3,11 +3,10 @@ eval-mode cache of values that only change with the parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .base import EvalCache
 
 __all__ = [
     "EvalCache",
@@ -18,29 +17,6 @@ __all__ = [
     "check_size",
     "flip",
 ]
-
-
-class EvalCache:
-    """Values built from the parameters (inverse matrices, a kernel's spectrum), kept in eval mode.
-
-    Nothing is kept in training mode or while autograd records (the values must then carry
-    gradients). In eval mode a value is rebuilt when any parameter's storage, version counter
-    (moved by every in-place change), dtype or device differs from when it was built, or when the
-    extra key (an image size) does; this is the key of ``Conv1x1._matrices``.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple, Any]] = {}
-
-    def get(self, module: nn.Module, name: str, build: Callable[[], Any], *extra: object) -> Any:
-        if module.training or torch.is_grad_enabled():
-            self._entries.clear()
-            return build()
-        key = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters()), extra)
-        hit = self._entries.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._entries[name] = (key, build())
-        return hit[1]
 
 
 def _is_int(value: object) -> bool:

@@ -14,9 +14,9 @@ and the reports.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 __all__ = [
     "FAMILIES",
     "Cost",
+    "EvalCache",
     "FlowLayer",
     "FlowSequential",
     "LayerInfo",
@@ -228,6 +229,29 @@ def set_amp(module: nn.Module, amp: str | None) -> None:
     for m in module.modules():
         if hasattr(m, "amp_dtype"):
             m.amp_dtype = dtype
+
+
+class EvalCache:
+    """Values built from the parameters (inverse matrices, a kernel's spectrum), kept in eval mode.
+
+    Nothing is kept in training mode or while autograd records (the values must then carry
+    gradients). In eval mode a value is rebuilt when any parameter's storage, version counter
+    (moved by every in-place change), dtype or device differs from when it was built, or when the
+    extra key (an image size) does. Used by every layer with such values (``Conv1x1``, the spatial layers).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, Any]] = {}
+
+    def get(self, module: nn.Module, name: str, build: Callable[[], Any], *extra: object) -> Any:
+        if module.training or torch.is_grad_enabled():
+            self._entries.clear()
+            return build()
+        key = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters()), extra)
+        hit = self._entries.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._entries[name] = (key, build())
+        return hit[1]
 
 
 class Registry(dict):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import expm
-from .base import Cost, FlowLayer, LayerInfo, check_input
+from .base import Cost, EvalCache, FlowLayer, LayerInfo, check_input
 
 __all__ = [
     "Conv1x1",
@@ -65,7 +65,7 @@ class Conv1x1(FlowLayer):
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"{type(self).__name__} needs at least 1 channel, got {channels}")
         self.channels = channels
-        self._cache: tuple[tuple, Tensor, Tensor] | None = None
+        self._cache = EvalCache()
 
     def weight(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -77,13 +77,9 @@ class Conv1x1(FlowLayer):
         raise NotImplementedError
 
     def _matrices(self, need_inverse: bool) -> tuple[Tensor, Tensor | None]:
-        if self.training or torch.is_grad_enabled():
-            self._cache = None
+        if self.training or torch.is_grad_enabled():  # built each call (the inverse only if needed)
             return self.weight(), (self.inverse_weight() if need_inverse else None)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.weight(), self.inverse_weight())
-        return self._cache[1], self._cache[2]
+        return self._cache.get(self, "matrices", lambda: (self.weight(), self.inverse_weight()))
 
     def logdet(self, size: tuple[int, int]) -> Tensor:
         """log|det| of the map on an input of spatial size (H, W): H·W·log|det W| (no input needed)."""
