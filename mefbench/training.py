@@ -114,7 +114,8 @@ _CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "step")
 
 
 def _test_point(point: str, epoch: int = 0) -> None:
-    """MEFBENCH_TEST_KILL_AT / MEFBENCH_TEST_PAUSE_AT = POINT[:EPOCH]: SIGKILL or pause here."""
+    """MEFBENCH_TEST_KILL_AT / MEFBENCH_TEST_PAUSE_AT = POINT[:EPOCH]: SIGKILL or pause here (for
+    MEFBENCH_TEST_PAUSE_S seconds, 600 by default)."""
     for env in ("MEFBENCH_TEST_KILL_AT", "MEFBENCH_TEST_PAUSE_AT"):
         spec = os.environ.get(env)
         if not spec:
@@ -123,7 +124,7 @@ def _test_point(point: str, epoch: int = 0) -> None:
         if name == point and (not at or int(at) == epoch):
             if env == "MEFBENCH_TEST_KILL_AT":
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(600)
+            time.sleep(float(os.environ.get("MEFBENCH_TEST_PAUSE_S", "600")))
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -426,19 +427,50 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so the record is marked interrupted."""
+    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so the record is marked interrupted; both
+    wait while an epoch commits (:func:`_interrupts_held`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if _HELD.active:  # an epoch is committing: raise once it has
+            _HELD.pending = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Held:
+    """Whether an epoch's commit is under way, and the interrupt that arrived meanwhile."""
+
+    active = False
+    pending: int | None = None
+
+
+_HELD = _Held()
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block (an epoch's commit and the assignment of the record
+    it committed) is over, then interrupt: an interrupt never sees the checkpoint ahead of the
+    record in hand. (Masking the signals would not do: another thread of the process, e.g. an
+    OpenMP worker, would still take them.)"""
+    _HELD.active, _HELD.pending = True, None
+    try:
+        yield
+    finally:
+        _HELD.active = False
+        if _HELD.pending is not None:
+            signum, _HELD.pending = _HELD.pending, None
+            raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _comparable(cfg: TrainConfig) -> TrainConfig:
@@ -894,7 +926,8 @@ def _train_epochs(
                     diverged = Divergence(epoch=result.epoch, step=result.step, loss=result.test_bpd)
                     changed = dataclasses.replace(changed, status="diverged", diverged=diverged)
                 # only the committed record is ever written again (an interrupt writes `record`)
-                record = _commit(run_dir, changed, state) if rank == 0 else changed
+                with _interrupts_held():
+                    record = _commit(run_dir, changed, state) if rank == 0 else changed
                 if record.status == "diverged":
                     return record
             if len(record.epochs) >= cfg.epochs:

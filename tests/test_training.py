@@ -336,6 +336,21 @@ def test_a_second_process_is_refused_while_the_first_trains(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_interrupt_during_an_epochs_commit_keeps_that_epoch(tmp_path):
+    """SIGTERM while the epoch commits (its checkpoint written, record.json not yet): the interrupt
+    waits for the commit, so the interrupted record holds the epoch its checkpoint holds."""
+    args = ["train", "--preset", "smoke-t2-mef", "--epochs", "30", "--out", "run", "--no-progress"]
+    pause = {"MEFBENCH_TEST_PAUSE_AT": "after-checkpoint:1", "MEFBENCH_TEST_PAUSE_S": "2"}
+    proc = _cli(*args, cwd=tmp_path, env=pause, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for(tmp_path / "run" / CHECKPOINT, proc)  # written just before the pause
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, out
+    record = read_record(tmp_path / "run")
+    assert record.status == "interrupted" and len(record.epochs) == 1
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] == 1
+
+
 def test_sigterm_marks_the_run_interrupted(tmp_path):
     """A scheduler's SIGTERM ends the run cleanly: status interrupted, exit 130 (resuming: test above)."""
     args = ["train", "--preset", "smoke-t2-mef", "--epochs", "30", "--out", "run", "--no-progress"]
