@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..linalg import _action_backward, _action_forward, _plan, _workspace, expm_action_trace, phi
+from ..linalg import action_backward, action_forward, action_plan, expm_action_trace, phi, workspace
 from .base import Cost, FlowLayer, LayerInfo, check_input
 from .nets import CouplingNet, NetFactory, coupling_net
 from .scale_maps import (
@@ -58,8 +58,8 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         t, o = h.split([c, c * c], dim=1)
         sig, S = bounded_tanh_via_sigmoid(o, alpha, beta, gamma, delta)
         S = S.reshape(b, c, c, hh * ww)  # Sᵀ per pixel
-        steps, m = _plan(S, transposed=True)
-        y, logdet, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m, transposed=True)
+        steps, m = action_plan(S, transposed=True)
+        y, logdet, A, krylov = action_forward(S, x.reshape(b, c, -1), steps, m, transposed=True)
         ctx.save_for_backward(h, sig, A, alpha, beta, *krylov)
         ctx.m, ctx.c = m, c
         return y.view(b, c, hh, ww).add_(t), logdet
@@ -70,8 +70,8 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         h, sig, A, alpha, beta, *krylov = ctx.saved_tensors
         c = ctx.c
         b, _, hh, ww = h.shape
-        dS_out = _workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
-        dS, gx = _action_backward(
+        dS_out = workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
+        dS, gx = action_backward(
             A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out, transposed=True
         )
         dS = dS.view(b, c * c, hh, ww)
