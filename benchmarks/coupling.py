@@ -13,13 +13,10 @@ coupling adds beyond its net.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-from mefbench.layers import COUPLING, Coupling, MatrixExpCoupling
-from mefbench.presets import layer_variants, variant_label
+from mefbench.layers import COUPLING, Coupling, MatrixExpCoupling, net_factory, perturb_output, registry_variants
+from mefbench.presets import variant_label
 
 from ._common import BATCH, LEVELS, _LayerTimings, backward, set_up_torch
 
@@ -29,16 +26,17 @@ HIDDEN = 32
 NUM_BLOCKS = 1
 LOW_RANK = "matexp (rank 3)"
 # "name" or "name (variant)" -> (registry name, options)
-_ZOO = {variant_label(name, variant): (name, options) for name, variant, options in layer_variants(COUPLING)}
+_ZOO = {variant_label(name, variant): (name, options) for name, variant, options in registry_variants(COUPLING)}
 KINDS = [*_ZOO, LOW_RANK]
 
 
 def make_coupling(kind: str, channels: int, hidden: int = HIDDEN, num_blocks: int = NUM_BLOCKS) -> Coupling:
     """A coupling by benchmark name: a registry entry and variant, or the rank-3 matrix-exp form."""
+    net = net_factory(hidden_channels=hidden, num_blocks=num_blocks)
     if kind == LOW_RANK:
-        return MatrixExpCoupling(channels, hidden, num_blocks, rank=3)
+        return MatrixExpCoupling(channels, net=net, rank=3)
     name, options = _ZOO[kind]
-    return COUPLING.build(name, channels, hidden_channels=hidden, num_blocks=num_blocks, **options)
+    return COUPLING.build(name, channels, net=net, **options)
 
 
 class CouplingLayer(_LayerTimings):
@@ -50,11 +48,9 @@ class CouplingLayer(_LayerTimings):
         c, h, w = LEVELS[level]
         self.layer = make_coupling(coupling, c)
         x = torch.randn(BATCH, c, h, w)
-        head = self.layer.net.head
         with torch.no_grad():
             self.layer(x)  # data-dependent init of the net's norms
-            fan_in = head.weight[0].numel()
-            nn.init.normal_(head.weight, std=4 / math.sqrt(fan_in))
+        perturb_output(self.layer, 4.0, fan_in=True)
         self._prepare(x)
         self.x1 = x[:, : self.layer.c1].clone()
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from mefbench.layers import MIXING
-from mefbench.presets import layer_variants, variant_label
+from mefbench.layers import MIXING, registry_variants
+from mefbench.presets import variant_label
 
 from ._common import BATCH, LEVELS, _LayerTimings, set_up_torch
 
 __all__ = ["LAYERS", "MixingLayer", "MixingLogdet"]
 
 # "name" or "name (variant)" -> (registry name, options)
-LAYERS = {variant_label(name, variant): (name, options) for name, variant, options in layer_variants(MIXING)}
+LAYERS = {variant_label(name, variant): (name, options) for name, variant, options in registry_variants(MIXING)}
 
 
 def _build(layer: str, level: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:

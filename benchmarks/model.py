@@ -20,9 +20,9 @@ import dataclasses
 import torch
 
 from mefbench.data import dequantize, load_dataset
-from mefbench.layers import COUPLING, MIXING
+from mefbench.layers import COUPLING, MIXING, registry_variants
 from mefbench.models import MultiScaleFlow, count_parameters
-from mefbench.presets import GLOW_LIKE, PRESETS, layer_variants, variant_label
+from mefbench.presets import GLOW_LIKE, PRESETS, variant_label
 from mefbench.report.tables import paper_count_presets
 from mefbench.training import evaluate, train_step
 
@@ -38,11 +38,11 @@ def _pairs() -> dict[str, dict]:
     """ "conv (variant) + coupling (variant)" -> model changes: every mixing layer with MEF's coupling,
     every coupling with MEF's conv, and the Glow-like pair."""
     pairs = {}
-    for conv, label, options in layer_variants(MIXING):
-        pairs[f"{variant_label(conv, label)} + {_MEF.coupling}"] = {"conv": conv, "conv_options": options}
-    for coupling, label, options in layer_variants(COUPLING):
-        pairs[f"{_MEF.conv} + {variant_label(coupling, label)}"] = {"coupling": coupling, "coupling_options": options}
-    pairs[f"{GLOW_LIKE['conv']} + {GLOW_LIKE['coupling']} (Glow-like)"] = dict(GLOW_LIKE)
+    for mixing, label, options in registry_variants(MIXING):
+        pairs[f"{variant_label(mixing, label)} + {_MEF.coupling}"] = {"mixing": mixing, "mixing_options": options}
+    for coupling, label, options in registry_variants(COUPLING):
+        pairs[f"{_MEF.mixing} + {variant_label(coupling, label)}"] = {"coupling": coupling, "coupling_options": options}
+    pairs[f"{GLOW_LIKE['mixing']} + {GLOW_LIKE['coupling']} (Glow-like)"] = dict(GLOW_LIKE)
     return pairs
 
 

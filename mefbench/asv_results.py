@@ -34,7 +34,7 @@ def _mef_pair() -> str:
     from .presets import PRESETS
 
     mef = PRESETS["cpu-t2-mef"].model
-    return f"{mef.conv} + {mef.coupling}"
+    return f"{mef.mixing} + {mef.coupling}"
 
 
 # Benchmarks shown by plot_asv_history, each with the parameter values it is restricted to.

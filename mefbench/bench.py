@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .layers import COUPLING, MIXING, Coupling, MatrixExpCoupling
+from .layers import COUPLING, MIXING, MatrixExpCoupling, net_factory, perturb_output, registry_variants
 from .linalg import expm, expm_action, inf_norm
 from .models import FlowConfig, MultiScaleFlow
-from .presets import GLOW_LIKE, PRESETS, REFERENCE_CONV, layer_variants, variant_label
+from .presets import GLOW_LIKE, PRESETS, REFERENCE_MIXING, variant_label
 from .training import train_step
 
 __all__ = ["PARTS", "Row", "main", "measure", "medians", "paired_ratio", "row_count", "run_bench", "time_interleaved"]
@@ -169,12 +169,11 @@ def _coupling_rows(setting: Setting) -> list[Row]:
     repeats = 5 if quick else 15
     for hidden in (32,) if quick else (32, 128):
         for c, hw in LEVELS:
-            layer = MatrixExpCoupling(c, hidden_channels=hidden, num_blocks=1).to(setting.device)
+            layer = MatrixExpCoupling(c, net=net_factory(hidden_channels=hidden, num_blocks=1)).to(setting.device)
             x = torch.randn(batch, c, hw, hw).to(setting.device)
             layer.train()
             layer(x)  # data-dependent init
-            with torch.no_grad():
-                layer.net.head.weight.normal_(0, 0.01)  # away from the identity
+            perturb_output(layer, 0.01)  # away from the identity
             x1 = x[:, : layer.c1]
             g_y = torch.randn(batch, c, hw, hw).to(setting.device)
 
@@ -225,10 +224,7 @@ def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats:
         torch.manual_seed(0)
         model = MultiScaleFlow(cfg).to(setting.device)
         model.initialize(x)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, Coupling):
-                    m.net.head.weight.normal_(0, 3e-3)
+        perturb_output(model, 3e-3)
         models[name] = model.train()
         opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-6)
 
@@ -264,9 +260,9 @@ def _model_rows(setting: Setting) -> list[Row]:
     repeats = 3 if quick else 9
     # Table 5's time column: matexp vs standard 1×1 conv, both with matexp coupling
     cpu = PRESETS["cpu-t2-mef"].model  # MEF: matrix-exp conv and coupling
-    standard = dataclasses.replace(cpu, conv=REFERENCE_CONV)
+    standard = dataclasses.replace(cpu, mixing=REFERENCE_MIXING)
     ratio = _step_ratio(standard, cpu, 64 if not quick else 16, repeats, setting)
-    rows.append(Row(f"training step: MEF's conv / {REFERENCE_CONV} conv (MEF's coupling)", "CPU Table 5 model, batch 64",
+    rows.append(Row(f"training step: MEF's conv / {REFERENCE_MIXING} conv (MEF's coupling)", "CPU Table 5 model, batch 64",
                     ratio, "≤ 1.05×", "×", _judge(setting, ratio <= 1.05)))  # fmt: skip
     # MEF vs Glow-like at the paper's net width
     mef = FlowConfig(image_shape=(3, 16, 16), steps=(8, 4), hidden_channels=128, num_blocks=8)
@@ -274,7 +270,7 @@ def _model_rows(setting: Setting) -> list[Row]:
         mef = dataclasses.replace(mef, steps=(1, 1), num_blocks=1)
     glow = dataclasses.replace(mef, **GLOW_LIKE)
     ratio = _step_ratio(glow, mef, setting.batch, repeats, setting)
-    rows.append(Row(f"training step: MEF / Glow-like ({GLOW_LIKE['conv']} conv + {GLOW_LIKE['coupling']})",
+    rows.append(Row(f"training step: MEF / Glow-like ({GLOW_LIKE['mixing']} conv + {GLOW_LIKE['coupling']})",
                     f"hidden 128, {mef.num_blocks} blocks, 16×16, batch {setting.batch}", ratio, "≤ 1.1×", "×",
                     _judge(setting, ratio <= 1.1)))  # fmt: skip
     # the same at the CPU table preset, with its floor
@@ -318,12 +314,12 @@ def _layer_rows(setting: Setting) -> list[Row]:
     x = torch.randn(batch, c, hw, hw).to(setting.device)
     g = torch.randn_like(x)
     layers = {}
-    for name, variant, options in layer_variants(MIXING):
+    for name, variant, options in registry_variants(MIXING):
         torch.manual_seed(0)
         layer = MIXING.build(name, c, size=(hw, hw), **options).to(setting.device).train()
         layer(x)  # data-dependent init where the layer has one
         layers[variant_label(name, variant)] = layer
-    reference = variant_label(REFERENCE_CONV, "default")
+    reference = variant_label(REFERENCE_MIXING, "default")
 
     def fwd_bwd(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -362,12 +358,12 @@ def _coupling_zoo_rows(setting: Setting) -> list[Row]:
     x = torch.randn(batch, c, hw, hw).to(setting.device)
     g = torch.randn_like(x)
     rows = []
-    for name, variant, options in layer_variants(COUPLING):
+    for name, variant, options in registry_variants(COUPLING):
         torch.manual_seed(0)
-        layer = COUPLING.build(name, c, size=(hw, hw), hidden_channels=32, num_blocks=1, **options).to(setting.device)
+        net = net_factory(hidden_channels=32, num_blocks=1)
+        layer = COUPLING.build(name, c, size=(hw, hw), net=net, **options).to(setting.device)
         layer.train()(x)  # data-dependent init
-        with torch.no_grad():
-            layer.net.head.weight.normal_(0, 0.01)  # away from the identity
+        perturb_output(layer, 0.01)  # away from the identity
         x1 = x[:, : layer.c1]
         g_h = torch.randn_like(layer.net(x1))
 
@@ -410,8 +406,8 @@ def row_count(part: str, quick: bool = True) -> int:
         "action": 3,
         "coupling": len(LEVELS) * (1 if quick else 2),
         "model": 3,
-        "layers": len(layer_variants(MIXING)),
-        "couplings": len(layer_variants(COUPLING)),
+        "layers": len(registry_variants(MIXING)),
+        "couplings": len(registry_variants(COUPLING)),
     }
     if part not in counts:
         raise ValueError(f"unknown bench part {part!r}; choose from {list(PARTS)}")

@@ -31,7 +31,7 @@ def _data_dirs(values: list[str] | None) -> dict[str, str]:
 
 
 def _options(values: list[str] | None, flag: str) -> dict:
-    """--conv-option KEY=VALUE (repeatable) -> {KEY: VALUE}, VALUE read as JSON when it parses
+    """--mixing-option KEY=VALUE (repeatable) -> {KEY: VALUE}, VALUE read as JSON when it parses
     (numbers, true/false, null, lists), else kept as a string."""
     out: dict = {}
     for value in values or []:
@@ -49,8 +49,51 @@ def _option_slug(options: dict) -> list[str]:
     return [f"{k}-{v}" for k, v in sorted(options.items())]
 
 
+def _step(text: str) -> list:
+    """--step: a comma list of layer specs (``coupling,actnorm,mixing``; ``mixing:NAME`` or
+    ``coupling:NAME`` for a layer of its own) or a JSON list (``'["actnorm", {"mixing":
+    "householder", "options": {"reflections": 2}}, "coupling"]'``)."""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--step: not a valid JSON list ({exc.msg} at column {exc.colno}): {text!r}") from None
+    step: list = []
+    for item in (t.strip() for t in text.split(",")):
+        kind, sep, name = item.partition(":")
+        step.append({kind: name} if sep else item)
+    return step
+
+
+def _step_slug(step: tuple) -> str:
+    parts = []
+    for spec in step:
+        if isinstance(spec, str):
+            parts.append(spec)
+        else:
+            kind = next(k for k in spec if k != "options")
+            parts.append(".".join([kind, spec[kind], *_option_slug(spec.get("options", {}))]))
+    return "step-" + "-".join(parts)
+
+
+# deprecated flags -> what replaces them (read, with a message on stderr)
+_RENAMED_FLAGS = {"conv": "mixing", "conv_option": "mixing_option"}
+
+
+def _renamed_flags(args: argparse.Namespace) -> None:
+    for old, new in _RENAMED_FLAGS.items():
+        value = getattr(args, old, None)
+        if value is None:
+            continue
+        old_flag, new_flag = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+        print(f"mefbench {args.command}: {old_flag} is deprecated, use {new_flag} (same values)", file=sys.stderr)
+        if getattr(args, new) is not None:
+            raise ValueError(f"{old_flag} and {new_flag} are the same setting: give only {new_flag}")
+        setattr(args, new, value)
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from .layers import REGISTRIES, option_names, summary
+    from .layers import NETS, REGISTRIES, option_names, summary
 
     for kind, registry in REGISTRIES.items():
         print(f"{kind} layers ({len(registry)})")
@@ -60,9 +103,13 @@ def _cmd_layers(args: argparse.Namespace) -> int:
             print(
                 f"  {'':12} cost: forward {info.cost.forward}; log-det {info.cost.logdet}; inverse {info.cost.inverse}"
             )
-            options = [o for o in option_names(cls) if o not in ("hidden_channels", "num_blocks", "net")]
+            options = [o for o in option_names(cls) if o != "net"]
             print(f"  {'':12} options: {', '.join(options) or 'none'}; reference: {info.reference}")
         print()
+    print(f"conditioner nets ({len(NETS)}), every coupling's net: --net NAME, --net-option KEY=VALUE")
+    for name, cls in NETS.items():
+        print(f"  {name:12} {summary(cls)}")
+        print(f"  {'':12} options: {', '.join(option_names(cls))}")
     return 0
 
 
@@ -96,23 +143,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .presets import get_preset
     from .training import train
 
+    _renamed_flags(args)
     preset = get_preset(args.preset)
     model, cfg = preset.configs()
     changed = []
-    conv_options = _options(args.conv_option, "--conv-option")
-    coupling_options = _options(args.coupling_option, "--coupling-option")
-    if args.conv or conv_options:
-        # a new conv starts from its own defaults: the preset's options belong to the preset's conv
-        conv = args.conv or model.conv
-        options = conv_options if args.conv else {**model.conv_options, **conv_options}
-        model = _replace(model, "--conv-option" if conv_options else "--conv", conv=conv, conv_options=options)
-        changed += [f"conv-{conv}", *_option_slug(conv_options)]
-    if args.coupling or coupling_options:
-        coupling = args.coupling or model.coupling
-        options = coupling_options if args.coupling else {**model.coupling_options, **coupling_options}
-        flag = "--coupling-option" if coupling_options else "--coupling"
-        model = _replace(model, flag, coupling=coupling, coupling_options=options)
-        changed += [f"coupling-{coupling}", *_option_slug(coupling_options)]
+    # a new layer (or net) starts from its own defaults: the preset's options belong to the preset's choice
+    for axis in ("mixing", "coupling", "net"):
+        name, given = getattr(args, axis), _options(getattr(args, f"{axis}_option"), f"--{axis}-option")
+        if name or given:
+            choice = name or getattr(model, axis)
+            options = given if name else {**getattr(model, f"{axis}_options"), **given}
+            flag = f"--{axis}-option" if given else f"--{axis}"
+            model = _replace(model, flag, **{axis: choice, f"{axis}_options": options})
+            changed += [f"{axis}-{choice}", *_option_slug(given)]
+    if args.step is not None:
+        model = _replace(model, "--step", step=_step(args.step))
+        changed.append(_step_slug(model.step))
     if args.dataset:
         if args.dataset not in DATASETS:
             raise ValueError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
@@ -259,7 +305,9 @@ def _command_line() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import AMP_CHOICES
-    from .layers import COUPLING, MIXING  # read when the parser is built: layers registered at run time are choices
+
+    # read when the parser is built: layers and nets registered at run time are choices
+    from .layers import COUPLING, MIXING, NETS
 
     parser = argparse.ArgumentParser(prog="mefbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,14 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run from a preset")
     p.add_argument("--preset", required=True, help="a name from `mefbench presets`")
-    p.add_argument("--conv", choices=list(MIXING), help="the mixing layer (`mefbench layers` lists them)")
+    p.add_argument("--mixing", choices=list(MIXING), help="the mixing layer (`mefbench layers` lists them)")
     p.add_argument(
-        "--conv-option", action="append", metavar="KEY=VALUE", help="an option of the mixing layer (repeatable)"
+        "--mixing-option", action="append", metavar="KEY=VALUE", help="an option of the mixing layer (repeatable)"
     )
     p.add_argument("--coupling", choices=list(COUPLING), help="the coupling layer")
     p.add_argument(
         "--coupling-option", action="append", metavar="KEY=VALUE", help="an option of the coupling (repeatable)"
     )
+    p.add_argument("--net", choices=list(NETS), help="every coupling's conditioner net (resnet: the paper's)")
+    p.add_argument("--net-option", action="append", metavar="KEY=VALUE", help="an option of the net (repeatable)")
+    p.add_argument(
+        "--step",
+        metavar="SPECS",
+        help="the flow step, layers in order: a comma list of actnorm, mixing, coupling (the run's choices) "
+        "and mixing:NAME / coupling:NAME (a layer of its own), or a JSON list of those with "
+        '{"mixing": NAME, "options": {...}}; default actnorm,mixing,coupling',
+    )
+    # renamed: still read, with a message saying what replaces them
+    p.add_argument("--conv", choices=list(MIXING), help=argparse.SUPPRESS)
+    p.add_argument("--conv-option", action="append", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)

@@ -10,12 +10,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["ACTNORM_CHOICES", "AMP_CHOICES", "PRIOR_CHOICES", "DictConfig", "FlowConfig", "TrainConfig"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+__all__ = [
+    "ACTNORM_CHOICES",
+    "AMP_CHOICES",
+    "PAPER_STEP",
+    "PRIOR_CHOICES",
+    "STEP_LAYERS",
+    "DictConfig",
+    "FlowConfig",
+    "TrainConfig",
+    "migrate_model_dict",
+]
 
 T = TypeVar("T", bound="DictConfig")
 
@@ -56,86 +70,152 @@ class DictConfig:
 
 def _json_options(owner: str, options: Any) -> dict:
     if not isinstance(options, dict):
-        raise ValueError(f"FlowConfig.{owner} must be a dict of option name -> value, got {options!r}")
+        raise ValueError(f"{owner} must be a dict of option name -> value, got {options!r}")
     try:
         json.dumps(options)
     except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"FlowConfig.{owner} must be JSON-serialisable (it is recorded with every run): {exc}"
-        ) from exc
+        raise ValueError(f"{owner} must be JSON-serialisable (it is recorded with every run): {exc}") from exc
     return dict(options)
+
+
+STEP_LAYERS = ("actnorm", "mixing", "coupling")
+PAPER_STEP: tuple[str, ...] = ("actnorm", "mixing", "coupling")
+# what the model gives every layer, never set by coupling_options, mixing_options or a step spec
+_MODEL_SET = ("size", "net", "hidden_channels", "num_blocks")
+
+
+def _step_spec(i: int, spec: Any) -> str | dict:
+    """One entry of FlowConfig.step, validated and in its one spelling (options without the
+    layer's defaults)."""
+    from .layers import REGISTRIES, canonical_options, check_options
+
+    where = f"FlowConfig.step[{i}]"
+    usage = (
+        "a step spec is 'actnorm', 'mixing' or 'coupling' (the config's own choice of that layer), or "
+        "{'mixing': NAME} / {'coupling': NAME} with optional 'options': {...} (a layer of its own)"
+    )
+    if isinstance(spec, str):
+        if spec not in STEP_LAYERS:
+            raise ValueError(f"{where}: unknown layer {spec!r}; {usage}")
+        return spec
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a string or a dict, got {spec!r}; {usage}")
+    kinds = [k for k in spec if k in REGISTRIES]
+    unknown = sorted(set(spec) - set(REGISTRIES) - {"options"})
+    if len(kinds) != 1 or unknown:
+        raise ValueError(f"{where}: {spec!r} must name exactly one of 'mixing', 'coupling' (and 'options'); {usage}")
+    (kind,) = kinds
+    try:
+        cls = REGISTRIES[kind].get_class(spec[kind])
+    except (TypeError, ValueError) as exc:  # TypeError: an unhashable name
+        raise ValueError(f"{where}: {exc}") from None
+    options = _json_options(f"{where}.options", spec.get("options", {}))
+    _check_layer_options(where, cls, options)
+    try:
+        check_options(cls, options)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    options = canonical_options(cls, options)
+    return {kind: spec[kind], "options": options} if options else {kind: spec[kind]}
+
+
+def _check_layer_options(where: str, cls: type, options: dict) -> None:
+    taken = sorted(set(_MODEL_SET) & set(options))
+    if taken:
+        raise ValueError(
+            f"{where} cannot set {', '.join(taken)} of {cls.__name__}: the model passes the size of each level and "
+            "builds every coupling's net from the FlowConfig fields net, net_options, hidden_channels and num_blocks"
+        )
 
 
 @dataclass
 class FlowConfig(DictConfig):
     """Everything that defines a model. ``to_json``/``from_json`` round-trip it exactly.
 
-    ``conv`` and ``coupling`` are names in :data:`mefbench.layers.MIXING` and ``COUPLING``;
-    ``conv_options`` and ``coupling_options`` are passed to those layers (each validates its own),
-    e.g. ``conv_options={"diagonal": "free"}`` for the official PLU form or
-    ``coupling_options={"scale": "sigmoid"}`` for Glow's scale map. ``hidden_channels`` and
-    ``num_blocks`` configure every coupling's net.
+    ``mixing`` and ``coupling`` are names in :data:`mefbench.layers.MIXING` and ``COUPLING``;
+    ``mixing_options`` and ``coupling_options`` are passed to those layers (each validates its
+    own), e.g. ``mixing_options={"diagonal": "free"}`` for the official PLU form or
+    ``coupling_options={"scale": "sigmoid"}`` for Glow's scale map. ``net`` names every coupling's
+    conditioner in :data:`mefbench.layers.NETS` (``"resnet"``, the paper's; ``"glow"``), built with
+    width ``hidden_channels``, depth ``num_blocks`` and ``net_options``.
+
+    ``step`` is the flow step, repeated ``steps[level]`` times at each level: a list of layer
+    specs applied in order. ``"actnorm"``, ``"mixing"`` and ``"coupling"`` are the config's own
+    choices (ActNorm per ``actnorm``, the ``mixing`` layer, the ``coupling``); a dict names a layer
+    of its own, ``{"mixing": "householder", "options": {"reflections": 2}}`` or
+    ``{"coupling": "affine"}``. The default is the paper's ActNorm → mixing → coupling; e.g.
+    ``("actnorm", "mixing", {"mixing": "householder"}, "coupling")`` mixes twice and
+    ``("coupling", "actnorm", "mixing")`` puts the coupling first.
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
     steps: tuple[int, ...] = (8, 4, 2)  # flow steps per level; len(steps) = number of levels
-    conv: str = "matexp"
+    mixing: str = "matexp"
     coupling: str = "matexp"
+    net: str = "resnet"
     hidden_channels: int = 128
     num_blocks: int = 8
     actnorm: str = "activation"  # "activation" (paper) or "channel" (Glow)
     squeeze: str = "subpixel"  # "subpixel" (paper) or "channel" (Glow)
     prior: str = "standard"  # "standard" (paper) or "learned" (Glow)
-    conv_options: dict = field(default_factory=dict)
+    mixing_options: dict = field(default_factory=dict)
     coupling_options: dict = field(default_factory=dict)
-    # deprecated flat options (before conv_options / coupling_options): moved into coupling_options
-    scale: InitVar[str | None] = None
-    coupling_rank: InitVar[int | None] = None
+    net_options: dict = field(default_factory=dict)
+    step: tuple = PAPER_STEP
 
-    def __post_init__(self, scale: str | None, coupling_rank: int | None) -> None:
-        from .layers import COUPLING, MIXING, SQUEEZE_ORDERS, canonical_options, check_options
+    def __post_init__(self) -> None:
+        from .layers import COUPLING, MIXING, NETS, SQUEEZE_ORDERS, canonical_options, check_options
 
-        self.conv_options = _json_options("conv_options", self.conv_options)
-        self.coupling_options = _json_options("coupling_options", self.coupling_options)
-        for old, new, value in (("scale", "scale", scale), ("coupling_rank", "rank", coupling_rank)):
-            if value is not None:
-                warnings.warn(
-                    f"FlowConfig({old}=...) is deprecated: use coupling_options={{{new!r}: ...}}",
-                    DeprecationWarning,
-                    stacklevel=3,
-                )
-                self.coupling_options.setdefault(new, value)
+        self.mixing_options = _json_options("FlowConfig.mixing_options", self.mixing_options)
+        self.coupling_options = _json_options("FlowConfig.coupling_options", self.coupling_options)
+        self.net_options = _json_options("FlowConfig.net_options", self.net_options)
         try:
             self.image_shape = tuple(int(v) for v in self.image_shape)
             self.steps = tuple(int(v) for v in self.steps)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"FlowConfig.image_shape and .steps must be sequences of integers: {exc}") from exc
         choices = {
-            "conv": list(MIXING),
+            "mixing": list(MIXING),
             "coupling": list(COUPLING),
+            "net": list(NETS),
             "actnorm": list(ACTNORM_CHOICES),
             "squeeze": list(SQUEEZE_ORDERS),
             "prior": list(PRIOR_CHOICES),
         }
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ValueError(f"FlowConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        check_options(MIXING[self.conv], self.conv_options)
-        check_options(COUPLING[self.coupling], self.coupling_options)
-        # one spelling per model: options equal to the layer's defaults are dropped
-        self.conv_options = canonical_options(MIXING[self.conv], self.conv_options)
-        self.coupling_options = canonical_options(COUPLING[self.coupling], self.coupling_options)
-        if {"hidden_channels", "num_blocks", "size", "net"} & set(self.coupling_options):
+        _check_layer_options("FlowConfig.coupling_options", COUPLING[self.coupling], self.coupling_options)
+        _check_layer_options("FlowConfig.mixing_options", MIXING[self.mixing], self.mixing_options)
+        if {"hidden_channels", "num_blocks"} & set(self.net_options):
             raise ValueError(
-                "FlowConfig.coupling_options cannot set hidden_channels, num_blocks, size or net: "
-                "use the FlowConfig fields (the model passes them to every coupling)"
+                "FlowConfig.net_options cannot set hidden_channels or num_blocks: use the FlowConfig fields "
+                "(the model passes them to every net)"
             )
+        for owner, cls, options in (
+            ("mixing_options", MIXING[self.mixing], self.mixing_options),
+            ("coupling_options", COUPLING[self.coupling], self.coupling_options),
+            ("net_options", NETS[self.net], self.net_options),
+        ):
+            try:
+                check_options(cls, options)
+            except ValueError as exc:
+                raise ValueError(f"FlowConfig.{owner}: {exc}") from None
+        # one spelling per model: options equal to the layer's defaults are dropped
+        self.mixing_options = canonical_options(MIXING[self.mixing], self.mixing_options)
+        self.coupling_options = canonical_options(COUPLING[self.coupling], self.coupling_options)
+        self.net_options = canonical_options(NETS[self.net], self.net_options)
+        if isinstance(self.step, (str, dict)) or not isinstance(self.step, (tuple, list)) or not self.step:
+            raise ValueError(
+                f"FlowConfig.step must be a non-empty list of layer specs, e.g. {list(PAPER_STEP)}, got {self.step!r}"
+            )
+        self.step = tuple(_step_spec(i, spec) for i, spec in enumerate(self.step))
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"FlowConfig.image_shape must be (C, H, W) of positive sizes, got {self.image_shape}")
-        if self.hidden_channels < 1 or self.num_blocks < 0:
-            raise ValueError(
-                f"FlowConfig needs hidden_channels >= 1 and num_blocks >= 0, got {self.hidden_channels}, {self.num_blocks}"
-            )
+        for name, minimum in (("hidden_channels", 1), ("num_blocks", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"FlowConfig.{name} must be an integer >= {minimum}, got {value!r}")
         _, h, w = self.image_shape
         levels = len(self.steps)
         if levels < 1 or min(self.steps) < 1:
@@ -148,30 +228,61 @@ class FlowConfig(DictConfig):
         c, h, w = self.image_shape
         return c * h * w
 
+    def net_factory(self) -> Callable[[int, int], nn.Module]:
+        """The factory of every coupling's net: ``NETS[net]`` with ``hidden_channels``,
+        ``num_blocks`` and ``net_options``."""
+        from .layers import net_factory as factory
+
+        return factory(self.net, hidden_channels=self.hidden_channels, num_blocks=self.num_blocks, **self.net_options)
+
     @classmethod
     def from_dict(cls, data: dict) -> FlowConfig:
-        if isinstance(data, dict) and ("scale" in data or "coupling_rank" in data):
+        if isinstance(data, dict) and _OLD_MODEL_KEYS & set(data):
             data = migrate_model_dict(data)
         return super().from_dict(data)
 
 
+# keys of model dicts written by older mefbench: flat coupling options (record schema 1) and the
+# mixing layer's old name, "conv" (schemas 1 and 2)
+_OLD_MODEL_KEYS = {"scale", "coupling_rank", "conv", "conv_options"}
+
+
 def migrate_model_dict(data: dict) -> dict:
-    """A model dict of the first record schema (flat ``scale`` and ``coupling_rank``) in today's
-    form: the two move into ``coupling_options``, left out where they equal the coupling's default."""
+    """A model dict written by an older mefbench, in today's form.
+
+    Record schema 1 kept the coupling's ``scale`` and ``coupling_rank`` flat in the model dict:
+    they move into ``coupling_options`` (left out where they equal the coupling's default).
+    Schemas 1 and 2 called the mixing layer ``conv`` and its options ``conv_options``: they become
+    ``mixing`` and ``mixing_options``. Fields that came later (``net``, ``net_options``, ``step``)
+    get the values that built every model before them. The same model is built from either form.
+    """
     from .layers import COUPLING, canonical_options, option_names
 
     data = dict(data)
     scale, rank = data.pop("scale", None), data.pop("coupling_rank", None)
-    options = dict(data.get("coupling_options") or {})
-    takes = option_names(COUPLING[data["coupling"]]) if data.get("coupling") in COUPLING else ()
-    if scale is not None and "scale" in takes:
-        options["scale"] = scale
-    if rank is not None and "rank" in takes:
-        options["rank"] = rank
-    if data.get("coupling") in COUPLING:  # one spelling: the coupling's defaults are left out
-        options = canonical_options(COUPLING[data["coupling"]], options)
-    data["coupling_options"] = options
-    data.setdefault("conv_options", {})
+    if scale is not None or rank is not None:
+        options = dict(data.get("coupling_options") or {})
+        coupling = data.get("coupling")
+        known = isinstance(coupling, str) and coupling in COUPLING
+        takes = option_names(COUPLING[coupling]) if known else ()
+        if scale is not None and "scale" in takes:
+            options["scale"] = scale
+        if rank is not None and "rank" in takes:
+            options["rank"] = rank
+        if known:  # one spelling: the coupling's defaults are left out
+            options = canonical_options(COUPLING[coupling], options)
+        data["coupling_options"] = options
+    data.setdefault("coupling_options", {})
+    for old, new in (("conv", "mixing"), ("conv_options", "mixing_options")):
+        if old in data:
+            if new in data:
+                raise ValueError(f"a model dict has both {old!r} (the old name) and {new!r}: keep only {new!r}")
+            data[new] = data.pop(old)
+    data.setdefault("mixing_options", {})
+    # fields that came later, at the values that built every model before them
+    data.setdefault("net", "resnet")
+    data.setdefault("net_options", {})
+    data.setdefault("step", list(PAPER_STEP))
     return data
 
 

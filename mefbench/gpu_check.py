@@ -31,7 +31,7 @@ JSON layout (``SCHEMA`` 1)::
                    timeout, skipped, not run, interrupted
     bench         as ``mefbench bench --json`` writes it ({rows: [...], quick, threads, device,
                    machine, versions, command}) plus parts: [{part, rows, wall_s}]
-    train_step    [{model, conv, coupling, precision, batch, image_shape, hidden, blocks, steps,
+    train_step    [{model, mixing, coupling, precision, batch, image_shape, hidden, blocks, steps,
                     params, warmup_steps, timed_steps, step_ms, images_per_s, peak_memory_mb,
                     memory_source, expm_m_mean, expm_m_max, first_bpd, last_bpd, note}]
     epoch_check   [{check, value, ok, note}]
@@ -70,6 +70,7 @@ import torch
 
 from . import __version__
 from .config import FlowConfig, TrainConfig
+from .layers import perturb_output
 from .presets import GLOW_LIKE, PRESETS
 
 __all__ = [
@@ -160,7 +161,7 @@ class Sizes:
 def step_models(mef: FlowConfig) -> dict[str, FlowConfig]:
     """train_step's models: MEF and the Glow-like model at the same width."""
     glow = dataclasses.replace(mef, **GLOW_LIKE)
-    return {"MEF": mef, f"Glow-like ({glow.conv} conv + {glow.coupling})": glow}
+    return {"MEF": mef, f"Glow-like ({glow.mixing} conv + {glow.coupling})": glow}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -349,15 +350,7 @@ def away_from_identity(model: torch.nn.Module, seed: int = 0) -> int:
     """Redraw every coupling net's zero-initialised output conv from N(0, HEAD_STD²), so that the
     couplings are not the identity (at init S = 0 and the matrix exponential costs nothing); the
     same draw on every device and process. Returns how many were redrawn."""
-    g = torch.Generator().manual_seed(seed)
-    count = 0
-    for m in model.modules():
-        head = getattr(getattr(m, "net", None), "head", None)
-        if isinstance(head, torch.nn.Conv2d):
-            with torch.no_grad():
-                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * HEAD_STD)
-            count += 1
-    return count
+    return perturb_output(model, HEAD_STD, torch.Generator().manual_seed(seed))
 
 
 def measure_train_step(
@@ -399,7 +392,7 @@ def measure_train_step(
     finite = all(math.isfinite(v) for v in losses)
     m = recorder.summary().get("m", {})
     row = {
-        "conv": config.conv, "coupling": config.coupling, "precision": amp or "float32", "batch": batch,
+        "mixing": config.mixing, "coupling": config.coupling, "precision": amp or "float32", "batch": batch,
         "image_shape": _shape(config.image_shape), "hidden": config.hidden_channels, "blocks": config.num_blocks,
         "steps": ",".join(map(str, config.steps)), "params": count_parameters(model), "warmup_steps": warmup,
         "timed_steps": timed, "step_ms": _sig(1e3 * elapsed / timed) if finite else None,

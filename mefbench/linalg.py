@@ -22,6 +22,13 @@ X has large imaginary eigenvalues: below float32's rounding up to ∥X∥∞ ≈
 
 The number of terms and squarings of every call can be recorded for the paper's Table 6 with
 :func:`record_expm`; recording is off by default and costs nothing when off.
+
+The pieces of :func:`expm_action` are public for layers that fuse it with their own maths into one
+autograd node (the matrix-exponential coupling does, with its scale map): :func:`action_plan`
+(steps and terms from the norm bound, recorded), :func:`action_forward` (e^S x and Σ tr S, keeping
+what the backward needs), :func:`action_backward` (the hand-written gradients) and
+:func:`workspace` (per-thread scratch buffers for values that die inside one pass). They use the
+channels layout, S (B, n, n, P) and x (B, n, P).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ __all__ = [
     "ExpmOverflowError",
     "ExpmRecorder",
     "NonFiniteError",
+    "action_backward",
+    "action_forward",
+    "action_plan",
     "expm",
     "expm_action",
     "expm_action_trace",
@@ -52,6 +62,7 @@ __all__ = [
     "record_expm",
     "series_terms",
     "taylor_tolerance",
+    "workspace",
 ]
 
 
@@ -189,7 +200,7 @@ _WORKSPACE = threading.local()
 _WORKSPACE_SLOTS = 16
 
 
-def _workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+def workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A scratch buffer kept per thread and reused from call to call.
 
     A fresh large CPU buffer page-faults on first touch, which costs about as much as the work
@@ -217,7 +228,7 @@ def _max_norm(X: Tensor, row_dim: int = -1) -> float:
     """
     if X.numel() == 0:
         return 0.0
-    absolute = torch.abs(X.detach(), out=_workspace("scratch", X.shape, X.dtype, X.device))
+    absolute = torch.abs(X.detach(), out=workspace("scratch", X.shape, X.dtype, X.device))
     value = float(absolute.sum(row_dim).amax())
     if not math.isfinite(value):
         raise NonFiniteError(f"matrix exponential of a non-finite matrix (∞-norm {value})")
@@ -353,7 +364,7 @@ def _series(A: Tensor, v: Tensor, m: int, transpose: bool = False, scratch: Tens
             _mv_loop(A, out[k - 1], out[k], row)
         return V
     if scratch is None:
-        scratch = _workspace("scratch", A.shape, A.dtype, A.device)
+        scratch = workspace("scratch", A.shape, A.dtype, A.device)
     broadcast = V.unsqueeze(1 + (3 - row)).unbind(0)  # v as (B, 1, n, P), or (B, n, 1, P) for Aᵀ
     for k in range(1, m):
         torch.sum(torch.mul(A, broadcast[k - 1], out=scratch), row, out=out[k])
@@ -378,7 +389,7 @@ def _hankel(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(C, dtype=dtype, device=device)
 
 
-def _action_forward(
+def action_forward(
     S: Tensor, x: Tensor, steps: int, m: int, transposed: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """e^S x = (Σ_{k<m} A^k/k!)^steps x with A = S/steps, channels layout (B, n, n, P), (B, n, P).
@@ -388,7 +399,7 @@ def _action_forward(
     Returns the result, Σ tr S per sample (a coupling's log-det), and A and the Krylov vectors of
     every step: what the backward needs.
 
-    m = 0 is :func:`_plan`'s large-norm route: e^S is formed (:func:`_expm_times`) and multiplies
+    m = 0 is :func:`action_plan`'s large-norm route: e^S is formed (:func:`_expm_times`) and multiplies
     x; then A is S and the "Krylov vectors" are [x], and the result is checked for overflow.
     """
     trace = torch.diagonal(S, dim1=1, dim2=2).sum(dim=(1, 2))
@@ -414,7 +425,7 @@ def _expm_times(S: Tensor, x: Tensor, transposed: bool = False) -> Tensor:
     """e^S x in the channels layout, S (B, n, n, P) and x (B, n, P), by forming e^S: scaling and
     squaring in float64, O((m + s)·n³) per matrix. Differentiable through autograd.
 
-    The large-norm route of :func:`_plan`; the forward and the backward's recomputation both take
+    The large-norm route of :func:`action_plan`; the forward and the backward's recomputation both take
     the plan from the same norm, so they compute the same function.
     """
     norm = _max_norm(S, row_dim=1 if transposed else 2)
@@ -425,7 +436,7 @@ def _expm_times(S: Tensor, x: Tensor, transposed: bool = False) -> Tensor:
     return y.squeeze(-1).permute(0, 2, 1).to(S.dtype).contiguous()
 
 
-def _action_backward(
+def action_backward(
     A: Tensor,
     krylov: list[Tensor],
     g: Tensor,
@@ -435,7 +446,7 @@ def _action_backward(
     dS_out: Tensor | None = None,
     transposed: bool = False,
 ) -> tuple[Tensor | None, Tensor]:
-    """(∂L/∂S, ∂L/∂x) of :func:`_action_forward` for the gradients g of the result and g_trace of
+    """(∂L/∂S, ∂L/∂x) of :func:`action_forward` for the gradients g of the result and g_trace of
     the trace; ∂L/∂S into dS_out if given. The trace's gradient is one in-place add to the diagonal.
 
     For one factor y = Σ_k A^k x/k! with Krylov vectors v_i = A^i x and w_j = (Aᵀ)^j g:
@@ -478,7 +489,7 @@ def _action_backward(
 def _expm_times_backward(
     S: Tensor, x: Tensor, g: Tensor, g_trace: Tensor, need_dS: bool, dS_out: Tensor | None, transposed: bool
 ) -> tuple[Tensor | None, Tensor]:
-    """:func:`_action_backward` of the large-norm route: recompute :func:`_expm_times`, differentiate."""
+    """:func:`action_backward` of the large-norm route: recompute :func:`_expm_times`, differentiate."""
     with torch.enable_grad():
         S = S.detach().requires_grad_(need_dS)
         x = x.detach().requires_grad_()
@@ -496,7 +507,7 @@ class _ExpmActionCF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, S: Tensor, x: Tensor, steps: int, m: int) -> tuple[Tensor, Tensor]:
-        y, trace, A, krylov = _action_forward(S, x, steps, m)
+        y, trace, A, krylov = action_forward(S, x, steps, m)
         ctx.save_for_backward(A, *krylov)
         ctx.m = m
         return y, trace
@@ -505,16 +516,16 @@ class _ExpmActionCF(torch.autograd.Function):
     @once_differentiable  # the backward writes into buffers: no graph of it for a second derivative
     def backward(ctx, g: Tensor, g_trace: Tensor):
         A, *krylov = ctx.saved_tensors
-        dS, gx = _action_backward(A, krylov, g, g_trace, ctx.m, ctx.needs_input_grad[0])
+        dS, gx = action_backward(A, krylov, g, g_trace, ctx.m, ctx.needs_input_grad[0])
         return dS, gx, None, None
 
 
-def _plan(S3: Tensor, transposed: bool = False) -> tuple[int, int]:
+def action_plan(S3: Tensor, transposed: bool = False) -> tuple[int, int]:
     """Steps and terms for e^S x from the largest ∞-norm of S (B, n, n, P), recorded for Table 6.
 
     ``transposed``: S3 holds Sᵀ, so a row of S is summed over dimension 1.
     Above LARGE_NORM the plan is (s, 0): no series is applied to x; e^S is formed by scaling and
-    squaring with s squarings (:func:`_action_forward` with m = 0). Recorded then: the m and s of
+    squaring with s squarings (:func:`action_forward` with m = 0). Recorded then: the m and s of
     that e^S, as for :func:`expm`.
     """
     norm = _max_norm(S3, row_dim=1 if transposed else 2)
@@ -575,7 +586,7 @@ def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         )
     b, n = S.shape[:2]
     S3 = S.reshape(b, n, n, -1)
-    steps, m = _plan(S3)
+    steps, m = action_plan(S3)
     y, trace = _ExpmActionCF.apply(S3, x.reshape(b, n, -1), steps, m)
     return y.reshape(x.shape), trace
 

@@ -1,8 +1,9 @@
-"""The paper's multi-scale flow (DESIGN.md §3), built from a JSON-serialisable config.
+"""The paper's multi-scale flow, built from a JSON-serialisable config (:class:`FlowConfig`).
 
-Each level: squeeze, ``steps`` flow steps (ActNorm → 1×1 conv → coupling), then, except at the
-last level, half the channels are split off as a latent. Latents have a standard normal prior
-(the paper) or Glow's learned prior, conditioned at each split on the channels that go on.
+Each level: squeeze, ``steps[level]`` flow steps, then, except at the last level, half the
+channels are split off as a latent. A flow step is the config's ``step``, a list of layer specs
+(the paper's: ActNorm → mixing layer → coupling). Latents have a standard normal prior (the paper)
+or Glow's learned prior, conditioned at each split on the channels that go on.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import FlowConfig
-from .layers import COUPLING, MIXING, ActNorm, FlowSequential, Squeeze, set_amp
+from .layers import COUPLING, MIXING, ActNorm, FlowLayer, FlowSequential, NetFactory, Squeeze, set_amp
 
-__all__ = ["MODEL_REVISION", "FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
+__all__ = ["MODEL_REVISION", "MultiScaleFlow", "bits_per_dim", "build_step", "count_parameters"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -58,18 +59,16 @@ class MultiScaleFlow(nn.Module):
         super().__init__()
         self.config = config
         c, h, w = config.image_shape
-        net = {"hidden_channels": config.hidden_channels, "num_blocks": config.num_blocks}
+        net = config.net_factory()
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
         levels = len(config.steps)
         for level, steps in enumerate(config.steps):
             c, h, w = 4 * c, h // 2, w // 2
-            layers = [Squeeze(config.squeeze)]
+            layers: list[FlowLayer] = [Squeeze(config.squeeze)]
             for _ in range(steps):
-                layers.append(ActNorm(c, per=config.actnorm, size=(h, w)))
-                layers.append(MIXING.build(config.conv, c, size=(h, w), **config.conv_options))
-                layers.append(COUPLING.build(config.coupling, c, size=(h, w), **net, **config.coupling_options))
+                layers += build_step(config, c, (h, w), net)
             self.levels.append(FlowSequential(*layers))
             last = level == levels - 1
             z_channels = c if last else c // 2
@@ -172,6 +171,24 @@ class MultiScaleFlow(nn.Module):
         self.train()
         self(x)
         self.train(was_training)
+
+
+def build_step(config: FlowConfig, channels: int, size: tuple[int, int], net: NetFactory) -> list[FlowLayer]:
+    """The layers of one flow step at a level of ``channels`` × ``size``, in the order of
+    ``config.step``; every coupling's net from the factory ``net``."""
+    layers: list[FlowLayer] = []
+    for spec in config.step:
+        if spec == "actnorm":
+            layers.append(ActNorm(channels, per=config.actnorm, size=size))
+        elif spec == "mixing":
+            layers.append(MIXING.build(config.mixing, channels, size=size, **config.mixing_options))
+        elif spec == "coupling":
+            layers.append(COUPLING.build(config.coupling, channels, size=size, net=net, **config.coupling_options))
+        elif "mixing" in spec:
+            layers.append(MIXING.build(spec["mixing"], channels, size=size, **spec.get("options", {})))
+        else:
+            layers.append(COUPLING.build(spec["coupling"], channels, size=size, net=net, **spec.get("options", {})))
+    return layers
 
 
 def bits_per_dim(log_prob: Tensor, dims: int) -> Tensor:

@@ -10,9 +10,9 @@ Scales:
   smoke: the same experiments on ``patches16`` with a tiny net; seconds each.
 
 The grids are defined once here (:data:`TABLE4_COUPLINGS`, :data:`TABLE4_LRS`,
-:data:`TABLE5_CONVS`, :data:`STABILITY_LRS`); the zoo tables ("mixing", "stability") list every
-entry of the layer registries and each class's ``variants``, read when the presets are looked up,
-so a layer registered at run time gets its presets too.
+:data:`TABLE5_MIXING`, :data:`STABILITY_LRS`); the zoo tables ("mixing", "stability") list every
+entry of the layer registries and each class's variants (:func:`mefbench.layers.layer_variants`),
+read when the presets are looked up, so a layer registered at run time gets its presets too.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ from .config import FlowConfig, TrainConfig
 
 __all__ = [
     "GLOW_LIKE",
-    "PAPER_CONV_OPTIONS",
+    "PAPER_MIXING_OPTIONS",
     "PRESETS",
-    "REFERENCE_CONV",
+    "REFERENCE_MIXING",
     "SCALES",
     "STABILITY_LRS",
     "TABLE4_COUPLINGS",
     "TABLE4_LRS",
-    "TABLE5_CONVS",
+    "TABLE5_MIXING",
     "Preset",
     "get_preset",
-    "layer_variants",
     "variant_label",
 ]
 
@@ -44,15 +43,14 @@ SCALES = ("smoke", "cpu", "paper")
 # The paper's grids, typed once.
 TABLE4_COUPLINGS = ("affine", "matexp")  # Table 4 rows; matrix-exp 1×1 conv in all
 TABLE4_LRS = (0.001, 0.01)  # lr 1e-3 trains 4× longer (200 vs 50 epochs)
-TABLE5_CONVS = ("standard", "plu", "matexp")  # Table 5 rows; matrix-exp coupling, lr 0.01
+TABLE5_MIXING = ("standard", "plu", "matexp")  # Table 5 rows (1×1 convs); matrix-exp coupling, lr 0.01
 # The baselines the benchmarks measure against: Glow's 1×1 conv, and a Glow-like step.
-REFERENCE_CONV = "standard"
-GLOW_LIKE = {"conv": "standard", "coupling": "affine"}
+REFERENCE_MIXING = "standard"
+GLOW_LIKE = {"mixing": "standard", "coupling": "affine"}
 # The official code's forms of the paper's layers (the defaults are Glow's where they differ).
-PAPER_CONV_OPTIONS: dict[str, dict] = {"plu": {"diagonal": "free"}}
-# The stability benchmark (Table 4 generalised): every coupling and variant × these rates × seeds.
+PAPER_MIXING_OPTIONS: dict[str, dict] = {"plu": {"diagonal": "free"}}
+# The stability benchmark (Table 4 generalised): every coupling and variant × these rates.
 STABILITY_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
-STABILITY_SEEDS = 5
 
 
 @dataclass(frozen=True)
@@ -68,19 +66,12 @@ class Preset:
     def configs(self) -> tuple[FlowConfig, TrainConfig]:
         """Fresh copies of the model and training configs (safe to modify)."""
         model = dataclasses.replace(
-            self.model, conv_options=dict(self.model.conv_options), coupling_options=dict(self.model.coupling_options)
+            self.model,
+            mixing_options=dict(self.model.mixing_options),
+            coupling_options=dict(self.model.coupling_options),
+            net_options=dict(self.model.net_options),
         )
         return model, dataclasses.replace(self.train)
-
-
-def layer_variants(registry: Mapping[str, type]) -> list[tuple[str, str, dict]]:
-    """(name, variant label, options) for every entry of a registry and each of its variants;
-    a class without variants gives one row labelled "default"."""
-    rows = []
-    for name, cls in registry.items():
-        variants = getattr(cls, "variants", None) or {"default": {}}
-        rows += [(name, label, dict(options)) for label, options in variants.items()]
-    return rows
 
 
 def variant_label(name: str, label: str) -> str:
@@ -196,36 +187,36 @@ def _paper_tables(add) -> None:
                     model, train, ("4",), scale, cell)  # fmt: skip
 
     # Table 5: the paper's three 1×1 convolutions, matrix-exp coupling, lr 0.01.
-    for conv in TABLE5_CONVS:
-        options = PAPER_CONV_OPTIONS.get(conv, {})
-        add(f"paper-t5-{conv}", f"Table 5: {conv} 1×1 conv with matrix-exp coupling on CIFAR-10",
-            _paper_model("cifar10", conv=conv, conv_options=options), _paper_train("cifar10"), ("5",), "paper",
-            {"conv": conv})  # fmt: skip
+    for mixing in TABLE5_MIXING:
+        options = PAPER_MIXING_OPTIONS.get(mixing, {})
+        add(f"paper-t5-{mixing}", f"Table 5: {mixing} 1×1 conv with matrix-exp coupling on CIFAR-10",
+            _paper_model("cifar10", mixing=mixing, mixing_options=options), _paper_train("cifar10"), ("5",), "paper",
+            {"mixing": mixing})  # fmt: skip
         for scale in ("cpu", "smoke"):
-            model, train = _small(scale, {"conv": conv, "conv_options": options}, {})
-            add(f"{scale}-t5-{conv}", f"Table 5 at {scale} scale: {conv} 1×1 conv", model, train, ("5",), scale,
-                {"conv": conv})  # fmt: skip
+            model, train = _small(scale, {"mixing": mixing, "mixing_options": options}, {})
+            add(f"{scale}-t5-{mixing}", f"Table 5 at {scale} scale: {mixing} 1×1 conv", model, train, ("5",), scale,
+                {"mixing": mixing})  # fmt: skip
 
 
 def _zoo_tables(add) -> None:
-    from .layers import COUPLING, MIXING
+    from .layers import COUPLING, MIXING, registry_variants
 
     # "mixing": every mixing layer and variant in Table 5's setting (matrix-exp coupling, lr 0.01).
-    # The paper's three convs in their official form share their runs with Table 5.
-    for conv, label, options in layer_variants(MIXING):
-        cell = {"conv": conv, "variant": label}
-        name = _slug(conv, label)
+    # The paper's three 1×1 convs in their official form share their runs with Table 5.
+    for mixing, label, options in registry_variants(MIXING):
+        cell = {"mixing": mixing, "variant": label}
+        name = _slug(mixing, label)
         add(f"paper-mix-{name}", f"every mixing layer: {name} with matrix-exp coupling on CIFAR-10",
-            _paper_model("cifar10", conv=conv, conv_options=options), _paper_train("cifar10"), ("mixing",), "paper",
-            cell)  # fmt: skip
+            _paper_model("cifar10", mixing=mixing, mixing_options=options), _paper_train("cifar10"), ("mixing",),
+            "paper", cell)  # fmt: skip
         for scale in ("cpu", "smoke"):
-            model, train = _small(scale, {"conv": conv, "conv_options": options}, {})
+            model, train = _small(scale, {"mixing": mixing, "mixing_options": options}, {})
             add(f"{scale}-mix-{name}", f"every mixing layer at {scale} scale: {name}", model, train, ("mixing",),
                 scale, cell)  # fmt: skip
 
     # "stability": every coupling and variant × STABILITY_LRS, matrix-exp 1×1 conv. At paper scale
     # the recipe is Table 4's at 50 epochs, so its lr 0.01 cells are Table 4's runs.
-    for coupling, label, options in layer_variants(COUPLING):
+    for coupling, label, options in registry_variants(COUPLING):
         name = _slug(coupling, label)
         for lr in STABILITY_LRS:
             cell = {"coupling": coupling, "variant": label, "lr": lr}

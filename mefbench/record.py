@@ -9,10 +9,12 @@ A run directory holds
 
 ``read_record`` turns every way a ``record.json`` can be wrong (not UTF-8, not JSON, not an
 object, a missing or mistyped field, an unknown schema) into a :class:`RunError` that names the
-file and what is wrong. Records of schema 1 (mefbench before the typed record) are migrated on
-read: table numbers become ids (``"4"``), the model dict's flat ``scale``/``coupling_rank`` move
-into ``coupling_options``, ``model_revision`` is 1 and the table cells are derived from the
-presets; ``mefbench migrate-records DIR`` rewrites them on disk.
+file and what is wrong. Records of older schemas are migrated on
+read. Schema 1 (mefbench before the typed record): table numbers become ids (``"4"``), the model
+dict's flat ``scale``/``coupling_rank`` move into ``coupling_options``, ``model_revision`` is 1
+and the table cells are derived from the presets. Schemas 1 and 2: the mixing layer, called
+``conv`` then, becomes ``mixing`` (``conv_options`` ``mixing_options``), in the model dict and in
+the table cells. ``mefbench migrate-records DIR`` rewrites them on disk.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ __all__ = [
 RECORD = "record.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
-SCHEMA = 2
+SCHEMA = 3
 STATUSES = ("running", "finished", "diverged", "interrupted")
 ENDED = ("finished", "diverged")  # a run with one of these statuses is never trained again
 
@@ -160,7 +162,7 @@ class Resume:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """Everything recorded about one run (schema 2), written as ``record.json``.
+    """Everything recorded about one run (schema 3), written as ``record.json``.
 
     ``model`` and ``train`` are the JSON forms of the run's :class:`~mefbench.config.FlowConfig`
     and :class:`~mefbench.config.TrainConfig` (kept as data, so that a record stays readable when
@@ -264,7 +266,7 @@ class RunRecord:
 
 
 _MODEL_FIELDS: dict[str, Any] = {
-    "image_shape": list[int], "steps": list[int], "conv": str, "coupling": str,
+    "image_shape": list[int], "steps": list[int], "mixing": str, "coupling": str,
     "hidden_channels": int, "num_blocks": int,
 }  # fmt: skip
 _TRAIN_FIELDS: dict[str, Any] = {"dataset": str, "lr": float, "epochs": int}
@@ -350,7 +352,7 @@ def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
 def derive_cells(tables: list[str], model: dict, train: dict, scale: str | None = None) -> dict[str, dict]:
     """The cell a run fills in each of its tables, from what it is: for each table, the keys of the
     cells of the presets (at the run's scale) that list the table, valued from the run's own model
-    and training configs, e.g. ``{"4": {"coupling": "matexp", "lr": 0.01}, "5": {"conv": "matexp"}}``.
+    and training configs, e.g. ``{"4": {"coupling": "matexp", "lr": 0.01}, "5": {"mixing": "matexp"}}``.
     Tables whose keys cannot be found are left out."""
     from .presets import PRESETS
 
@@ -371,17 +373,26 @@ def derive_cells(tables: list[str], model: dict, train: dict, scale: str | None 
     return cells
 
 
-def _v1_to_v2(data: dict) -> dict:
-    """Schema 1 (before the typed record): int tables, flat model options, no cells or revision."""
+def _migrate_model(model: dict) -> dict:
     from .config import migrate_model_dict
 
+    try:
+        return migrate_model_dict(model)
+    except ValueError as exc:
+        raise _Invalid(f"field 'model': {exc}") from None
+
+
+def _v1_to_v2(data: dict) -> dict:
+    """Schema 1 (before the typed record): int tables, flat model options, no cells or revision.
+    The model dict is brought to today's form at once, so that its cells are derived from today's
+    presets."""
     data = {**data, "schema": 2}
     if isinstance(data.get("tables"), list):
         data["tables"] = [str(t) for t in data["tables"]]
     data["tables"] = data.get("tables") or []
     model, train = data.get("model"), data.get("train")
-    if isinstance(model, dict) and ("scale" in model or "coupling_rank" in model):
-        data["model"] = model = migrate_model_dict(model)
+    if isinstance(model, dict):
+        data["model"] = model = _migrate_model(model)
     data.setdefault("model_revision", 1)  # MODEL_REVISION 1: every run before the revision was recorded
     if "cells" not in data and isinstance(model, dict) and isinstance(train, dict) and isinstance(data["tables"], list):
         data["cells"] = derive_cells(data["tables"], model, train, data.get("scale"))
@@ -390,7 +401,23 @@ def _v1_to_v2(data: dict) -> dict:
     return data
 
 
-_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
+def _v2_to_v3(data: dict) -> dict:
+    """Schema 2: the mixing layer was called ``conv`` (``conv_options``) in the model dict and the
+    table cells (``{"5": {"conv": "plu"}}``); schema 3 calls it ``mixing``."""
+    data = {**data, "schema": 3}
+    if isinstance(data.get("model"), dict):
+        data["model"] = _migrate_model(data["model"])
+    if isinstance(data.get("cells"), dict):
+        data["cells"] = {
+            table: {("mixing" if key == "conv" else key): value for key, value in cell.items()}
+            if isinstance(cell, dict)
+            else cell
+            for table, cell in data["cells"].items()
+        }
+    return data
+
+
+_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def _migrate(data: object, source: str | Path) -> object:
@@ -474,7 +501,7 @@ def _record_file(path: str | Path) -> Path:
 
 
 def read_record(path: str | Path) -> RunRecord:
-    """The record of a run directory (or of a ``record.json`` path), migrated to schema 2.
+    """The record of a run directory (or of a ``record.json`` path), migrated to today's schema.
 
     Raises RunError naming the file for a missing file and for every kind of corrupt content.
     """

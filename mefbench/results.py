@@ -35,12 +35,12 @@ _STATS = ("mean", "std", "max", "min", "count")
 
 _IDENTITY = (
     "run", "path", "preset", "tables", "cells", "scale", "status", "model_revision",
-    "dataset", "conv", "coupling", "conv_options", "coupling_options", "amp", "channels_last", "lr", "seed",
+    "dataset", "mixing", "coupling", "mixing_options", "coupling_options", "amp", "channels_last", "lr", "seed",
 )  # fmt: skip
 
 RUN_COLUMNS: tuple[str, ...] = (
     *_IDENTITY,
-    "config", "image_shape", "steps", "hidden_channels", "num_blocks",
+    "config", "image_shape", "steps", "net", "hidden_channels", "num_blocks",
     "batch_size", "epochs", "epochs_done", "num_params",
     "test_bpd", "test_bpd_raw", "train_bpd", "train_bpd_ema",
     "mean_epoch_time_s", "train_time_s",
@@ -107,9 +107,9 @@ def _identity(file: Path, record: RunRecord) -> dict:
         "status": record.status,
         "model_revision": record.model_revision,
         "dataset": train["dataset"],
-        "conv": model["conv"],
+        "mixing": model["mixing"],
         "coupling": model["coupling"],
-        "conv_options": dict(model.get("conv_options") or {}),
+        "mixing_options": dict(model.get("mixing_options") or {}),
         "coupling_options": dict(model.get("coupling_options") or {}),
         "amp": train.get("amp"),
         "channels_last": bool(train.get("channels_last", False)),
@@ -139,6 +139,7 @@ def _run_row(file: Path, record: RunRecord) -> dict:
         config=config_key(model, train),
         image_shape=tuple(model["image_shape"]),
         steps=tuple(model["steps"]),
+        net=model.get("net", "resnet"),
         hidden_channels=model["hidden_channels"],
         num_blocks=model["num_blocks"],
         batch_size=train.get("batch_size"),

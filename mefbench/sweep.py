@@ -206,16 +206,3 @@ def run_sweep(
             flush=True,
         )
     return records
-
-
-def __getattr__(name: str):
-    if name == "TABLES":
-        import warnings
-
-        warnings.warn(
-            "mefbench.sweep.TABLES is deprecated: the tables are mefbench.report.TABLES (ids are strings)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return _table_ids()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ import torch
 
 from mefbench.cli import main
 from mefbench.config import FlowConfig
-from mefbench.layers import COUPLING, set_amp
+from mefbench.layers import COUPLING, net_factory, set_amp
 from mefbench.models import MultiScaleFlow
 from mefbench.presets import PRESETS
 from mefbench.record import read_record
@@ -74,7 +74,7 @@ def test_bits_per_dim_agree_with_and_without_bf16(seed):
 @torch.no_grad()
 def test_every_coupling_round_trip_stays_exact_under_autocast(name, amp):
     torch.manual_seed(0)
-    layer = COUPLING.build(name, 12, size=(8, 8), hidden_channels=16, num_blocks=1)
+    layer = COUPLING.build(name, 12, size=(8, 8), net=net_factory(hidden_channels=16, num_blocks=1))
     x = torch.randn(8, 12, 8, 8)
     layer(x)  # data-dependent init
     _perturbed(layer, 0.05)

@@ -86,9 +86,8 @@ def test_a_negative_overhead_is_shown_not_clamped(monkeypatch):
 
 def test_every_registered_layer_and_coupling_has_a_bench_row():
     from mefbench.bench import row_count
-    from mefbench.layers import COUPLING, MIXING
-    from mefbench.presets import layer_variants
+    from mefbench.layers import COUPLING, MIXING, registry_variants
 
-    assert row_count("layers") == len(layer_variants(MIXING)) and row_count("couplings") == len(
-        layer_variants(COUPLING)
+    assert row_count("layers") == len(registry_variants(MIXING)) and row_count("couplings") == len(
+        registry_variants(COUPLING)
     )

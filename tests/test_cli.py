@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from mefbench.cli import main
-from mefbench.models import FlowConfig
+from mefbench.config import FlowConfig
 from mefbench.presets import PRESETS
+from mefbench.record import SCHEMA
 from mefbench.training import TrainConfig
 
 
@@ -25,7 +26,7 @@ def test_train_then_sample(tmp_path, capsys):
     # the preset the CLI names is the one that ran
     assert FlowConfig.from_dict(record["model"]) == PRESETS["smoke"].model
     assert TrainConfig.from_dict(record["train"]) == PRESETS["smoke"].train
-    assert record["schema"] == 2 and record["final"]["sample_time_per_image_s"] > 0
+    assert record["schema"] == SCHEMA and record["final"]["sample_time_per_image_s"] > 0
     png = tmp_path / "s.png"
     assert main(["sample", "--run", str(run), "--temperature", "0.7", "--n", "4", "--out", str(png)]) == 0
     with Image.open(png) as im:
@@ -38,11 +39,11 @@ def test_train_then_sample(tmp_path, capsys):
 
 def test_train_overrides_are_applied_and_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["train", "--preset", "smoke", "--conv", "plu", "--coupling", "affine", "--lr", "0.002", "--seed", "3"]
+    args = ["train", "--preset", "smoke", "--mixing", "plu", "--coupling", "affine", "--lr", "0.002", "--seed", "3"]
     assert main([*args, "--epochs", "1", "--no-progress"]) == 0
-    run = tmp_path / "runs" / "smoke-conv-plu-coupling-affine-lr0.002-ep1-seed3"
+    run = tmp_path / "runs" / "smoke-mixing-plu-coupling-affine-lr0.002-ep1-seed3"
     record = json.loads((run / "record.json").read_text())
-    assert record["model"]["conv"] == "plu" and record["model"]["coupling"] == "affine"
+    assert record["model"]["mixing"] == "plu" and record["model"]["coupling"] == "affine"
     assert record["train"]["lr"] == 0.002 and record["seed"] == 3
     assert record["tables"] == [] and record["cells"] == {}  # an overridden run does not count for the preset's table
 

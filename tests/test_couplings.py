@@ -49,15 +49,19 @@ NAMES = {"spline": L.SplineCoupling, "mixture": L.LogisticMixtureCoupling}
 )
 def test_bad_options_are_clear_errors(cls, options, match):
     with pytest.raises(ValueError, match=match):
-        cls(4, 4, 1, **options)
+        cls(4, net=L.net_factory(hidden_channels=4, num_blocks=1), **options)
     name = next(n for n, c in L.COUPLING.items() if c is cls)
     with pytest.raises(ValueError, match=match):
-        L.COUPLING.build(name, 4, hidden_channels=4, num_blocks=1, **options)
+        L.COUPLING.build(name, 4, net=L.net_factory(hidden_channels=4, num_blocks=1), **options)
 
 
 def test_net_outputs_per_channel():
-    assert L.SplineCoupling(6, 4, 1, bins=5).net.head.out_channels == 3 * (3 * 5 - 1)
-    assert L.LogisticMixtureCoupling(6, 4, 1, components=3).net.head.out_channels == 3 * (3 * 3 + 2)
+    assert L.SplineCoupling(
+        6, net=L.net_factory(hidden_channels=4, num_blocks=1), bins=5
+    ).net.head.out_channels == 3 * (3 * 5 - 1)
+    assert L.LogisticMixtureCoupling(
+        6, net=L.net_factory(hidden_channels=4, num_blocks=1), components=3
+    ).net.head.out_channels == 3 * (3 * 3 + 2)
 
 
 # ----------------------------------------------------------------------------- float32 inverses
@@ -66,7 +70,7 @@ def test_net_outputs_per_channel():
 def _moderate(name: str, head_std: float) -> L.Coupling:
     """C = 6 at 8×8, data-initialised, every parameter moved by 0.1·N(0, 1) but the net's zero
     output conv, which gets N(0, head_std²) instead, in float32 and eval mode."""
-    layer = L.COUPLING.build(name, 6, size=(8, 8), hidden_channels=8, num_blocks=1)
+    layer = L.COUPLING.build(name, 6, size=(8, 8), net=L.net_factory(hidden_channels=8, num_blocks=1))
     layer.train()
     layer(torch.randn(16, 6, 8, 8))
     with torch.no_grad():
@@ -255,7 +259,7 @@ def test_mixture_inverse_gradient_is_the_implicit_one():
 @pytest.mark.parametrize("name, options", [("spline", {"bins": 3, "bound": 1.0}), ("mixture", {"components": 3})])
 @pytest.mark.parametrize("direction", ["transform", "inverse_transform"])
 def test_transform_gradcheck(name, options, direction):
-    layer = L.COUPLING.build(name, 4, hidden_channels=4, num_blocks=1, **options)
+    layer = L.COUPLING.build(name, 4, net=L.net_factory(hidden_channels=4, num_blocks=1), **options)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -37,7 +37,7 @@ def test_paper_presets_have_the_official_parameter_counts(preset):
 
 
 def test_paper_presets_use_the_official_forms():
-    assert PRESETS["paper-t5-plu"].model.conv_options == {"diagonal": "free"}
+    assert PRESETS["paper-t5-plu"].model.mixing_options == {"diagonal": "free"}
     assert PRESETS["paper-t4-affine-lr0.001"].train.decay_epochs == ()  # official step_size 300 > 200 epochs
     assert PRESETS["paper-t4-affine-lr0.01"].train.decay_epochs == (40,)
     assert PRESETS["paper-t4-affine-lr0.01"].model.hidden_channels == 132
@@ -194,8 +194,8 @@ COMBINATIONS = [
 def test_same_weights_give_the_official_bits_per_dim(conv, conv_options, coupling):
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    config = FlowConfig(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=16, num_blocks=2, conv=conv,
-                        conv_options=conv_options, coupling=coupling)  # fmt: skip
+    config = FlowConfig(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=16, num_blocks=2, mixing=conv,
+                        mixing_options=conv_options, coupling=coupling)  # fmt: skip
     model = MultiScaleFlow(config)
     x = torch.rand(32, 3, 16, 16) * 2 - 1
     model.initialize(x)
@@ -230,5 +230,5 @@ def test_plu_free_diagonal_can_collapse_and_exp_cannot():
         free.U.diagonal()[0] = 0.0  # a diagonal entry that crossed 0: singular, as in the paper's Table 5 story
     _, logdet = free(torch.randn(1, 4, 2, 2))
     assert logdet.item() == -math.inf
-    glow = dataclasses.replace(FlowConfig(), conv="plu")
-    assert glow.conv_options == {}  # the default is Glow's exp form, which never becomes singular
+    glow = dataclasses.replace(FlowConfig(), mixing="plu")
+    assert glow.mixing_options == {}  # the default is Glow's exp form, which never becomes singular

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mefbench.layers as L
-from mefbench.layers.scale_maps import _BoundedTanhFn
+from mefbench.layers.scale_maps import BoundedTanh, _BoundedTanhFn
 from mefbench.linalg import expm_action_trace, record_expm
 
 
@@ -25,7 +25,11 @@ LAYERS = {
     "squeeze-subpixel": (lambda: L.Squeeze("subpixel"), (2, 4, 2)),
     "squeeze-channel": (lambda: L.Squeeze("channel"), (2, 4, 2)),
     "sequential": (
-        lambda: L.FlowSequential(L.ActNorm(4), L.MatrixExpConv1x1(4), L.MatrixExpCoupling(4, 8, 1)),
+        lambda: L.FlowSequential(
+            L.ActNorm(4),
+            L.MatrixExpConv1x1(4),
+            L.MatrixExpCoupling(4, net=L.net_factory(hidden_channels=8, num_blocks=1)),
+        ),
         (4, 2, 2),
     ),
 }
@@ -81,14 +85,17 @@ def test_matexp_conv_init_is_orthogonal_and_cached_in_eval():
 
 
 def test_matexp_coupling_rank_selection():
-    assert L.MatrixExpCoupling(48, 4, 1).rank == 0  # c = 24: full
-    assert L.MatrixExpCoupling(50, 4, 1).rank == 3  # c = 25: rank 3
-    assert L.MatrixExpCoupling(8, 4, 1, rank=2).net.head.out_channels == 4 * 5
-    assert L.MatrixExpCoupling(8, 4, 1).net.head.out_channels == 4 * 5
+    assert L.MatrixExpCoupling(48, net=L.net_factory(hidden_channels=4, num_blocks=1)).rank == 0  # c = 24: full
+    assert L.MatrixExpCoupling(50, net=L.net_factory(hidden_channels=4, num_blocks=1)).rank == 3  # c = 25: rank 3
+    assert (
+        L.MatrixExpCoupling(8, net=L.net_factory(hidden_channels=4, num_blocks=1), rank=2).net.head.out_channels
+        == 4 * 5
+    )
+    assert L.MatrixExpCoupling(8, net=L.net_factory(hidden_channels=4, num_blocks=1)).net.head.out_channels == 4 * 5
 
 
 def test_matexp_coupling_bounded_at_init():
-    layer = L.MatrixExpCoupling(12, 8, 1)
+    layer = L.MatrixExpCoupling(12, net=L.net_factory(hidden_channels=8, num_blocks=1))
     with torch.no_grad():
         layer.net.head.weight.normal_(0, 100.0)
     _, S = layer._unpack(layer.net(torch.randn(2, 6, 3, 3)))
@@ -146,8 +153,16 @@ def test_squeeze_channel_orders():
         (lambda: L.StandardConv1x1(4), torch.zeros(1, 3, 2, 2), "built for 4 channels, got input with 3"),
         (lambda: L.MatrixExpConv1x1(4), torch.zeros(4, 2, 2), "4-D input"),
         (lambda: L.PLUConv1x1(4), torch.zeros(1, 5, 2, 2), "built for 4 channels"),
-        (lambda: L.AffineCoupling(4, 4, 1), torch.zeros(1, 6, 2, 2), "built for 4 channels"),
-        (lambda: L.MatrixExpCoupling(4, 4, 1), torch.zeros(2, 4, 2), "4-D input"),
+        (
+            lambda: L.AffineCoupling(4, net=L.net_factory(hidden_channels=4, num_blocks=1)),
+            torch.zeros(1, 6, 2, 2),
+            "built for 4 channels",
+        ),
+        (
+            lambda: L.MatrixExpCoupling(4, net=L.net_factory(hidden_channels=4, num_blocks=1)),
+            torch.zeros(2, 4, 2),
+            "4-D input",
+        ),
         (lambda: L.ActNorm(3), torch.zeros(1, 2, 2, 2), "built for 3 channels"),
         (lambda: L.ActNorm(3, per="activation", size=(2, 2)), torch.zeros(1, 3, 4, 4), r"H×W = \(2, 2\)"),
         (lambda: L.Squeeze(), torch.zeros(1, 3, 3, 4), "even height and width"),
@@ -162,12 +177,12 @@ def test_bad_input_errors(make, bad, match):
 @pytest.mark.parametrize("name", sorted(L.COUPLING))
 def test_coupling_needs_two_channels(name):
     with pytest.raises(ValueError, match="needs at least 2 channels, got 1"):
-        L.COUPLING[name](1, hidden_channels=4, num_blocks=1)
+        L.COUPLING[name](1, net=L.net_factory(hidden_channels=4, num_blocks=1))
 
 
 def test_bad_options():
     with pytest.raises(ValueError, match="scale map"):
-        L.AffineCoupling(4, 4, 1, scale="relu")
+        L.AffineCoupling(4, net=L.net_factory(hidden_channels=4, num_blocks=1), scale="relu")
     with pytest.raises(ValueError, match="order"):
         L.Squeeze("zigzag")
     with pytest.raises(ValueError, match="size"):
@@ -175,7 +190,7 @@ def test_bad_options():
 
 
 def test_bounded_tanh_gradients():
-    scale = L.BoundedTanh(alpha=0.7, beta=0.3)
+    scale = BoundedTanh(alpha=0.7, beta=0.3)
     with torch.no_grad():
         scale.gamma.fill_(0.2)
         scale.delta.fill_(-0.1)
@@ -199,7 +214,7 @@ def _generic_matexp_transform(layer: L.MatrixExpCoupling, x2: torch.Tensor, h: t
 @pytest.mark.parametrize("size", [0.0, 0.3, 6.0])  # m = 1; one step; several steps
 def test_fused_matexp_coupling_matches_unfused_path(size):
     torch.manual_seed(0)
-    layer = L.MatrixExpCoupling(7, hidden_channels=4, num_blocks=1)
+    layer = L.MatrixExpCoupling(7, net=L.net_factory(hidden_channels=4, num_blocks=1))
     with torch.no_grad():
         layer.scale.alpha.fill_(0.9 if size > 1 else 0.2)
         layer.scale.beta.fill_(0.7)
@@ -237,7 +252,7 @@ def test_fused_matexp_coupling_gradcheck():
 def test_matexp_coupling_accumulates_gradients_over_several_forwards():
     """Two forwards before one backward (gradient accumulation) give the sum of both gradients."""
     torch.manual_seed(2)
-    layer = _ready(L.MatrixExpCoupling(6, hidden_channels=4, num_blocks=1), (6, 3, 3)).train()
+    layer = _ready(L.MatrixExpCoupling(6, net=L.net_factory(hidden_channels=4, num_blocks=1)), (6, 3, 3)).train()
     xs = [torch.randn(3, 6, 3, 3) for _ in range(2)]
 
     def loss(x):
@@ -253,7 +268,7 @@ def test_matexp_coupling_accumulates_gradients_over_several_forwards():
 def test_matexp_coupling_inverse_uses_the_forwards_matrices():
     """The inverse builds S exactly as the fused forward does: e^{-S} e^{S} x = x to rounding."""
     torch.manual_seed(3)
-    layer = _ready(L.MatrixExpCoupling(8, hidden_channels=4, num_blocks=1), (8, 3, 3))
+    layer = _ready(L.MatrixExpCoupling(8, net=L.net_factory(hidden_channels=4, num_blocks=1)), (8, 3, 3))
     c = layer.c2
     h = torch.randn(2, c + c * c, 3, 3)
     _, o = h.split([c, c * c], dim=1)
@@ -273,7 +288,7 @@ def test_matexp_coupling_inverse_uses_the_forwards_matrices():
 def test_initialised_layers_do_not_read_their_init_flag_back():
     """After data-dependent init no forward reads the ``initialized`` buffer (a host sync per norm
     on a GPU): a meta tensor there, whose value cannot be read, does not stop a training step."""
-    layer = L.FlowSequential(L.ActNorm(4), L.MatrixExpCoupling(4, 8, 2))
+    layer = L.FlowSequential(L.ActNorm(4), L.MatrixExpCoupling(4, net=L.net_factory(hidden_channels=8, num_blocks=2)))
     x = torch.randn(8, 4, 3, 3)
     layer.train()
     layer(x)

@@ -185,10 +185,14 @@ TRAINING_PLANS = {
 def test_plans_at_training_norms_are_unchanged(dtype):
     tol = linalg.taylor_tolerance(dtype)
     assert [linalg._action_plan(norm, tol) for norm in TRAINING_NORMS] == TRAINING_PLANS[dtype]
-    # through _plan, from a batch whose largest ∞-norm is 30, in both storage orders
+    # through action_plan, from a batch whose largest ∞-norm is 30, in both storage orders
     S = torch.zeros(2, 3, 3, 4, dtype=dtype)
     S[1, 0, :, 2] = torch.tensor([10.0, -12.0, 8.0], dtype=dtype)
-    assert linalg._plan(S) == linalg._plan(S.transpose(1, 2).contiguous(), transposed=True) == TRAINING_PLANS[dtype][-1]
+    assert (
+        linalg.action_plan(S)
+        == linalg.action_plan(S.transpose(1, 2).contiguous(), transposed=True)
+        == TRAINING_PLANS[dtype][-1]
+    )
 
 
 # ----------------------------------------------------------------------------- large norms
@@ -286,7 +290,7 @@ def test_overflow_depends_on_the_dtype():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fused_coupling_functions_at_large_norms(transposed):
-    """_plan, _action_forward and _action_backward as the fused coupling calls them, at ∥S∥∞ = 1e4:
+    """action_plan, action_forward and action_backward as the fused coupling calls them, at ∥S∥∞ = 1e4:
     value, log-det and gradients against torch.linalg.matrix_exp through autograd."""
     b, n, p = 2, 4, 3
     M = _large("shifted", 1e4, n=n, batch=b * p).reshape(b, p, n, n)  # S per (sample, pixel)
@@ -295,11 +299,11 @@ def test_fused_coupling_functions_at_large_norms(transposed):
     x, gy = torch.randn(2, b, n, p, generator=g, dtype=torch.float64)
     g_trace = torch.randn(b, generator=g, dtype=torch.float64)
     with record_expm() as rec:
-        steps, m = linalg._plan(store, transposed=transposed)
+        steps, m = linalg.action_plan(store, transposed=transposed)
     assert m == 0 and steps == linalg._squarings(1e4) and rec.kinds == ["expm_action"]
-    y, trace, A, krylov = linalg._action_forward(store, x, steps, m, transposed=transposed)
+    y, trace, A, krylov = linalg.action_forward(store, x, steps, m, transposed=transposed)
     dS_out = torch.empty_like(store)
-    dS, gx = linalg._action_backward(A, krylov, gy, g_trace, m, True, dS_out=dS_out, transposed=transposed)
+    dS, gx = linalg.action_backward(A, krylov, gy, g_trace, m, True, dS_out=dS_out, transposed=transposed)
     assert dS is dS_out
     M_ = M.clone().requires_grad_()
     x_ = x.clone().requires_grad_()

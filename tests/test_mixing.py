@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import mefbench.layers as L
-from mefbench.layers._mixing import EvalCache, flip
+from mefbench.layers.base import flip
+from mefbench.layers.checks import EvalCache
 from mefbench.layers.convexp import NORM_LIMIT, conv_norm_bound
 from mefbench.layers.emerging import _wavefronts, solve_causal_conv
 from mefbench.linalg import MAX_TERMS, series_terms, taylor_tolerance
@@ -315,7 +316,7 @@ def _errors():
         ),
         (
             lambda: MultiScaleFlow(
-                FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), conv="emerging", conv_options={"kernel_size": 5})
+                FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), mixing="emerging", mixing_options={"kernel_size": 5})
             ),
             "EmergingConv: image 2×2 is too small for kernel_size 5",
         ),
@@ -356,7 +357,9 @@ def test_eval_caches_are_reused_until_a_parameter_changes(name):
 
 @pytest.mark.parametrize("name", list(L.MIXING))
 def test_tiny_model_inverts_exactly(name):
-    model = MultiScaleFlow(FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), hidden_channels=8, num_blocks=1, conv=name))
+    model = MultiScaleFlow(
+        FlowConfig(image_shape=(3, 8, 8), steps=(1, 1), hidden_channels=8, num_blocks=1, mixing=name)
+    )
     x = torch.rand(4, 3, 8, 8) * 2 - 1
     model.initialize(x)
     model.eval()

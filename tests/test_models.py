@@ -24,8 +24,11 @@ SMALL = dict(image_shape=(3, 8, 8), steps=(2, 1), hidden_channels=8, num_blocks=
     [
         {},
         {"prior": "learned", "actnorm": "channel", "squeeze": "channel"},
-        {"conv": "plu", "coupling": "affine"},
-        {"conv": "standard", "coupling": "additive"},
+        {"mixing": "plu", "coupling": "affine"},
+        {"mixing": "standard", "coupling": "additive"},
+        {"step": ("coupling", "actnorm", "mixing")},  # coupling first
+        {"step": ("actnorm", "mixing", {"mixing": "householder", "options": {"reflections": 2}}, "coupling")},
+        {"net": "glow", "actnorm": "channel", "mixing": "plu", "coupling": "affine"},  # Glow's step
     ],
 )
 def test_exact_inverse_and_logdet(changes):
@@ -77,28 +80,56 @@ def test_paper_parameter_count():
 
 
 def test_config_json_round_trip(tmp_path):
-    config = FlowConfig(**SMALL, prior="learned", coupling_options={"rank": 2}, conv_options={})
+    config = FlowConfig(
+        **SMALL, prior="learned", coupling_options={"rank": 2}, mixing_options={}, net="glow",
+        net_options={"edge_bias": False}, step=("actnorm", {"coupling": "additive"}, "mixing", "coupling"),
+    )  # fmt: skip
     config.to_json(tmp_path / "c.json")
     assert FlowConfig.from_json(tmp_path / "c.json") == config
     assert FlowConfig.from_json(config.to_json()) == config
 
 
-def test_deprecated_flat_options_move_into_coupling_options():
-    with pytest.warns(DeprecationWarning, match=r"FlowConfig\(scale=...\) is deprecated"):
-        config = FlowConfig(**SMALL, coupling="affine", scale="sigmoid")
-    assert config.coupling_options == {"scale": "sigmoid"}
-    # a model dict of the first record schema loads, defaults dropped
-    old = {**FlowConfig(**SMALL).to_dict(), "scale": "tanh", "coupling_rank": None}
-    del old["conv_options"], old["coupling_options"]
-    assert FlowConfig.from_dict(old) == FlowConfig(**SMALL)
+def test_model_dicts_of_older_records_load():
+    new = FlowConfig(**SMALL).to_dict()
+    schema2 = {k: v for k, v in new.items() if k not in ("mixing", "mixing_options", "net", "net_options", "step")}
+    schema2.update(conv="matexp", conv_options={})
+    schema1 = {**schema2, "scale": "tanh", "coupling_rank": None}  # flat options, at their defaults
+    del schema1["conv_options"], schema1["coupling_options"]
+    for old in (schema1, schema2):
+        assert FlowConfig.from_dict(old) == FlowConfig(**SMALL)
+    flat = {**schema1, "coupling": "affine", "scale": "sigmoid"}
+    assert FlowConfig.from_dict(flat).coupling_options == {"scale": "sigmoid"}
+    with pytest.raises(ValueError, match=r"both 'conv' .* and 'mixing'"):
+        FlowConfig.from_dict({**schema2, "mixing": "plu"})
+    with pytest.raises(TypeError):  # the old names are read from records, not taken by the constructor
+        FlowConfig(**SMALL, conv="plu")
 
 
 @pytest.mark.parametrize(
     "changes,match",
     [
-        ({"conv": "lu"}, "FlowConfig.conv must be one of"),
-        ({"conv_options": {"diagonal": "free"}}, "MatrixExpConv1x1 has no option 'diagonal'"),
+        ({"mixing": "lu"}, "FlowConfig.mixing must be one of"),
+        (
+            {"mixing_options": {"diagonal": "free"}},
+            "FlowConfig.mixing_options: MatrixExpConv1x1 has no option 'diagonal'",
+        ),
         ({"coupling_options": {"hidden_channels": 3}}, "cannot set hidden_channels"),
+        ({"coupling_options": {"net": "glow"}}, "cannot set net"),
+        ({"coupling_options": {"rank": "2"}}, "MatrixExpCoupling option rank must be an integer or None, got '2'"),
+        ({"net": "unet"}, "FlowConfig.net must be one of"),
+        ({"net_options": {"num_blocks": 2}}, "net_options cannot set hidden_channels or num_blocks"),
+        ({"net_options": {"edge_bias": True}}, "CouplingNet has no option 'edge_bias'"),
+        ({"net": "glow", "net_options": {"edge_bias": 1}}, "GlowNet option edge_bias must be true or false"),
+        ({"hidden_channels": 0}, "FlowConfig.hidden_channels must be an integer >= 1"),
+        ({"step": ()}, "FlowConfig.step must be a non-empty list"),
+        ({"step": "actnorm,mixing"}, "FlowConfig.step must be a non-empty list"),
+        ({"step": ("actnorm", "conv", "coupling")}, r"FlowConfig.step\[1\]: unknown layer 'conv'"),
+        ({"step": ({"mixing": "nope"},)}, r"FlowConfig.step\[0\]: unknown mixing layer 'nope'"),
+        ({"step": ({"mixing": "plu", "coupling": "affine"},)}, r"step\[0\].*exactly one of 'mixing', 'coupling'"),
+        ({"step": ({"mixing": "plu", "option": {}},)}, r"step\[0\].*exactly one of"),
+        ({"step": ({"mixing": "plu", "options": {"diagonal": 1}},)}, r"step\[0\]: PLUConv1x1 option diagonal must be"),
+        ({"step": ({"coupling": "affine", "options": {"net": "glow"}},)}, r"step\[0\] cannot set net"),
+        ({"step": (3,)}, r"FlowConfig.step\[0\] must be a string or a dict"),
         ({"coupling_options": {"scale": object()}}, "JSON-serialisable"),
         ({"image_shape": (3, 12, 12), "steps": (1, 1, 1)}, "divisible by 8"),
         ({"steps": ()}, "at least one level"),
@@ -121,16 +152,6 @@ def test_names_users_import_still_work_or_say_what_replaces_them():
 
     assert callable(linalg.expm) and callable(linalg.expm_action) and callable(results.load_runs)
     assert set(L.CONV1X1) <= set(L.MIXING) and "matexp" in L.COUPLING and "smoke" in PRESETS
-    from mefbench.layers.coupling import SCALE_MAPS, BoundedTanh, CouplingNet  # the old module paths
-
-    assert BoundedTanh and CouplingNet and "tanh" in SCALE_MAPS
-    import mefbench.report
-    import mefbench.sweep
-
-    with pytest.warns(DeprecationWarning, match="paper_count_presets"):
-        assert mefbench.report.PAPER_COUNT_PRESETS[0] == ("MEF", "paper-t2-mef-cifar10")
-    with pytest.warns(DeprecationWarning, match="mefbench.report.TABLES"):
-        assert "4" in mefbench.sweep.TABLES
     from mefbench.training import TrainConfig, pool_stats
 
     assert TrainConfig().dataset == "cifar10" and pool_stats([]) == {}

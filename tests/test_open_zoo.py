@@ -21,25 +21,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-class DiagonalConv(L.FlowLayer):
+class DiagonalConv(L.Conv1x1):
     """y_c = e^{s_c} x_c per pixel; log|det| = H·W·Σ s (a throwaway layer for this test)."""
 
     info = L.LayerInfo(family="per-pixel", reference="this test", cost=L.Cost("O(C·n)", "O(C)", "O(C·n)"))
 
     def __init__(self, channels: int, *, size: tuple[int, int] | None = None, init: float = 0.0) -> None:
-        super().__init__()
-        self.channels = channels
+        super().__init__(channels, size=size)
         self.s = nn.Parameter(torch.full((channels,), float(init)))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        L.check_input(x, self.channels, type(self).__name__, self)
-        logdet = self.s.sum() * x.shape[2] * x.shape[3]
-        return x * self.s.exp().view(1, -1, 1, 1), logdet.expand(x.shape[0])
+    def weight(self) -> Tensor:
+        return torch.diag(self.s.exp())
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        L.check_input(y, self.channels, type(self).__name__, self)
-        logdet = -self.s.sum() * y.shape[2] * y.shape[3]
-        return y * (-self.s).exp().view(1, -1, 1, 1), logdet.expand(y.shape[0])
+    def inverse_weight(self) -> Tensor:
+        return torch.diag((-self.s).exp())
+
+    def pixel_logdet(self) -> Tensor:
+        return self.s.sum()
 
 
 class TanhAffineCoupling(L.Coupling):
@@ -86,14 +84,14 @@ def test_a_registered_layer_reaches_everything(registered, tmp_path, capsys):
 
     # the CLI trains with either (and with a layer option)
     runs = tmp_path / "runs"
-    assert main(["train", "--preset", "smoke", "--conv", "tmpdiag", "--conv-option", "init=0.1",
-                 "--out", str(runs / "conv"), "--no-progress"]) == 0  # fmt: skip
+    assert main(["train", "--preset", "smoke", "--mixing", "tmpdiag", "--mixing-option", "init=0.1",
+                 "--out", str(runs / "mixing"), "--no-progress"]) == 0  # fmt: skip
     assert (
         main(["train", "--preset", "smoke", "--coupling", "tmptanh", "--out", str(runs / "coupling"), "--no-progress"])
         == 0
     )
-    record = json.loads((runs / "conv" / "record.json").read_text())
-    assert record["model"]["conv"] == "tmpdiag" and record["model"]["conv_options"] == {"init": 0.1}
+    record = json.loads((runs / "mixing" / "record.json").read_text())
+    assert record["model"]["mixing"] == "tmpdiag" and record["model"]["mixing_options"] == {"init": 0.1}
 
     # the zoo tables' presets and sweeps plan runs for them
     assert "smoke-mix-tmpdiag" in PRESETS and "cpu-stab-tmptanh-lr0.01" in PRESETS
@@ -123,10 +121,13 @@ def test_the_contract_tests_pick_a_registered_layer_up(registered):
     assert {c[1] for c in cases} == {"tmpdiag", "tmptanh"}
     for case in cases:
         contract.test_metadata(case)
+        contract.test_options_are_typed(case)
         contract.test_round_trip_float64(case)
         contract.test_logdet_matches_autograd_jacobian(case)
         contract.test_empty_batch(case)
         contract.test_bad_input_is_a_clear_error(case)
+        if case[0] == "coupling":
+            contract.test_coupling_starts_as_the_identity(case)
 
 
 def teardown_module() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mefbench.cli import main
+from mefbench.config import PAPER_STEP
 from mefbench.record import (
     SCHEMA,
     EpochRecord,
@@ -28,6 +29,8 @@ from mefbench.stats import pool_stats, wilson_interval
 
 # records of the first committed cpu reproduction (schema 1, model revision 1), kept as test data
 COMMITTED = Path(__file__).resolve().parent / "data" / "schema1_runs"
+# records of the committed cpu reproduction before the mixing layer was renamed (schema 2), as test data
+SCHEMA2 = Path(__file__).resolve().parent / "data" / "schema2_runs"
 
 
 def _record(**changes) -> RunRecord:
@@ -37,8 +40,8 @@ def _record(**changes) -> RunRecord:
     base = {
         "name": "r", "preset": "cpu-t4-affine-lr0.01", "tables": ["4"], "cells": {"4": {"coupling": "affine", "lr": 0.01}},
         "scale": "cpu", "status": "interrupted", "model_revision": 2, "seed": 0,
-        "model": {"image_shape": [3, 16, 16], "steps": [4, 2], "conv": "matexp", "coupling": "affine",
-                  "hidden_channels": 32, "num_blocks": 1, "conv_options": {}, "coupling_options": {}},
+        "model": {"image_shape": [3, 16, 16], "steps": [4, 2], "mixing": "matexp", "coupling": "affine",
+                  "hidden_channels": 32, "num_blocks": 1, "mixing_options": {}, "coupling_options": {}},
         "train": {"dataset": "patches16", "lr": 0.01, "epochs": 4}, "epochs": [epoch],
     }  # fmt: skip
     return RunRecord(**{**base, **changes})
@@ -52,7 +55,7 @@ def test_record_round_trips_through_json(tmp_path):
     assert record["status"] == "interrupted" and record["epochs"][0]["test_bpd"] == 4.8  # dict-style reads
     with pytest.raises(KeyError):
         record["nope"]
-    assert json.loads((tmp_path / "record.json").read_text())["schema"] == SCHEMA == 2
+    assert json.loads((tmp_path / "record.json").read_text())["schema"] == SCHEMA == 3
 
 
 def _bad(data: dict, **changes) -> str:
@@ -71,7 +74,7 @@ GOOD = _record().to_dict()
         (b"[1, 2]", "the record must be a JSON object, got a list"),
         (b"42", "the record must be a JSON object, got the number 42"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "epochs"}).encode(), "missing fields ['epochs']"),
-        (_bad(GOOD, model={"conv": "matexp"}).encode(), "missing fields ['model.image_shape'"),
+        (_bad(GOOD, model={"mixing": "matexp"}).encode(), "missing fields ['model.image_shape'"),
         (_bad(GOOD, epochs="many").encode(), "field 'epochs' must be a list, got a string"),
         (_bad(GOOD, epochs=[{"epoch": 1}]).encode(), "missing fields ['epochs[0].step'"),
         (_bad(GOOD, epochs=[{**GOOD["epochs"][0], "test_bpd": "4.8"}]).encode(),
@@ -79,7 +82,7 @@ GOOD = _record().to_dict()
         (_bad(GOOD, tables=[4]).encode(), "field 'tables[0]' must be a string, got the number 4"),
         (_bad(GOOD, status="done").encode(), "field 'status' must be one of"),
         (_bad(GOOD, surprise=1).encode(), "unknown fields ['surprise']"),
-        (_bad(GOOD, schema=3).encode(), "schema 3, written by a newer mefbench"),
+        (_bad(GOOD, schema=4).encode(), "schema 4, written by a newer mefbench"),
         (_bad(GOOD, epochs=[GOOD["epochs"][0], {**GOOD["epochs"][0], "epoch": 3}]).encode(),
          "epochs are numbered [1, 3], not 1..2"),
     ],
@@ -106,7 +109,7 @@ def test_committed_schema1_records_load(run):
     raw = json.loads((COMMITTED / run / "record.json").read_text())
     assert raw["schema"] == 1
     record = read_record(COMMITTED / run)
-    assert record.schema == 2 and record.model_revision == 1
+    assert record.schema == SCHEMA and record.model_revision == 1
     assert record.tables == [str(t) for t in raw["tables"]]
     assert "scale" not in record.model and record.model["coupling_options"] == {}
     assert record.model_config().coupling == raw["model"]["coupling"]
@@ -119,7 +122,7 @@ def test_committed_schema1_records_load(run):
         assert record.cells == {"4": {"coupling": "affine", "lr": 0.01}}
     if raw["preset"] == "cpu-t2-mef":  # shared: Table 2, the matexp cells of Tables 4 and 5, Table 6
         assert record.cells == {"2": {"dataset": "patches16"}, "4": {"coupling": "matexp", "lr": 0.01},
-                                "5": {"conv": "matexp"}, "6": {"dataset": "patches16"}}  # fmt: skip
+                                "5": {"mixing": "matexp"}, "6": {"dataset": "patches16"}}  # fmt: skip
 
 
 def test_schema1_flat_model_options_migrate():
@@ -131,6 +134,27 @@ def test_schema1_flat_model_options_migrate():
     }
 
 
+@pytest.mark.parametrize("run", sorted(p.name for p in SCHEMA2.iterdir()))
+def test_schema2_records_load_with_the_mixing_layer_renamed(run):
+    """Schema 2 called the mixing layer ``conv``: in the model dict, its options and the table cells."""
+    raw = json.loads((SCHEMA2 / run / "record.json").read_text())
+    assert raw["schema"] == 2 and "conv" in raw["model"]
+    record = read_record(SCHEMA2 / run)
+    assert record.schema == SCHEMA and "conv" not in record.model and "conv_options" not in record.model
+    assert record.model["mixing"] == raw["model"]["conv"]
+    assert record.model["mixing_options"] == raw["model"]["conv_options"]
+    assert (record.model["net"], record.model["net_options"], record.model["step"]) == (
+        "resnet",
+        {},
+        ["actnorm", "mixing", "coupling"],
+    )  # the model every record before them built
+    for table, cell in raw["cells"].items():
+        assert record.cells[table] == {("mixing" if k == "conv" else k): v for k, v in cell.items()}
+    config = record.model_config()
+    assert config.mixing == raw["model"]["conv"] and config.step == PAPER_STEP
+    assert record.tables == raw["tables"] and record.final.test_bpd == raw["final"]["test_bpd"]
+
+
 def test_migrate_records_command(tmp_path, capsys):
     runs = tmp_path / "runs"
     for name in ("cpu-t2-mef-seed0", "cpu-t5-plu-seed1"):
@@ -140,11 +164,11 @@ def test_migrate_records_command(tmp_path, capsys):
     before = {name: read_record(runs / name) for name in ("cpu-t2-mef-seed0", "cpu-t5-plu-seed1")}
     assert main(["migrate-records", str(runs)]) == 1  # one record is unreadable: said, and left alone
     captured = capsys.readouterr()
-    assert "2 records migrated to schema 2, 0 already current, 0 locked, 1 unreadable" in captured.out
+    assert f"2 records migrated to schema {SCHEMA}, 0 already current, 0 locked, 1 unreadable" in captured.out
     assert "broken" in captured.err and (runs / "broken" / "record.json").read_text() == "[1, 2]"
     for name, record in before.items():
-        assert json.loads((runs / name / "record.json").read_text())["schema"] == 2
-        assert read_record(runs / name) == record  # the same record, now in schema 2 on disk
+        assert json.loads((runs / name / "record.json").read_text())["schema"] == SCHEMA
+        assert read_record(runs / name) == record  # the same record, now in today's schema on disk
         assert not (runs / name / ".lock").exists()  # no lock file is left in directories that had none
     migrated, current, locked, unreadable = migrate_records(runs)
     assert migrated == [] and len(current) == 2 and locked == [] and len(unreadable) == 1

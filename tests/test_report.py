@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from test_results import make_record, write_record
 
-from mefbench.layers import COUPLING, MIXING
+from mefbench.layers import COUPLING, MIXING, registry_variants
 from mefbench.models import MODEL_REVISION
-from mefbench.presets import PRESETS, STABILITY_LRS, layer_variants
+from mefbench.presets import PRESETS, STABILITY_LRS
 from mefbench.record import RunRecord
 from mefbench.report import MANIFEST, TABLES, load_published, markdown_table, paper_parameter_counts, write_report
 from mefbench.report.tables import paper_count_presets
@@ -348,6 +348,6 @@ def test_real_run_report_with_samples(tmp_path):
 
 def test_layers_of_the_zoo_tables_come_from_the_registries():
     stab = {(p.cell["coupling"], p.cell["variant"]) for p in PRESETS.values() if "stability" in p.tables}
-    assert stab == {(n, v) for n, v, _ in layer_variants(COUPLING)}
+    assert stab == {(n, v) for n, v, _ in registry_variants(COUPLING)}
     lrs = {p.cell["lr"] for p in PRESETS.values() if "stability" in p.tables and p.scale == "cpu"}
     assert lrs == set(STABILITY_LRS)

@@ -64,9 +64,10 @@ def make_record(
     record = {
         "schema": 1, "name": f"{preset}-s{seed}", "preset": preset, "tables": list(p.tables), "scale": p.scale,
         "status": status, "seed": seed,
-        # schema 1: the model's flat scale/coupling_rank, no amp/channels_last in train
-        "model": {**{k: v for k, v in p.model.to_dict().items() if not k.endswith("_options")},
-                  "scale": "tanh", "coupling_rank": None},
+        # schema 1: the model's flat scale/coupling_rank, "conv" for the mixing layer, no amp/channels_last in train
+        "model": {**{k: v for k, v in p.model.to_dict().items() if not k.endswith("_options")
+                     and k not in ("mixing", "net", "step")},
+                  "conv": p.model.mixing, "scale": "tanh", "coupling_rank": None},
         "train": {**{k: v for k, v in p.train.to_dict().items() if k not in ("amp", "channels_last")}, "seed": seed},
         "device": "cpu", "world_size": 1,
         "versions": {"mefbench": "0.1.0", "torch": "2.13.0", "python": "3.12.0"},
@@ -97,10 +98,10 @@ def test_load_runs_columns_and_values(tmp_path):
     a = df.set_index("run").loc["a"]
     assert a["preset"] == "cpu-t5-plu" and a["tables"] == ("5",) and a["scale"] == "cpu"
     # schema-1 records: model revision 1, cells derived from the presets, options migrated
-    assert a["model_revision"] == 1 and a["cells"] == {"5": {"conv": "plu"}}
-    assert a["conv_options"] == {} and a["coupling_options"] == {} and a["amp"] is None
+    assert a["model_revision"] == 1 and a["cells"] == {"5": {"mixing": "plu"}}
+    assert a["mixing_options"] == {} and a["coupling_options"] == {} and a["amp"] is None
     assert math.isnan(a["sample_time_per_image_s"]) and math.isnan(a["roundtrip_error"])
-    assert a["conv"] == "plu" and a["coupling"] == "matexp" and a["dataset"] == "patches16"
+    assert a["mixing"] == "plu" and a["coupling"] == "matexp" and a["dataset"] == "patches16"
     assert a["epochs"] == PRESETS["cpu-t5-plu"].train.epochs and a["epochs_done"] == 4
     assert a["test_bpd"] == 4.25 and a["test_bpd_raw"] == 4.26 and a["train_bpd"] == pytest.approx(4.30)
     assert a["mean_epoch_time_s"] == 12.0 and a["train_time_s"] == 48.0
@@ -126,7 +127,7 @@ def test_load_runs_diverged_run(tmp_path):
         "",
         "[1, 2]",
         json.dumps({"status": "finished"}),  # missing fields
-        json.dumps({**make_record("smoke", 0, 5.0), "model": {"conv": "matexp"}}),
+        json.dumps({**make_record("smoke", 0, 5.0), "model": {"mixing": "matexp"}}),
         json.dumps({**make_record("smoke", 0, 5.0), "epochs": [{"epoch": 1}]}),
         bytes(range(256)) * 4,  # random bytes: not UTF-8
         json.dumps({**make_record("smoke", 0, 5.0), "epochs": "many"}),  # wrong type

@@ -2,8 +2,8 @@ import os
 import shutil
 
 from mefbench.cli import main
-from mefbench.layers import COUPLING, MIXING
-from mefbench.presets import PRESETS, layer_variants
+from mefbench.layers import COUPLING, MIXING, registry_variants
+from mefbench.presets import PRESETS
 from mefbench.record import RunLock, read_record
 from mefbench.report.tables import TABLES
 from mefbench.sweep import _key, parse_tables, plan
@@ -20,12 +20,12 @@ def test_plan_shares_runs_between_tables():
     mef = [s for s in specs if {"2", "4", "5", "6", "mixing"} <= set(s.tables)]
     assert sorted(s.train.seed for s in mef) == [0, 1, 2]
     assert {s.name for s in mef} == {f"cpu-t2-mef-seed{i}" for i in range(3)}  # named after the earliest table
-    assert mef[0].cells["4"] == {"coupling": "matexp", "lr": 0.01} and mef[0].cells["5"] == {"conv": "matexp"}
-    assert mef[0].cells["mixing"] == {"conv": "matexp", "variant": "default"}
+    assert mef[0].cells["4"] == {"coupling": "matexp", "lr": 0.01} and mef[0].cells["5"] == {"mixing": "matexp"}
+    assert mef[0].cells["mixing"] == {"mixing": "matexp", "variant": "default"}
     # every mixing layer and variant has its row, the paper's PLU (free diagonal) shared with Table 5
-    rows = {(s.cells["mixing"]["conv"], s.cells["mixing"]["variant"]) for s in specs if "mixing" in s.cells}
-    assert rows == {(name, label) for name, label, _ in layer_variants(MIXING)}
-    plu = [s for s in specs if s.cells.get("mixing") == {"conv": "plu", "variant": "free"}]
+    rows = {(s.cells["mixing"]["mixing"], s.cells["mixing"]["variant"]) for s in specs if "mixing" in s.cells}
+    assert rows == {(name, label) for name, label, _ in registry_variants(MIXING)}
+    plu = [s for s in specs if s.cells.get("mixing") == {"mixing": "plu", "variant": "free"}]
     assert plu and all("5" in s.tables for s in plu)
     assert plan(("3",), "cpu") == []  # parameter counts need no runs
     assert parse_tables("all") == tuple(TABLES) and parse_tables("4,2") == ("2", "4")
@@ -56,11 +56,11 @@ def test_sweep_runs_keeps_resumes_and_skips(tmp_path, capsys):
     out = capsys.readouterr().out
     records = {p.parent.name: read_record(p.parent) for p in tmp_path.glob("*/record.json")}
     assert len(records) == 3 and all(r.status == "finished" for r in records.values())
-    assert {r.model["conv"] for r in records.values()} == {"standard", "plu", "matexp"}
+    assert {r.model["mixing"] for r in records.values()} == {"standard", "plu", "matexp"}
     for name, r in records.items():  # one line per finished run: name, status, test bits/dim
         assert f"{name}: finished, test bits/dim {r.final.test_bpd:.4f}" in out
         assert r.tables and all(isinstance(t, str) for t in r.tables) and "5" in r.cells
-    assert records["smoke-t5-plu-seed0"].cells["5"] == {"conv": "plu"}
+    assert records["smoke-t5-plu-seed0"].cells["5"] == {"mixing": "plu"}
     # one run interrupted after its first epoch and locked by another process, one corrupt
     names = sorted(records)
     interrupted, corrupt, kept = names
@@ -102,7 +102,7 @@ def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
     assert f"{len(planned)} runs under" in out
     text = write_report(runs, tmp_path / "report", samples=False).read_text()
     section = text[text.index("## Stability") :].split("\n## ")[0]
-    for coupling, label, _ in layer_variants(COUPLING):
+    for coupling, label, _ in registry_variants(COUPLING):
         assert f"| {coupling} | {label} | 0.001 |" in section and f"| {coupling} | {label} | 0.1 |" in section
     assert "largest lr with no divergence" in section and "**What this shows about the paper's claim:**" in section
     assert "(figures/stability_divergence_vs_lr_patches16-smoke-scale.png)" in section

@@ -14,7 +14,7 @@ import torch
 import mefbench
 from mefbench.models import MODEL_REVISION, MultiScaleFlow
 from mefbench.presets import PRESETS
-from mefbench.record import LOCK, RunLock, RunRecord, read_record
+from mefbench.record import LOCK, SCHEMA, RunLock, RunRecord, read_record
 from mefbench.training import CHECKPOINT, RECORD, RunError, load_checkpoint, load_model, train
 
 # what may differ between two runs of the same configuration: times, dates, the command, resumes
@@ -50,7 +50,7 @@ def test_run_writes_record_and_checkpoint(tmp_path):
     assert record.status == "finished"
     assert read_record(tmp_path / "run") == record
     on_disk = json.loads((tmp_path / "run" / RECORD).read_text())
-    assert on_disk["schema"] == 2 and on_disk == json.loads(record.to_json())
+    assert on_disk["schema"] == SCHEMA and on_disk == json.loads(record.to_json())
     assert on_disk["tables"] == ["2"] and on_disk["cells"] == {"2": {"dataset": "patches16"}}
     assert on_disk["model_revision"] == MODEL_REVISION
     assert [e["epoch"] for e in on_disk["epochs"]] == [1, 2]

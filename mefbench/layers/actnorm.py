@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Cost, FlowLayer, LayerInfo, check_input
-from .nets import DataInitAffine, InitFlag, init_stats, inverse_std
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import check_input
+from .nets import InitFlag, init_stats, inverse_std
 
-__all__ = ["ActNorm", "DataInitAffine", "inverse_softplus"]
+__all__ = ["ActNorm", "inverse_softplus"]
 
 
 def inverse_softplus(s: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The contract every flow layer keeps, its metadata, and the checks that give bad input a clear error.
+"""The contract every flow layer keeps, its metadata, and the registries that name the layers.
 
 Construction contract of a registry entry (:data:`mefbench.layers.MIXING`, :data:`COUPLING`)::
 
@@ -6,44 +6,45 @@ Construction contract of a registry entry (:data:`mefbench.layers.MIXING`, :data
 
 ``size`` is the spatial size of the input (layers that do not need it ignore it) and ``options``
 are the layer's own keyword arguments, validated by the layer (an unknown name or a bad value is a
-ValueError that names the layer and the option). Every class carries a :class:`LayerInfo` as its
-``info`` class attribute: family, log-det exactness, costs and reference, for ``mefbench layers``
-and the reports.
+ValueError that names the layer and the option; :mod:`mefbench.layers.checks` holds the checks).
+Every class carries a :class:`LayerInfo` as its ``info`` class attribute: family, log-det
+exactness, inverse, costs and reference, for ``mefbench layers`` and the reports; and may name
+option sets worth comparing in ``variants`` (:func:`layer_variants` reads them).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .checks import check_options, option_defaults
+
 __all__ = [
     "FAMILIES",
+    "INVERSES",
+    "LOGDETS",
     "Cost",
-    "EvalCache",
     "FlowLayer",
     "FlowSequential",
     "LayerInfo",
     "Registry",
     "RegistryView",
     "canonical_options",
-    "check_input",
-    "check_options",
-    "option_defaults",
-    "option_names",
+    "flip",
+    "layer_variants",
+    "registry_variants",
     "set_amp",
     "summary",
 ]
 
 FAMILIES = ("per-pixel", "spatial", "coupling", "elementwise", "reshape")
-
-# dtypes a layer can compute in: the log-dets need slogdet / triangular solves / series that torch
-# does not offer in half precision, so a half-precision input is refused with a clear message
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+LOGDETS = ("exact", "truncated")
+INVERSES = ("closed form", "solve", "series", "iterative", "sequential")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class Cost:
     forward: str
     logdet: str
     inverse: str
+
+    def __post_init__(self) -> None:
+        for name in ("forward", "logdet", "inverse"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"Cost.{name} must be a non-empty string such as 'O(C·n)', got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,13 @@ class LayerInfo:
             pixels too, "coupling" conditions half the channels on the other half).
         reference: the paper the layer comes from ("Kingma & Dhariwal 2018 (Glow)").
         cost: forward, log-det and inverse costs.
-        logdet: "exact", or "truncated" where the log-det itself is a truncated series.
-        inverse: how the inverse is computed: "closed form", "solve", "series" (a truncated
-            series whose length follows from a norm bound), "iterative" (bisection/Newton with a
-            convergence check) or "sequential" (back-substitution).
+        logdet: one of :data:`LOGDETS`: "exact", or "truncated" where the log-det itself is a
+            truncated series.
+        inverse: one of :data:`INVERSES`, how the inverse is computed: "closed form", "solve",
+            "series" (a truncated series whose length follows from a norm bound), "iterative"
+            (bisection/Newton with a convergence check) or "sequential" (back-substitution).
+
+    Every field is checked on construction: a wrong value is a ValueError naming the field.
     """
 
     family: str
@@ -77,75 +87,19 @@ class LayerInfo:
     inverse: str = "closed form"
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"LayerInfo.family must be one of {FAMILIES}, got {self.family!r}")
-        if self.logdet not in ("exact", "truncated"):
-            raise ValueError(f"LayerInfo.logdet must be 'exact' or 'truncated', got {self.logdet!r}")
+        for name, allowed in (("family", FAMILIES), ("logdet", LOGDETS), ("inverse", INVERSES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LayerInfo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.reference, str) or not self.reference.strip():
+            raise ValueError(f"LayerInfo.reference must name the paper the layer comes from, got {self.reference!r}")
+        if not isinstance(self.cost, Cost):
+            raise ValueError(f"LayerInfo.cost must be a Cost(forward, logdet, inverse), got {self.cost!r}")
 
 
 def summary(cls: type) -> str:
     """The first line of a class's docstring: its one-line maths."""
     doc = inspect.getdoc(cls) or ""
     return doc.strip().splitlines()[0] if doc.strip() else cls.__name__
-
-
-def check_input(x: Tensor, channels: int | None, name: str, module: nn.Module | None = None) -> None:
-    """Raise ValueError unless x is a floating (B, C, H, W) batch with C == channels (and, if a
-    module is given, of its parameters' dtype: no silent promotion)."""
-    if x.dim() != 4:
-        raise ValueError(f"{name} expects 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(
-            f"{name} was built for {channels} channels, got input with {x.shape[1]} (shape {tuple(x.shape)})"
-        )
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} computes in float32 or float64, got {x.dtype} input; for mixed precision use "
-            "torch.autocast (the layers keep their log-dets in float32), or convert with .float()"
-        )
-    if module is not None:
-        param = next(module.parameters(), None)
-        if param is not None and param.dtype != x.dtype:
-            raise ValueError(
-                f"{name} has {param.dtype} parameters but got {x.dtype} input; convert one of them "
-                f"(layer.to({x.dtype}) or x.to({param.dtype}))"
-            )
-
-
-def option_names(cls: type) -> tuple[str, ...]:
-    """The keyword options a layer class takes: its constructor's parameters after ``channels``
-    and ``size``, collected along the class hierarchy where a constructor passes ``**kwargs`` on."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = list(inspect.signature(init).parameters.values())[1:]  # drop self
-        passes_on = False
-        for p in params:
-            if p.kind is p.VAR_KEYWORD:
-                passes_on = True
-            elif p.kind is not p.VAR_POSITIONAL and p.name not in ("channels", "size") and p.name not in names:
-                names.append(p.name)
-        if not passes_on:
-            break
-    return tuple(names)
-
-
-def option_defaults(cls: type) -> dict[str, object]:
-    """The default value of each option of a layer class that has one."""
-    defaults: dict[str, object] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = list(inspect.signature(init).parameters.values())[1:]
-        for p in params:
-            if p.default is not p.empty and p.name not in defaults:
-                defaults[p.name] = p.default
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return defaults
 
 
 def canonical_options(cls: type, options: Mapping[str, object]) -> dict:
@@ -157,16 +111,38 @@ def canonical_options(cls: type, options: Mapping[str, object]) -> dict:
     }
 
 
-def check_options(cls: type, options: Mapping[str, object]) -> None:
-    """Raise ValueError naming the layer and the option if ``options`` has a name ``cls`` does not take."""
-    if not isinstance(options, Mapping):
-        raise ValueError(f"{cls.__name__} options must be a dict of name -> value, got {type(options).__name__}")
-    known = option_names(cls)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
+def layer_variants(cls: type) -> dict[str, dict]:
+    """The option sets of a layer class that the contract tests, the zoo tables and the benchmarks
+    run: label -> options.
+
+    The class's ``variants`` in their order, and the defaults as ``"default"`` first unless one of
+    the variants already is the defaults (its options equal to the constructor's defaults, as
+    AffineCoupling's ``"tanh"``): every class gets its default configuration exactly once.
+    """
+    variants = getattr(cls, "variants", None) or {}
+    if not isinstance(variants, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Mapping) for k, v in variants.items()
+    ):
+        raise ValueError(f"{cls.__name__}.variants must be a dict of label -> options dict, got {variants!r}")
+    rows = {label: dict(options) for label, options in variants.items()}
+    if "default" in rows and canonical_options(cls, rows["default"]):
         raise ValueError(
-            f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(known) or 'none'}"
+            f"{cls.__name__}.variants: the label 'default' is kept for the defaults, got {rows['default']}"
         )
+    if not any(not canonical_options(cls, options) for options in rows.values()):
+        rows = {"default": {}, **rows}
+    return rows
+
+
+def registry_variants(registry: Mapping[str, type]) -> list[tuple[str, str, dict]]:
+    """(name, variant label, options) for every entry of a registry and each of its
+    :func:`layer_variants`: the rows of the zoo tables, presets, sweeps, asv grids and bench."""
+    return [(name, label, options) for name, cls in registry.items() for label, options in layer_variants(cls).items()]
+
+
+def flip(x: Tensor) -> Tensor:
+    """x with its channels, rows and columns in reverse order (a (B, C, H, W) batch)."""
+    return torch.flip(x, dims=(1, 2, 3))
 
 
 class FlowLayer(nn.Module):
@@ -178,7 +154,7 @@ class FlowLayer(nn.Module):
 
     info: ClassVar[LayerInfo | None] = None
     # named option sets worth comparing (label -> options): the contract tests run each, and the
-    # zoo tables and benchmarks compare them side by side; empty = the defaults only
+    # zoo tables and benchmarks compare them side by side, with the defaults (layer_variants)
     variants: ClassVar[dict[str, dict]] = {}
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
@@ -229,29 +205,6 @@ def set_amp(module: nn.Module, amp: str | None) -> None:
     for m in module.modules():
         if hasattr(m, "amp_dtype"):
             m.amp_dtype = dtype
-
-
-class EvalCache:
-    """Values built from the parameters (inverse matrices, a kernel's spectrum), kept in eval mode.
-
-    Nothing is kept in training mode or while autograd records (the values must then carry
-    gradients). In eval mode a value is rebuilt when any parameter's storage, version counter
-    (moved by every in-place change), dtype or device differs from when it was built, or when the
-    extra key (an image size) does. Used by every layer with such values (``Conv1x1``, the spatial layers).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple, Any]] = {}
-
-    def get(self, module: nn.Module, name: str, build: Callable[[], Any], *extra: object) -> Any:
-        if module.training or torch.is_grad_enabled():
-            self._entries.clear()
-            return build()
-        key = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters()), extra)
-        hit = self._entries.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._entries[name] = (key, build())
-        return hit[1]
 
 
 class Registry(dict):

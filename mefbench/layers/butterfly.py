@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._mixing import EvalCache, check_channels, check_int, check_size
-from .base import Cost, FlowLayer, LayerInfo, check_input
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import EvalCache, check_channels, check_input, check_int, check_size
 
 __all__ = ["ButterflyConv", "butterfly_levels"]
 

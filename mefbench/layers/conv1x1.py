@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import expm
-from .base import Cost, EvalCache, FlowLayer, LayerInfo, check_input
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import EvalCache, check_input
 
 __all__ = [
     "Conv1x1",

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..linalg import series_terms, taylor_tolerance
-from ._mixing import EvalCache, check_channels, check_fits, check_kernel_size, check_size
-from .base import Cost, FlowLayer, LayerInfo, check_input
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import EvalCache, check_channels, check_fits, check_input, check_kernel_size, check_size
 from .periodic import kernel_spectrum
 
 __all__ = ["ConvExp", "conv_exp", "conv_norm_bound"]

@@ -2,44 +2,32 @@
 
 x1 = the first ⌈C/2⌉ channels, x2 = the last c = ⌊C/2⌋. A net built by a factory
 ``net(in_channels, out_channels)`` (default: the paper's residual ConvNet,
-:class:`~mefbench.layers.nets.CouplingNet`, zero-initialised so that every coupling starts as the
-identity) maps x1 to parameters h, and each coupling only says how h transforms x2. Raw outputs
-that become scales or matrix entries pass through a scale map chosen by name
+:class:`~mefbench.layers.nets.CouplingNet`; :data:`~mefbench.layers.nets.NETS` names the others)
+maps x1 to parameters h, and each coupling only says how h transforms x2. The net's output layer
+starts at zero (the net protocol, checked here), so that every coupling starts at h = 0: the
+identity with its default options.
+Raw outputs that become scales or matrix entries pass through a scale map chosen by name
 (:data:`~mefbench.layers.scale_maps.SCALE_MAPS`).
 
-Every coupling is built as ``cls(channels, hidden_channels, num_blocks, size=None, net=None,
-**options)``: ``hidden_channels`` and ``num_blocks`` configure the default net, ``net`` replaces it.
+Every coupling is built as ``cls(channels, *, size=None, net=None, **options)``: a subclass names
+its own options and passes ``size`` and ``net`` on to :class:`Coupling` as ``**base``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..linalg import _action_backward, _action_forward, _plan, _workspace, expm_action_trace, phi
-from .base import Cost, FlowLayer, LayerInfo, check_input
-from .nets import CouplingNet, NetFactory, coupling_net
-from .scale_maps import (
-    SCALE_MAPS,
-    BoundedTanh,
-    ExpScale,
-    SigmoidScale,
-    bounded_tanh_via_sigmoid,
-    make_scale_map,
-)
+from ..linalg import action_backward, action_forward, action_plan, expm_action_trace, phi, workspace
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import check_input
+from .nets import NetFactory, net_factory, output_layer
+from .scale_maps import SCALE_MAPS, BoundedTanh, bounded_tanh_via_sigmoid, make_scale_map
 
-__all__ = [
-    "SCALE_MAPS",
-    "AdditiveCoupling",
-    "AffineCoupling",
-    "BoundedTanh",
-    "Coupling",
-    "CouplingNet",
-    "ExpScale",
-    "MatrixExpCoupling",
-    "SigmoidScale",
-]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "MatrixExpCoupling"]
 
 
 class _TanhExpmCouplingFn(torch.autograd.Function):
@@ -58,8 +46,8 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         t, o = h.split([c, c * c], dim=1)
         sig, S = bounded_tanh_via_sigmoid(o, alpha, beta, gamma, delta)
         S = S.reshape(b, c, c, hh * ww)  # Sᵀ per pixel
-        steps, m = _plan(S, transposed=True)
-        y, logdet, A, krylov = _action_forward(S, x.reshape(b, c, -1), steps, m, transposed=True)
+        steps, m = action_plan(S, transposed=True)
+        y, logdet, A, krylov = action_forward(S, x.reshape(b, c, -1), steps, m, transposed=True)
         ctx.save_for_backward(h, sig, A, alpha, beta, *krylov)
         ctx.m, ctx.c = m, c
         return y.view(b, c, hh, ww).add_(t), logdet
@@ -70,8 +58,8 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         h, sig, A, alpha, beta, *krylov = ctx.saved_tensors
         c = ctx.c
         b, _, hh, ww = h.shape
-        dS_out = _workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
-        dS, gx = _action_backward(
+        dS_out = workspace("coupling dS", A.shape, A.dtype, A.device)  # consumed here, never returned
+        dS, gx = action_backward(
             A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out, transposed=True
         )
         dS = dS.view(b, c * c, hh, ww)
@@ -98,32 +86,41 @@ class Coupling(FlowLayer):
     """Template: split, run the net on x1, transform x2, concatenate.
 
     Subclasses implement ``num_params(c)`` (net outputs for c channels of x2), ``transform`` and
-    ``inverse_transform``.
+    ``inverse_transform``, and take their own options as keyword arguments, passing the rest on::
+
+        def __init__(self, channels: int, *, bins: int = 8, **base: Any) -> None:
+            self.bins = bins                   # what num_params needs, before the net is built
+            super().__init__(channels, **base)
 
     Args:
         channels: C ≥ 2.
-        hidden_channels, num_blocks: the default net's width and depth.
         size: (H, W), unused by the couplings here (part of the construction contract).
-        net: a factory ``net(in_channels, out_channels) -> nn.Module`` replacing the default net.
+        net: a factory ``net(in_channels, out_channels) -> nn.Module`` (:func:`~mefbench.layers.nets.net_factory`
+            makes one from :data:`~mefbench.layers.nets.NETS`); default the paper's residual net,
+            hidden 128, 8 blocks. The net must keep the net protocol: its last layer ``.head``
+            starts at zero, so that the coupling starts at h = 0 (ValueError otherwise).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        hidden_channels: int = 128,
-        num_blocks: int = 8,
-        *,
-        size: tuple[int, int] | None = None,
-        net: NetFactory | None = None,
-    ) -> None:
+    def __init__(self, channels: int, *, size: tuple[int, int] | None = None, net: NetFactory | None = None) -> None:
         super().__init__()
-        if not isinstance(channels, int) or channels < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 channels, got {channels}")
+        name = type(self).__name__
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 2:
+            raise ValueError(f"{name} needs at least 2 channels, got {channels!r}")
+        if isinstance(net, nn.Module) or (net is not None and not callable(net)):
+            raise ValueError(
+                f"{name} option net must be a factory (in_channels, out_channels) -> nn.Module, such as "
+                f"mefbench.layers.net_factory('resnet', hidden_channels=64), got {type(net).__name__}"
+            )
         self.channels = channels
         self.c1 = (channels + 1) // 2
         self.c2 = channels // 2
-        factory = net if net is not None else coupling_net(hidden_channels, num_blocks)
-        self.net = factory(self.c1, self.num_params(self.c2))
+        self.net = (net if net is not None else net_factory())(self.c1, self.num_params(self.c2))
+        head = output_layer(self.net)
+        if any(p is not None and bool(p.detach().ne(0).any()) for p in (head.weight, getattr(head, "bias", None))):
+            raise ValueError(
+                f"{name}: the output layer (.head) of its {type(self.net).__name__} does not start at zero; "
+                "zero its weight and bias (nn.init.zeros_) so that the coupling starts as the identity"
+            )
         self.amp_dtype: torch.dtype | None = None  # set_amp(): the net under torch.autocast
 
     def _conditioner(self, x1: Tensor) -> Tensor:
@@ -194,17 +191,8 @@ class AffineCoupling(Coupling):
     )
     variants = {name: {"scale": name} for name in SCALE_MAPS}  # what the zoo tables compare
 
-    def __init__(
-        self,
-        channels: int,
-        hidden_channels: int = 128,
-        num_blocks: int = 8,
-        *,
-        size: tuple[int, int] | None = None,
-        net: NetFactory | None = None,
-        scale: str = "tanh",
-    ) -> None:
-        super().__init__(channels, hidden_channels, num_blocks, size=size, net=net)
+    def __init__(self, channels: int, *, scale: str = "tanh", **base: Any) -> None:
+        super().__init__(channels, **base)
         self.scale = make_scale_map(scale, 1.0, type(self).__name__)
 
     def num_params(self, c: int) -> int:
@@ -253,15 +241,12 @@ class MatrixExpCoupling(Coupling):
     def __init__(
         self,
         channels: int,
-        hidden_channels: int = 128,
-        num_blocks: int = 8,
         *,
-        size: tuple[int, int] | None = None,
-        net: NetFactory | None = None,
         scale: str = "tanh",
         rank: int | None = None,
         full_max: int = 24,
         low_rank: int = 3,
+        **base: Any,
     ) -> None:
         name = type(self).__name__
         c2 = channels // 2 if isinstance(channels, int) else 0
@@ -274,7 +259,7 @@ class MatrixExpCoupling(Coupling):
         if c2 and rank > c2:
             raise ValueError(f"{name} option rank must be at most c = {c2} (half of {channels} channels), got {rank}")
         self.rank = rank
-        super().__init__(channels, hidden_channels, num_blocks, size=size, net=net)
+        super().__init__(channels, **base)
         self.scale = make_scale_map(scale, 1.0 / self.c2, name)
 
     def num_params(self, c: int) -> int:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._mixing import EvalCache, check_channels, check_fits, check_kernel_size, check_size, flip
-from .base import Cost, FlowLayer, LayerInfo, check_input
+from .base import Cost, FlowLayer, LayerInfo, flip
+from .checks import EvalCache, check_channels, check_fits, check_input, check_kernel_size, check_size
 
 __all__ = ["EmergingConv", "causal_mask", "solve_causal_conv"]
 

@@ -28,6 +28,7 @@ RuntimeError if a bracket did not close (only possible with a smaller forced cou
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,6 @@ from torch import Tensor
 
 from .base import Cost, LayerInfo
 from .coupling import Coupling
-from .nets import NetFactory
 from .scale_maps import make_scale_map
 
 __all__ = [
@@ -191,13 +191,10 @@ class LogisticMixtureCoupling(Coupling):
     def __init__(
         self,
         channels: int,
-        hidden_channels: int = 128,
-        num_blocks: int = 8,
         *,
-        size: tuple[int, int] | None = None,
-        net: NetFactory | None = None,
         components: int = 4,
         scale: str = "tanh",
+        **base: Any,
     ) -> None:
         name = type(self).__name__
         if isinstance(components, bool) or not isinstance(components, int):
@@ -205,7 +202,7 @@ class LogisticMixtureCoupling(Coupling):
         if components < 1:
             raise ValueError(f"{name} option components must be at least 1, got {components}")
         self.components = components
-        super().__init__(channels, hidden_channels, num_blocks, size=size, net=net)
+        super().__init__(channels, **base)
         self.scale = make_scale_map(scale, 1.0, name)
 
     def num_params(self, c: int) -> int:

@@ -1,12 +1,24 @@
-"""Conditioner networks of the couplings: the paper's residual ConvNet, exactly as the official code.
+"""Conditioner networks of the couplings: a registry of nets, the protocol they keep, one helper.
 
 A coupling takes its net from a factory ``net(in_channels, out_channels) -> nn.Module`` (FrEIA's
-``subnet_constructor``, nflows' ``transform_net_create_fn``); :func:`coupling_net` makes the
-default one, :class:`CouplingNet`. Its output conv is zero-initialised, so that every coupling
-starts as the identity.
+``subnet_constructor``, nflows' ``transform_net_create_fn``). :data:`NETS` names the nets a
+config can choose, each built as ``cls(in_channels, out_channels, hidden_channels=...,
+num_blocks=..., **options)``; :func:`net_factory` turns a name and options into a factory:
 
-The official code (changyi7231/MEF, ``models/flows.py``: ``ConvBlock``, ``Block``, ``Conv2d``,
-``Norm``), matched here:
+- ``"resnet"``, :class:`CouplingNet`: the paper's residual ConvNet, exactly as the official code;
+- ``"glow"``, :class:`GlowNet`: Glow's plain ConvNet (openai/glow's ``f``).
+
+**The net protocol.** A net maps (B, in, H, W) to (B, out, H, W) and exposes its last layer as
+``.head``: a module with a ``weight`` parameter, initialised to zero (with its bias, if any), so
+that every coupling starts at h = 0 (the identity, with its default options). It takes its
+width and depth as ``hidden_channels`` and ``num_blocks`` (the model passes
+``FlowConfig.hidden_channels`` and ``num_blocks`` to every net). ``Coupling`` checks the head
+when it builds its net; :func:`perturb_output` redraws the heads of every coupling in a model
+(benchmarks time couplings away from the identity, where a matrix exponential of S = 0 would
+cost nothing).
+
+The paper's net follows the official code (changyi7231/MEF, ``models/flows.py``: ``ConvBlock``,
+``Block``, ``Conv2d``, ``Norm``):
 
 - every conv before a Norm has no bias (the Norm's shift makes it redundant);
 - conv weights are drawn with ``kaiming_uniform_`` and, at data-dependent init, divided per output
@@ -20,22 +32,35 @@ The official code (changyi7231/MEF, ``models/flows.py``: ``ConvBlock``, ``Block`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Registry
+from .checks import check_int, check_options
+
 __all__ = [
+    "NETS",
     "ConvNorm",
     "CouplingNet",
     "DataInitAffine",
+    "GlowActNorm",
+    "GlowConv",
+    "GlowNet",
     "InitFlag",
     "NetFactory",
     "ResidualBlock",
-    "coupling_net",
+    "ZeroConv2d",
+    "edge_pad",
     "init_stats",
+    "net_factory",
+    "output_layer",
+    "perturb_output",
 ]
 
 NetFactory = Callable[[int, int], nn.Module]
@@ -88,6 +113,11 @@ class InitFlag:
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._init_seen = False
         super()._load_from_state_dict(*args, **kwargs)
+
+
+def _check_width_depth(name: str, hidden_channels: object, num_blocks: object) -> None:
+    check_int(name, "hidden_channels", hidden_channels, minimum=1)
+    check_int(name, "num_blocks", num_blocks, minimum=0)
 
 
 class DataInitAffine(InitFlag, nn.Module):
@@ -182,10 +212,7 @@ class CouplingNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 128, num_blocks: int = 8) -> None:
         super().__init__()
-        if hidden_channels < 1 or num_blocks < 0:
-            raise ValueError(
-                f"CouplingNet needs hidden_channels >= 1 and num_blocks >= 0, got {hidden_channels} and {num_blocks}"
-            )
+        _check_width_depth(type(self).__name__, hidden_channels, num_blocks)
         self.stem = ConvNorm(in_channels, hidden_channels, 3, activation=True)
         self.blocks = nn.Sequential(*(ResidualBlock(hidden_channels) for _ in range(num_blocks)))
         self.head = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
@@ -196,6 +223,185 @@ class CouplingNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def coupling_net(hidden_channels: int = 128, num_blocks: int = 8) -> NetFactory:
-    """The default conditioner factory: ``(in, out) -> CouplingNet(in, out, hidden_channels, num_blocks)``."""
-    return partial(CouplingNet, hidden_channels=hidden_channels, num_blocks=num_blocks)
+# ----------------------------------------------------------------------------- Glow's net
+
+
+def edge_pad(x: Tensor, pad: int) -> Tensor:
+    """x zero-padded by ``pad`` pixels on each side, with one more channel that is 1 on the padding
+    and 0 inside: Glow's ``add_edge_padding``, which lets a conv tell the image's border from a
+    dark pixel."""
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad))
+    border = torch.ones_like(padded[:, :1])
+    border[:, :, pad:-pad, pad:-pad] = 0
+    return torch.cat([padded, border], dim=1)
+
+
+class GlowActNorm(InitFlag, nn.Module):
+    """y = (x + b)·e^{3·logs} per channel: Glow's actnorm inside its net (``actnorm_center`` then
+    ``actnorm_scale`` with ``logscale_factor=3``).
+
+    Data-dependent init on the first forward in training mode: b = −mean and
+    logs = log(1 / (√mean((x − mean)²) + 1e-6)) / 3 per channel (Glow's biased variance and eps).
+    """
+
+    LOGSCALE_FACTOR = 3.0
+    EPS = 1e-6
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def data_init(self, x: Tensor) -> None:
+        mean, _ = init_stats(x, (0, 2, 3), type(self).__name__)
+        centred = x - mean.view(1, -1, 1, 1)
+        std = centred.square().mean(dim=(0, 2, 3)).sqrt()
+        self.bias.copy_(-mean.view_as(self.bias))
+        self.logs.copy_((torch.log(1 / (std + self.EPS)) / self.LOGSCALE_FACTOR).view_as(self.logs))
+        self.initialized.fill_(True)
+        self._init_seen = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._needs_init():
+            self.data_init(x)
+        return (x + self.bias) * torch.exp(self.logs * self.LOGSCALE_FACTOR)
+
+
+class GlowConv(nn.Module):
+    """ReLU(actnorm(conv k×k(x))): Glow's ``conv2d`` (no bias, weights N(0, 0.05²), edge padding
+    for k > 1) followed by the ReLU of its net."""
+
+    INIT_STD = 0.05
+
+    def __init__(self, cin: int, cout: int, kernel: int, edge_bias: bool = True) -> None:
+        super().__init__()
+        self.pad = kernel // 2
+        self.edge_bias = edge_bias and self.pad > 0
+        extra = 1 if self.edge_bias else 0
+        padding = 0 if self.edge_bias else self.pad
+        self.conv = nn.Conv2d(cin + extra, cout, kernel, padding=padding, bias=False)
+        nn.init.normal_(self.conv.weight, std=self.INIT_STD)
+        self.norm = GlowActNorm(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.edge_bias:
+            x = edge_pad(x, self.pad)
+        return F.relu(self.norm(self.conv(x)))
+
+
+class ZeroConv2d(nn.Conv2d):
+    """(conv k×k(x) + b)·e^{3·logs}, weight, bias and logs initialised to zero: Glow's ``conv2d_zeros``
+    (with its edge padding), the last layer of :class:`GlowNet`."""
+
+    LOGSCALE_FACTOR = 3.0
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, edge_bias: bool = True) -> None:
+        self.pad = kernel // 2
+        self.edge_bias = edge_bias and self.pad > 0
+        extra = 1 if self.edge_bias else 0
+        super().__init__(cin + extra, cout, kernel, padding=0 if self.edge_bias else self.pad)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.logs = nn.Parameter(torch.zeros(1, cout, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.edge_bias:
+            x = edge_pad(x, self.pad)
+        return super().forward(x) * torch.exp(self.logs * self.LOGSCALE_FACTOR)
+
+
+class GlowNet(nn.Module):
+    """Glow's coupling net: conv3×3 + actnorm + ReLU → conv1×1 + actnorm + ReLU → zero-init conv3×3.
+
+    openai/glow's ``f``: ``relu(conv2d(h, width))``, ``relu(conv2d(h, width, [1, 1]))``,
+    ``conv2d_zeros(h, n_out)``, each conv with Glow's actnorm instead of a bias and its edge
+    padding (:func:`edge_pad`).
+
+    Args:
+        in_channels: channels of x1.
+        out_channels: what the coupling needs per pixel.
+        hidden_channels: width (Glow: 512).
+        num_blocks: how many conv1×1 + actnorm + ReLU layers follow the first (Glow: 1).
+        edge_bias: Glow's edge padding (default True); False pads with zeros only.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 512,
+        num_blocks: int = 1,
+        edge_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_width_depth(type(self).__name__, hidden_channels, num_blocks)
+        self.stem = GlowConv(in_channels, hidden_channels, 3, edge_bias)
+        self.blocks = nn.Sequential(*(GlowConv(hidden_channels, hidden_channels, 1) for _ in range(num_blocks)))
+        self.head = ZeroConv2d(hidden_channels, out_channels, 3, edge_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+# ----------------------------------------------------------------------------- registry and protocol
+
+NETS = Registry("conditioner net", {"resnet": CouplingNet, "glow": GlowNet})
+
+
+def net_factory(name: str = "resnet", **options: Any) -> NetFactory:
+    """The factory ``(in, out) -> NETS[name](in, out, **options)``, its options checked now.
+
+    ``options`` are the net's keyword arguments: ``hidden_channels`` and ``num_blocks`` (every net
+    takes them) and its own (``edge_bias`` for ``"glow"``). An unknown name, option or a value
+    of the wrong type is a ValueError that names it.
+    """
+    cls = NETS.get_class(name)
+    check_options(cls, options)
+    return partial(cls, **options)
+
+
+def output_layer(net: nn.Module) -> nn.Module:
+    """The net's zero-initialised last layer, ``net.head`` (the net protocol).
+
+    Raises ValueError naming the net's class when it has none: a net whose output cannot be found
+    is an error, never skipped.
+    """
+    head = getattr(net, "head", None)
+    if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), nn.Parameter):
+        raise ValueError(
+            f"{type(net).__name__} has no recognisable output layer: a coupling's net must expose its last "
+            "layer as `.head`, a module with a `weight` parameter, initialised to zero (e.g. "
+            "self.head = nn.Conv2d(hidden, out, 3, padding=1), then nn.init.zeros_ on its weight and bias)"
+        )
+    return head
+
+
+def perturb_output(
+    module: nn.Module, std: float, generator: torch.Generator | None = None, *, fan_in: bool = False
+) -> int:
+    """Redraw the output layer's weight of every coupling's net in module from N(0, std²), so that
+    the couplings are no longer the identity; returns how many were redrawn.
+
+    With ``fan_in`` the std is std / √fan_in of each output layer (its weight's entries per output
+    channel). The values are drawn on the generator's device (the CPU without one) and copied, so a
+    seeded generator gives the same weights on every device. A coupling whose net has no
+    recognisable output layer is a ValueError (:func:`output_layer`).
+    """
+    from .coupling import Coupling  # the couplings import this module
+
+    count = 0
+    for m in module.modules():
+        if not isinstance(m, Coupling):
+            continue
+        weight = output_layer(m.net).weight
+        scale = std / math.sqrt(weight[0].numel()) if fan_in else std
+        device = generator.device if generator is not None else torch.device("cpu")
+        draw = torch.randn(weight.shape, generator=generator, dtype=weight.dtype, device=device)
+        with torch.no_grad():
+            weight.copy_(draw * scale)
+        count += 1
+    return count

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._mixing import check_int
 from .base import Cost, LayerInfo
+from .checks import check_int
 from .conv1x1 import Conv1x1
 
 __all__ = ["HouseholderConv1x1", "QRConv1x1", "householder_product"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._mixing import EvalCache, check_channels, check_fits, check_kernel_size, check_size
-from .base import Cost, FlowLayer, LayerInfo, check_input
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import EvalCache, check_channels, check_fits, check_input, check_kernel_size, check_size
 from .conv1x1 import random_orthogonal
 
 __all__ = ["PeriodicConv", "kernel_spectrum"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Cost, FlowLayer, LayerInfo, check_input
+from .base import Cost, FlowLayer, LayerInfo
+from .checks import check_input
 
 __all__ = ["SQUEEZE_ORDERS", "Squeeze"]
 

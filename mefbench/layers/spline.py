@@ -21,6 +21,7 @@ nearly equal numbers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,6 @@ from torch import Tensor
 
 from .base import Cost, LayerInfo
 from .coupling import Coupling
-from .nets import NetFactory
 
 __all__ = ["SplineCoupling", "rq_spline"]
 
@@ -158,16 +158,13 @@ class SplineCoupling(Coupling):
     def __init__(
         self,
         channels: int,
-        hidden_channels: int = 128,
-        num_blocks: int = 8,
         *,
-        size: tuple[int, int] | None = None,
-        net: NetFactory | None = None,
         bins: int = 8,
         bound: float = 3.0,
         min_bin_width: float = 1e-3,
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
+        **base: Any,
     ) -> None:
         name = type(self).__name__
         if isinstance(bins, bool) or not isinstance(bins, int):
@@ -187,7 +184,7 @@ class SplineCoupling(Coupling):
                 )
         if self.min_derivative >= 1:
             raise ValueError(f"{name} option min_derivative must be below 1, got {self.min_derivative}")
-        super().__init__(channels, hidden_channels, num_blocks, size=size, net=net)
+        super().__init__(channels, **base)
 
     def num_params(self, c: int) -> int:
         return c * (3 * self.bins - 1)

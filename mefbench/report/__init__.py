@@ -126,18 +126,3 @@ def _update_manifest(out_dir: Path, figures: list[str]) -> None:
             stale.unlink()
     manifest = json.dumps({"files": ["README.md"], "figures": figures}, indent=2)
     replace_atomic(path, lambda f: f.write(manifest.encode()))
-
-
-def __getattr__(name: str):
-    if name == "PAPER_COUNT_PRESETS":
-        import warnings
-
-        from .tables import paper_count_presets
-
-        warnings.warn(
-            "mefbench.report.PAPER_COUNT_PRESETS is deprecated: use mefbench.report.tables.paper_count_presets()",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return tuple(paper_count_presets())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

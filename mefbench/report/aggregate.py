@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from ..layers import COUPLING, MIXING, canonical_options
+from ..layers import COUPLING, MIXING, canonical_options, layer_variants
 from ..models import MODEL_REVISION
 from ..stats import pool_stats, wilson_interval
 from .format import DASH, number, params, pm, published_pm
@@ -75,7 +75,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     as strings, and cells / options / model revision / final metrics present (empty or NaN)."""
     df = df.copy()
     df["tables"] = df["tables"].map(lambda t: tuple(str(v) for v in (t or ())))
-    defaults = {"cells": dict, "conv_options": dict, "coupling_options": dict}
+    defaults = {"cells": dict, "mixing_options": dict, "coupling_options": dict}
     for col, make in defaults.items():
         if col not in df:
             df[col] = [make() for _ in range(len(df))]
@@ -117,23 +117,23 @@ def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
 
 
 def variant_of(kind: str, name: str, options: object) -> str:
-    """The label of the class variant whose options match, "default" for the default options, or
-    the options themselves (JSON) when no variant matches."""
-    registry = MIXING if kind == "conv" else COUPLING
+    """The label of the class's variant (:func:`~mefbench.layers.layer_variants`, "default" for
+    the defaults) whose options match, or the options themselves (JSON) when none matches."""
+    registry = MIXING if kind == "mixing" else COUPLING
     options = options if isinstance(options, dict) else {}
     cls = registry.get(name)
     if cls is None:
         return "default" if not options else json.dumps(options, sort_keys=True)
     mine = canonical_options(cls, options)
-    for label, opts in (getattr(cls, "variants", None) or {}).items():
+    for label, opts in layer_variants(cls).items():
         if canonical_options(cls, opts) == mine:
             return label
-    return "default" if not mine else json.dumps(mine, sort_keys=True)
+    return json.dumps(mine, sort_keys=True)
 
 
 def _fallback(row: pd.Series, key: str) -> object:
     if key == "variant":
-        table_kind = "conv" if row.get("_kind") == "conv" else "coupling"
+        table_kind = "mixing" if row.get("_kind") == "mixing" else "coupling"
         name = row.get(table_kind)
         return variant_of(table_kind, name, row.get(f"{table_kind}_options"))
     return row.get(key)
@@ -156,8 +156,8 @@ def cell_frame(df: pd.DataFrame, table: str, keys: Iterable[str], kind: str = "c
 def _order(values: Iterable, key: str) -> list:
     """Cell values in registry order (names), variant order, or numeric order (rates)."""
     values = list(dict.fromkeys(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))))
-    if key in ("conv", "coupling"):
-        registry = list(MIXING if key == "conv" else COUPLING)
+    if key in ("mixing", "coupling"):
+        registry = list(MIXING if key == "mixing" else COUPLING)
         return [v for v in registry if v in values] + sorted(v for v in values if v not in registry)
     if all(isinstance(v, (int, float)) for v in values):
         return sorted(values)
@@ -181,8 +181,8 @@ def _cells(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]
 
 
 def _variant_rank(kind: str, name: str, label: str) -> int:
-    cls = (MIXING if kind == "conv" else COUPLING).get(name)
-    labels = list((getattr(cls, "variants", None) or {}).keys())
+    cls = (MIXING if kind == "mixing" else COUPLING).get(name)
+    labels = list(layer_variants(cls)) if cls is not None else []
     return labels.index(label) if label in labels else len(labels)
 
 
@@ -232,16 +232,17 @@ def _reference_time(df: pd.DataFrame, key: str, reference: str) -> float:
 
 
 def table5_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
-    cells = {c["conv"]: c for c in published.get("cells", [])}
+    cells = {c["mixing"]: c for c in published.get("cells", [])}
     reference = next(iter(MIXING), None)  # the registry's first: the standard 1×1 conv
-    ref_time = _reference_time(df, "conv", reference)
+    ref_time = _reference_time(df, "mixing", reference)
     rows = []
-    for (conv,), cell in _cells(df, ["conv"]):
+    for (mixing,), cell in _cells(df, ["mixing"]):
         t = cell.loc[cell["epochs_done"] > 0, "mean_epoch_time_s"]
         ratio = t.mean() / ref_time if len(t) and ref_time > 0 else math.nan
-        pub = cells.get(conv)
+        pub = cells.get(mixing)
+        form = ", ".join(sorted({variant_of("mixing", mixing, o) for o in cell["mixing_options"]}))
         rows.append({
-            "conv": conv, "form": ", ".join(sorted({variant_of("conv", conv, o) for o in cell["conv_options"]})), **counts(cell),
+            "mixing": mixing, "form": form, **counts(cell),
             "bits/dim": pm(cell.loc[finished(cell), "test_bpd"]), "time per epoch (s)": pm(t, 2),
             f"time / {reference}": number(ratio, "{:.2f}"),
             "device": ", ".join(sorted(map(str, cell["device"].unique()))),
@@ -287,16 +288,16 @@ def table6_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
 def mixing_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
     layers = published.get("layers", {})
     reference = next(iter(MIXING), None)
-    ref_time = _reference_time(df, "conv", reference)
+    ref_time = _reference_time(df, "mixing", reference)
     rows = []
-    for (conv, variant), cell in _layer_cells(df, "conv", []):
+    for (mixing, variant), cell in _layer_cells(df, "mixing", []):
         fin = cell[finished(cell)]
         t = cell.loc[cell["epochs_done"] > 0, "mean_epoch_time_s"]
-        cls = MIXING.get(conv)
-        pub = layers.get(conv, {})
+        cls = MIXING.get(mixing)
+        pub = layers.get(mixing, {})
         value = pub.get("cifar10") if (variant in pub.get("variants", [variant])) else None
         rows.append({
-            "layer": conv, "variant": variant, "family": cls.info.family if cls else DASH, **counts(cell),
+            "layer": mixing, "variant": variant, "family": cls.info.family if cls else DASH, **counts(cell),
             "bits/dim": pm(fin["test_bpd"]),
             "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique())),
             "time per epoch (s)": pm(t, 2),

@@ -176,7 +176,7 @@ def all_runs(runs: pd.DataFrame) -> list[str]:
     df = runs.sort_values(["preset", "seed", "run"], key=lambda s: s.astype(str))
     table = pd.DataFrame({
         "run": df["run"], "preset": df["preset"].fillna(DASH), "tables": df["tables"].map(lambda t: ",".join(map(str, t)) or DASH),
-        "scale": df["scale"].fillna(DASH), "status": df["status"], "dataset": df["dataset"], "conv": df["conv"],
+        "scale": df["scale"].fillna(DASH), "status": df["status"], "dataset": df["dataset"], "mixing": df["mixing"],
         "coupling": df["coupling"], "hidden": df["hidden_channels"], "blocks": df["num_blocks"],
         "lr": df["lr"].map(lambda v: f"{v:g}"), "seed": df["seed"],
         "epochs": [f"{a}/{b}" for a, b in zip(df["epochs_done"], df["epochs"], strict=True)],

@@ -39,7 +39,7 @@ class TableSpec:
         what: one line for listings (`mefbench sweep --help`, the README).
         cell_keys: the keys of the cell a run fills (its record's ``cells[id]``).
         rows: (runs of one data group, published section) -> rows (a DataFrame, or one dict).
-        kind: whose variant a ``variant`` cell key names: "conv" or "coupling".
+        kind: whose variant a ``variant`` cell key names: "mixing" or "coupling".
         figures: drawn per data group.
         published: the key of its published numbers in ``published.json``.
         extra: more lines per data group (runs, published section, group label) after the rows.
@@ -110,7 +110,7 @@ def paper_count_presets() -> list[tuple[str, str]]:
         what = (
             f"{m.coupling} coupling (hidden {m.hidden_channels}; Table 4)"
             if "4" in p.tables
-            else f"{m.conv} 1×1 conv (Table 5)"
+            else f"{m.mixing} 1×1 conv (Table 5)"
         )
         rows.append((f"MEF with {what}", name))
     return rows
@@ -125,7 +125,7 @@ def _paper_counts(key: tuple) -> tuple[tuple, ...]:
         for label, name in key:
             cfg = PRESETS[name].model
             model = MultiScaleFlow(cfg)  # built on the CPU: the layers' init needs real tensors (not meta)
-            rows.append((label, name, PRESETS[name].train.dataset, cfg.conv, cfg.coupling, cfg.hidden_channels,
+            rows.append((label, name, PRESETS[name].train.dataset, cfg.mixing, cfg.coupling, cfg.hidden_channels,
                          cfg.num_blocks, count_parameters(model)))  # fmt: skip
             del model
     finally:
@@ -136,9 +136,9 @@ def _paper_counts(key: tuple) -> tuple[tuple, ...]:
 def paper_parameter_counts() -> pd.DataFrame:
     """Parameter counts of the paper-scale models of Tables 2, 4 and 5, built on the CPU (cached).
 
-    Columns: model, preset, dataset, conv, coupling, hidden_channels, num_blocks, num_params.
+    Columns: model, preset, dataset, mixing, coupling, hidden_channels, num_blocks, num_params.
     """
-    cols = ["model", "preset", "dataset", "conv", "coupling", "hidden_channels", "num_blocks", "num_params"]
+    cols = ["model", "preset", "dataset", "mixing", "coupling", "hidden_channels", "num_blocks", "num_params"]
     return pd.DataFrame(list(_paper_counts(tuple(paper_count_presets()))), columns=cols)
 
 
@@ -166,7 +166,7 @@ def _table3(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
     runs = runs[runs["tables"].map(lambda t: bool(paper & set(t)))] if len(runs) else runs
     if runs.empty:
         return out
-    keys = ["preset", "scale", "dataset", "conv", "coupling", "hidden_channels", "num_blocks"]
+    keys = ["preset", "scale", "dataset", "mixing", "coupling", "hidden_channels", "num_blocks"]
     ran = (
         runs.assign(preset=runs["preset"].fillna(DASH), scale=runs["scale"].fillna("unlabelled"))
         .groupby(keys, sort=True)
@@ -273,7 +273,7 @@ TABLES: dict[str, TableSpec] = {
         TableSpec(
             "5", "Table 5: 1×1 convolutions (bits/dim and time per epoch)", "Table 5",
             "standard vs PLU vs matrix-exp 1×1 conv: bits/dim and time per epoch",
-            cell_keys=("conv",), kind="conv", rows=agg.table5_rows, figures=(fig.epoch_time_bars,), published="table5",
+            cell_keys=("mixing",), kind="mixing", rows=agg.table5_rows, figures=(fig.epoch_time_bars,), published="table5",
             notes=("bits/dim: mean ± sample std over seeds of finished runs (diverged runs counted, not averaged). "
                    "Time per epoch: training time only (evaluation excluded), mean ± sample std over the runs' mean "
                    "epoch times, every run with at least one finished epoch; the ratio divides by the standard conv's "
@@ -293,7 +293,7 @@ TABLES: dict[str, TableSpec] = {
         TableSpec(
             "mixing", "Every mixing layer (next to Table 5)", "every mixing layer",
             "every mixing layer of the zoo and its variants: bits/dim, parameters, time, sampling, round trip, memory",
-            cell_keys=("conv", "variant"), kind="conv", rows=agg.mixing_rows,
+            cell_keys=("mixing", "variant"), kind="mixing", rows=agg.mixing_rows,
             figures=(fig.quality_vs_time, fig.epoch_time_bars), published="mixing",
             notes=("Every entry of `mefbench.layers.MIXING` and each of its variants in Table 5's setting (matrix-exp "
                    "coupling, lr 0.01), mean ± sample std over seeds. Sampling: the trained EMA model's inverse, per "
