@@ -15,13 +15,14 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ACTNORM_CHOICES", "AMP_CHOICES", "PRIOR_CHOICES", "DictConfig", "FlowConfig", "TrainConfig"]
+__all__ = ["ACTNORM_CHOICES", "AMP_CHOICES", "PRIOR_CHOICES", "SEED_MAX", "DictConfig", "FlowConfig", "TrainConfig"]
 
 T = TypeVar("T", bound="DictConfig")
 
 ACTNORM_CHOICES = ("activation", "channel")
 PRIOR_CHOICES = ("standard", "learned")
 AMP_CHOICES = ("bf16", "fp16")
+SEED_MAX = 2**63 - 1  # torch's generators take a 64-bit seed; a signed one also fits every JSON reader and pandas
 
 
 class DictConfig:
@@ -64,6 +65,37 @@ def _json_options(owner: str, options: Any) -> dict:
             f"FlowConfig.{owner} must be JSON-serialisable (it is recorded with every run): {exc}"
         ) from exc
     return dict(options)
+
+
+def _check_option_types(cls: type, options: dict, owner: str) -> None:
+    """Each option's value against the type its layer's constructor declares (int, float, str,
+    bool, or None where allowed), so a wrong type is named here rather than failing deep inside
+    the layer (``rank=2.5`` reached ``torch.empty`` as a float size). Other annotations are not
+    checked."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # pragma: no cover - an annotation that cannot be resolved
+        return
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    for key, value in options.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint) if hint not in names else (hint,)
+        allowed = [a for a in args if a in names]
+        if not allowed or len(allowed) != len([a for a in args if a is not type(None)]):
+            continue  # not a plain scalar annotation
+        ok = value is None and type(None) in args
+        for tp in allowed:
+            if tp is bool:
+                ok = ok or isinstance(value, bool)
+            elif tp is float:
+                ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            else:
+                ok = ok or (isinstance(value, tp) and not isinstance(value, bool))
+        if not ok:
+            wanted = " or ".join([names[t] for t in allowed] + (["null"] if type(None) in args else []))
+            raise ValueError(f"FlowConfig.{owner}: {cls.__name__} option {key!r} must be {wanted}, got {value!r}")
 
 
 @dataclass
@@ -122,6 +154,8 @@ class FlowConfig(DictConfig):
                 raise ValueError(f"FlowConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_options(MIXING[self.conv], self.conv_options)
         check_options(COUPLING[self.coupling], self.coupling_options)
+        _check_option_types(MIXING[self.conv], self.conv_options, "conv_options")
+        _check_option_types(COUPLING[self.coupling], self.coupling_options, "coupling_options")
         # one spelling per model: options equal to the layer's defaults are dropped
         self.conv_options = canonical_options(MIXING[self.conv], self.conv_options)
         self.coupling_options = canonical_options(COUPLING[self.coupling], self.coupling_options)
@@ -208,8 +242,8 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer of at least 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"TrainConfig.seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise ValueError(f"TrainConfig.lr must be a finite number in (0, 1], got {self.lr!r}")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):

@@ -100,6 +100,10 @@ def test_deprecated_flat_options_move_into_coupling_options():
         ({"conv_options": {"diagonal": "free"}}, "MatrixExpConv1x1 has no option 'diagonal'"),
         ({"coupling_options": {"hidden_channels": 3}}, "cannot set hidden_channels"),
         ({"coupling_options": {"scale": object()}}, "JSON-serialisable"),
+        # option values of the wrong type are named here, not deep inside torch
+        ({"coupling_options": {"rank": 2.5}}, "MatrixExpCoupling option 'rank' must be an integer or null, got 2.5"),
+        ({"conv": "convexp", "conv_options": {"kernel_size": "3"}}, "option 'kernel_size' must be an integer, got '3'"),
+        ({"coupling": "spline", "coupling_options": {"bound": True}}, "option 'bound' must be a number, got True"),
         ({"image_shape": (3, 12, 12), "steps": (1, 1, 1)}, "divisible by 8"),
         ({"steps": ()}, "at least one level"),
     ],
