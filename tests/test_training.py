@@ -203,16 +203,27 @@ class _FullDisk:
         self.f.flush()
 
 
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A tiny two-epoch run, trained without interruption: what a resumed run must record."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as the tests run (conftest), which a module fixture precedes
+    try:
+        model, cfg = _tiny(epochs=2)
+        return model, cfg, train(model, cfg, tmp_path_factory.mktemp("full") / "run", progress=False)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.mark.parametrize("fails", ["checkpoint", "record"])
-def test_a_full_disk_during_a_commit_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch, fails):
+def test_a_full_disk_during_a_commit_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch, fails, two_epochs):
     """The disk fills while epoch 2 commits: a RunError that says so (not torch's "unexpected pos"
     traceback); checkpoint and record still hold epoch 1 (or the checkpoint epoch 2, if only the
     record write failed), no temporary file is left, and --resume ends where an uninterrupted
     run ends."""
     import mefbench.training as training
 
-    model, cfg = _tiny(epochs=3)
-    full = train(model, cfg, tmp_path / "full", progress=False)
+    model, cfg, full = two_epochs
     run = tmp_path / "run"
     commits = []
     if fails == "checkpoint":
