@@ -295,7 +295,11 @@ def test_a_folder_the_report_does_not_own_is_refused(tmp_path, monkeypatch, caps
     # a folder holding only the report's inputs (its runs, as reports/ holds reports/runs) is written,
     # and then it is the report's: written again, keeping a file of the user's
     (project / "README.md").unlink()
+    killed = project / ".figures.tmp999999999"  # the figures of a first report killed half-way (no such pid)
+    killed.mkdir()
+    (killed / "table2_curves.png").write_bytes(b"half")
     write_report(runs, project, samples=False)
+    assert not killed.exists() and not list(project.glob(".figures.tmp*"))
     (project / "notes.txt").write_text("mine")
     write_report(runs, project, samples=False)
     assert (project / "notes.txt").read_text() == "mine" and (project / MANIFEST).is_file()

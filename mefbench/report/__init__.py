@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 MANIFEST = ".mefbench-report.json"
+_STAGING = ".figures.tmp"  # + the pid: the folder a report draws its figures in before moving them
 
 
 def load_published() -> dict:
@@ -74,7 +75,10 @@ def check_out_dir(out_dir: str | Path, inputs: Iterable[str | Path | None] = ())
         raise ValueError(f"--out {out_dir} is a file, not a folder: pick another --out (a new or empty folder)")
     kept = [Path(p).resolve() for p in inputs if p is not None and str(p)]
     others = sorted(
-        p.name for p in out_dir.iterdir() if not any(k == p.resolve() or p.resolve() in k.parents for k in kept)
+        p.name
+        for p in out_dir.iterdir()
+        if not p.name.startswith(_STAGING)  # a killed first report's figures: its own
+        and not any(k == p.resolve() or p.resolve() in k.parents for k in kept)
     )
     if not others:
         return
@@ -128,7 +132,7 @@ def write_report(
     figdir = out_dir / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out_dir)
-    staging = out_dir / f".figures.tmp{os.getpid()}"  # every figure is drawn here first
+    staging = out_dir / f"{_STAGING}{os.getpid()}"  # every figure is drawn here first
     staging.mkdir()
     try:
         lines = header(runs, corrupt, duplicates, runs_dir, command)
@@ -163,8 +167,8 @@ def write_report(
 
 def _remove_stale_staging(out_dir: Path) -> None:
     """Remove the figure folders that killed reports left (those of live processes are theirs)."""
-    for stale in out_dir.glob(".figures.tmp*"):
-        pid = stale.name.removeprefix(".figures.tmp")
+    for stale in out_dir.glob(f"{_STAGING}*"):
+        pid = stale.name.removeprefix(_STAGING)
         try:
             os.kill(int(pid), 0)  # raises if no such process
             continue
