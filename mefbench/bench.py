@@ -428,6 +428,8 @@ def run_bench(
         raise ValueError(f"--device must be cpu or cuda[:index], got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device here")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads must be an integer of at least 1 (the CPU threads torch uses), got {threads!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     setting = Setting(dev, quick)

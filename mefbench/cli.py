@@ -45,6 +45,13 @@ def _options(values: list[str] | None, flag: str) -> dict:
     return out
 
 
+def _path(value: str, flag: str) -> Path:
+    """A path argument, refused when empty (``Path("")`` is the current directory)."""
+    if not value.strip():
+        raise ValueError(f"{flag} is empty: give a path, or leave {flag} out for its default")
+    return Path(value)
+
+
 def _option_slug(options: dict) -> list[str]:
     return [f"{k}-{v}" for k, v in sorted(options.items())]
 
@@ -181,7 +188,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         changed.append("channels-last")
     if args.data_dir:
         cfg = _replace(cfg, "--data-dir", data_dir=args.data_dir)
-    out = Path(args.out) if args.out else Path("runs") / "-".join([preset.name, *changed, f"seed{cfg.seed}"])
+    out = (
+        _path(args.out, "--out")
+        if args.out is not None
+        else Path("runs") / "-".join([preset.name, *changed, f"seed{cfg.seed}"])
+    )
     # a run with changed settings no longer fills the preset's table cells; amp/channels-last change
     # only the arithmetic, but a table compares like with like, so they count as changes too
     tables = () if changed else preset.tables
@@ -211,24 +222,70 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SAMPLES = 1024  # a 32 × 32 grid; more samples: several calls with other --seed values
+MAX_PNG_SIDE = 16384  # pixels a side of the grid PNG
+
+
+def _sample_out(out: str | None, run: Path, temperature: float) -> Path:
+    """--out: a .png path, or a directory (existing, or written with a trailing slash) for the
+    default name in it; default <run>/samples-t<T>.png."""
+    name = f"samples-t{temperature:g}.png"
+    if out is None:
+        return run / name
+    path = _path(out, "--out")
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return path / name
+    if path.suffix.lower() != ".png":
+        raise ValueError(
+            f"--out {out!r} must name a .png file (e.g. {path.with_suffix('.png')}), or a directory to write {name} in"
+        )
+    return path
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import math
 
     import torch
 
+    from .config import SEED_MAX
     from .images import save_grid
+    from .record import RECORD, read_record
     from .training import load_model
 
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1 (the number of samples), got {args.n}")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ValueError(
+            f"--n must be from 1 to {MAX_SAMPLES} (the samples of one PNG grid), got {args.n}; "
+            "for more, run sample again with another --seed"
+        )
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.zoom < 1:
         raise ValueError(f"--zoom must be at least 1, got {args.zoom}")
-    model = load_model(args.run, ema=not args.raw)
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {args.seed}")
+    run = _path(args.run, "--run")
+    if run.name == RECORD and run.is_file():  # the run's record.json names its run
+        run = run.parent
+    out = _sample_out(args.out, run, args.temperature)
+    record = read_record(run)
+    if record.diverged is not None and not args.allow_diverged:
+        d = record.diverged
+        raise ValueError(
+            f"--run {run} diverged at step {d.step} (epoch {d.epoch}, loss {d.loss}): its checkpoint holds the "
+            f"weights of epoch {len(record.epochs)}, which may be unusable; pass --allow-diverged to sample them anyway"
+        )
+    _, h, w = record.model["image_shape"]
+    per_row = math.ceil(math.sqrt(args.n))
+    side = (per_row * (max(h, w) + 1) + 1) * args.zoom  # save_grid: 1-pixel padding
+    if side > MAX_PNG_SIDE:
+        most = MAX_PNG_SIDE // (per_row * (max(h, w) + 1) + 1)
+        fix = f"use --zoom {most} or less" if most >= 1 else "lower --n"
+        raise ValueError(
+            f"--zoom {args.zoom} with --n {args.n} makes a PNG {side} pixels a side (at most {MAX_PNG_SIDE}): {fix}"
+        )
+    model = load_model(run, ema=not args.raw)
     g = torch.Generator().manual_seed(args.seed)
     x = model.sample(args.n, temperature=args.temperature, generator=g)
-    out = Path(args.out) if args.out else Path(args.run) / f"samples-t{args.temperature:g}.png"
     save_grid(x, out, scale=args.zoom)
     print(out)
     return 0
@@ -251,24 +308,42 @@ def _cmd_migrate_records(args: argparse.Namespace) -> int:
     return 1 if unreadable else 0
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_tables, run_sweep
+def _runs(n: int) -> str:
+    return f"{n} run was" if n == 1 else f"{n} runs were"
 
-    records = run_sweep(
-        parse_tables(args.table),
-        args.scale,
-        args.runs,
-        seeds=args.seeds,
-        device=args.device,
-        data_dirs=_data_dirs(args.data_dir),
-        progress=not args.no_progress,
-        amp=args.amp,
-        channels_last=args.channels_last,
-    )
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepError, parse_tables, run_sweep
+
+    runs = _path(args.runs, "--runs")
+    failures: dict[str, str] = {}
+    try:
+        records = run_sweep(
+            parse_tables(args.table),
+            args.scale,
+            runs,
+            seeds=args.seeds,
+            device=args.device,
+            data_dirs=_data_dirs(args.data_dir),
+            progress=not args.no_progress,
+            amp=args.amp,
+            channels_last=args.channels_last,
+        )
+    except SweepError as exc:
+        records, failures = exc.records, exc.failures
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
-    print(f"{len(records)} runs under {args.runs}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if failures:
+        counts["not done"] = len(failures)
+    print(
+        f"{len(records) + len(failures)} runs under {runs}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    )
+    if failures:
+        print(f"mefbench {args.command}: {_runs(len(failures))} not done:", file=sys.stderr)
+        for name, reason in failures.items():
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -276,8 +351,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     path = write_report(
-        args.runs,
-        args.out,
+        _path(args.runs, "--runs"),
+        _path(args.out, "--out"),
         asv_dir=args.asv,
         bench_file=args.bench,
         gpu_dir=args.gpu,
@@ -289,8 +364,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    _cmd_sweep(args)
-    return _cmd_report(args)
+    from .report import check_out_dir
+
+    # before hours of training, not after them
+    check_out_dir(_path(args.out, "--out"), [args.runs, args.asv, args.bench, args.gpu])
+    swept = _cmd_sweep(args)
+    return _cmd_report(args) or swept  # the report of what was done; 1 if some runs were not
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -359,13 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples from a trained run")
-    p.add_argument("--run", required=True, help="a run directory")
+    p.add_argument("--run", required=True, help="a run directory (or its record.json)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=int, default=64, help=f"samples in the grid (1 to {MAX_SAMPLES})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--zoom", type=int, default=2, help="pixel scale of the PNG")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--out", help="PNG path (default <run>/samples-t<T>.png)")
+    p.add_argument("--out", help="PNG path, or a directory for the default name (default <run>/samples-t<T>.png)")
+    p.add_argument(
+        "--allow-diverged",
+        action="store_true",
+        help="sample a run that diverged (refused otherwise: its weights may be unusable)",
+    )
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("migrate-records", help="rewrite every record.json under a folder in today's schema")

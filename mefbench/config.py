@@ -24,6 +24,7 @@ __all__ = [
     "AMP_CHOICES",
     "PAPER_STEP",
     "PRIOR_CHOICES",
+    "SEED_MAX",
     "STEP_LAYERS",
     "DictConfig",
     "FlowConfig",
@@ -36,6 +37,7 @@ T = TypeVar("T", bound="DictConfig")
 ACTNORM_CHOICES = ("activation", "channel")
 PRIOR_CHOICES = ("standard", "learned")
 AMP_CHOICES = ("bf16", "fp16")
+SEED_MAX = 2**63 - 1  # torch's generators take a 64-bit seed; a signed one also fits every JSON reader and pandas
 
 
 class DictConfig:
@@ -319,8 +321,8 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer of at least 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"TrainConfig.seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise ValueError(f"TrainConfig.lr must be a finite number in (0, 1], got {self.lr!r}")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):

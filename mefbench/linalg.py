@@ -268,6 +268,27 @@ def _check_square(X: Tensor, name: str) -> None:
         raise ValueError(f"{name} needs a batch of square matrices (..., n, n), got shape {tuple(X.shape)}")
 
 
+def _check_floating(X: Tensor, name: str, what: str) -> None:
+    """Integer, bool and complex tensors are refused, not promoted: every function here returns
+    the input's dtype, and an integer result would be truncated (e^[[0,1],[-1,0]] would be zeros)."""
+    if not X.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} needs a real floating-point {what} (float16, bfloat16, float32 or float64), got {X.dtype}; "
+            f"convert it first, e.g. {what}.to(torch.get_default_dtype())"
+        )
+
+
+def _check_pair(S: Tensor, x: Tensor, name: str) -> None:
+    """S and x of one dtype and one device, both real floating point."""
+    _check_floating(S, name, "S")
+    _check_floating(x, name, "x")
+    if S.dtype != x.dtype or S.device != x.device:
+        raise TypeError(
+            f"{name} needs S and x of one dtype on one device, got S {S.dtype} on {S.device} and x {x.dtype} "
+            f"on {x.device}; convert one, e.g. x.to(S)"
+        )
+
+
 def _taylor(A: Tensor, m: int) -> Tensor:
     """Σ_{k<m} A^k/k! by Horner's rule: I + A(I + A/2(I + A/3(…)))."""
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
@@ -292,7 +313,9 @@ def expm(X: Tensor) -> Tensor:
     s squarings bring every ∥X/2^s∥∞ to at most 1/2; m terms make the truncated tail smaller than
     1e-8 (float32) or 1e-16 (float64). Above ∥X∥∞ = LARGE_NORM it computes in float64 and raises
     :class:`ExpmOverflowError` if e^X overflows the dtype. Differentiable through autograd.
+    Returns X's dtype; integer, bool and complex X are refused with TypeError, not promoted.
     """
+    _check_floating(X, "expm", "X")
     _check_square(X, "expm")
     norm = _max_norm(X)
     work = _work_dtype(X.dtype, norm)
@@ -555,8 +578,13 @@ def expm_action(S: Tensor, x: Tensor, layout: str = "last") -> Tensor:
     (scaling and squaring in float64, O((m + log2 ∥S∥∞)·n³) per matrix) and multiplies x; its
     backward recomputes it through autograd. A result that overflows the dtype raises
     :class:`ExpmOverflowError`.
+
+    S and x must share one real floating-point dtype and one device: integer, bool and complex
+    input, or mixed dtypes, are refused with TypeError (nothing is promoted). An empty batch gives
+    an empty result.
     """
     if layout == "last":
+        _check_pair(S, x, "expm_action")
         _check_square(S, "expm_action")
         if x.shape[-1] != S.shape[-1] or x.shape[:-1] != S.shape[:-2]:
             raise ValueError(
@@ -577,17 +605,19 @@ def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(e^S x, Σ tr S per sample) in the channels layout: S (B, n, n, *spatial), x (B, n, *spatial).
 
     What a matrix-exponential coupling needs: the action and its log-determinant, in one call
-    whose backward is hand-written.
+    whose backward is hand-written. Inputs as for :func:`expm_action`; B = 0 or an empty image is allowed.
     """
+    _check_pair(S, x, "expm_action")
     if S.dim() < 3 or S.shape[1] != S.shape[2] or x.shape[0] != S.shape[0] or x.shape[1:] != (S.shape[1], *S.shape[3:]):
         raise ValueError(
             f"expm_action(layout='channels') needs S (B, n, n, *spatial) and x (B, n, *spatial), "
             f"got {tuple(S.shape)} and {tuple(x.shape)}"
         )
     b, n = S.shape[:2]
-    S3 = S.reshape(b, n, n, -1)
+    pixels = math.prod(S.shape[3:])  # not -1: an empty batch (B = 0 or a 0-sized image) is allowed
+    S3 = S.reshape(b, n, n, pixels)
     steps, m = action_plan(S3)
-    y, trace = _ExpmActionCF.apply(S3, x.reshape(b, n, -1), steps, m)
+    y, trace = _ExpmActionCF.apply(S3, x.reshape(b, n, pixels), steps, m)
     return y.reshape(x.shape), trace
 
 
@@ -596,8 +626,9 @@ def phi(X: Tensor) -> Tensor:
 
     Scaling and squaring with φ(2X) = φ(X)(e^X + I)/2 and e^{2X} = (e^X)², so any norm is accurate;
     above ∥X∥∞ = LARGE_NORM in float64, and a result that overflows the dtype raises
-    :class:`ExpmOverflowError`.
+    :class:`ExpmOverflowError`. Integer, bool and complex X are refused with TypeError.
     """
+    _check_floating(X, "phi", "X")
     _check_square(X, "phi")
     norm = _max_norm(X)
     work = _work_dtype(X.dtype, norm)

@@ -16,7 +16,18 @@ from .presets import PRESETS, SCALES
 from .record import ENDED, RECORD, RunError, RunRecord, read_record
 from .training import TrainConfig, train
 
-__all__ = ["RunSpec", "parse_tables", "plan", "run_sweep"]
+__all__ = ["RunSpec", "SweepError", "config_differences", "parse_tables", "plan", "run_sweep"]
+
+
+class SweepError(RunError):
+    """Some planned runs were not done (failed, skipped as locked or unreadable, or refused because
+    their directory holds another configuration). ``failures`` maps each run's name to the reason;
+    ``records`` are the records of the runs that were done."""
+
+    def __init__(self, failures: dict[str, str], records: list[RunRecord], planned: int) -> None:
+        self.failures, self.records = dict(failures), list(records)
+        lines = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
+        super().__init__(f"{len(failures)} of {planned} runs were not done: {lines}")
 
 
 @dataclass
@@ -123,6 +134,25 @@ def _cells(spec: RunSpec) -> dict[str, dict]:
     return {str(t): dict(c) for t, c in spec.cells.items()}
 
 
+def config_differences(record: RunRecord, model: FlowConfig, train_cfg: TrainConfig) -> list[str]:
+    """The fields in which a recorded run differs from a configuration, as "train.lr: 0.05 recorded,
+    0.01 planned" (where the data lives is not compared: data may move). Empty when they agree."""
+    try:
+        recorded = {"model": record.model_config().to_dict(), "train": record.train_config().to_dict()}
+    except (ValueError, TypeError) as exc:
+        return [f"the recorded configuration cannot be read here ({exc})"]
+    planned = {"model": model.to_dict(), "train": train_cfg.to_dict()}
+    out = []
+    for part in ("model", "train"):
+        for key in planned[part]:
+            if key == "data_dir":
+                continue
+            old, new = recorded[part].get(key), planned[part][key]
+            if old != new:
+                out.append(f"{part}.{key}: {old!r} recorded, {new!r} planned")
+    return out
+
+
 def _summary(record: RunRecord) -> str:
     final = record.final
     text = record.status
@@ -149,24 +179,49 @@ def run_sweep(
     One line per run is printed whatever ``progress`` says (it only turns the progress bars off):
     name, status and test bits/dim. A run whose directory another process has locked, or whose
     record is unreadable, is skipped with a message and the sweep goes on; so no run is ever
-    trained twice, and one bad directory never stops the others. ``amp``/``channels_last`` set
-    those TrainConfig fields in every run (a different precision is a different configuration:
-    use another runs_dir).
+    trained twice, and one bad directory never stops the others. A directory whose record holds
+    another configuration than the plan's (a run trained by hand under the planned name, say with
+    another ``--lr``) is refused and left as it is, with the differing fields: the planned cell
+    would otherwise never be trained. ``amp``/``channels_last`` set those TrainConfig fields in
+    every run (a different precision is a different configuration: use another runs_dir).
+
+    When any planned run was not done (failed, skipped or refused), :class:`SweepError` is raised
+    at the end, naming each with its reason and carrying the records of those that were.
     """
     runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ValueError(
+            f"--runs {runs_dir} is a file, not a folder: give the folder that holds (or will hold) the runs"
+        )
     specs = plan(tables, scale, seeds, data_dirs)
     records: list[RunRecord] = []
-    skipped: list[str] = []
+    failures: dict[str, str] = {}
+
+    def fail(head: str, name: str, reason: str, advice: str = "") -> None:
+        print(f"{head}: {reason}{advice}", flush=True)
+        failures[name] = reason
+
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
         head = f"[{i}/{len(specs)}] {spec.name}"
+        train_cfg = spec.train
+        if amp is not None or channels_last:
+            train_cfg = dataclasses.replace(train_cfg, amp=amp, channels_last=channels_last)
         existing: RunRecord | None = None
         if (run_dir / RECORD).exists():
             try:
                 existing = read_record(run_dir)
             except RunError as exc:
-                print(f"{head}: skipped: {exc}; move it away to rerun that run", flush=True)
-                skipped.append(spec.name)
+                fail(head, spec.name, f"skipped: {exc}", "; move it away to rerun that run")
+                continue
+            differences = config_differences(existing, spec.model, train_cfg)
+            if differences:
+                fail(
+                    head,
+                    spec.name,
+                    f"refused: {run_dir} holds a run of another configuration than planned ({'; '.join(differences)})",
+                    "; it is left as it is: move it away (or use another --runs) to run the planned one",
+                )
                 continue
         if existing is not None and existing.status in ENDED:
             print(f"{head}: {_summary(existing)} (kept)", flush=True)
@@ -174,9 +229,6 @@ def run_sweep(
             continue
         verb = "resuming" if existing is not None else "running"
         print(f"{head}: {verb} (tables {', '.join(map(str, spec.tables))})", flush=True)
-        train_cfg = spec.train
-        if amp is not None or channels_last:
-            train_cfg = dataclasses.replace(train_cfg, amp=amp, channels_last=channels_last)
         try:
             record = train(
                 spec.model,
@@ -191,18 +243,20 @@ def run_sweep(
                 progress=progress,
             )
         except RunError as exc:  # locked by another process, a corrupt checkpoint, ...: this run only
-            print(f"{head}: skipped: {exc}", flush=True)
-            skipped.append(spec.name)
+            fail(head, spec.name, f"skipped: {exc}")
             continue
         except Exception as exc:
-            print(f"{head}: FAILED ({type(exc).__name__}: {exc}); its record says how far it got", flush=True)
-            skipped.append(spec.name)
+            recorded = (run_dir / RECORD).exists()
+            fail(
+                head,
+                spec.name,
+                f"FAILED ({type(exc).__name__}: {exc})",
+                "; its record says how far it got" if recorded else "; nothing was recorded",
+            )
             continue
         print(f"{head}: {_summary(record)}", flush=True)
         records.append(record)
-    if skipped:
-        print(
-            f"skipped {len(skipped)} of {len(specs)} runs (locked, unreadable or failed): {', '.join(skipped)}",
-            flush=True,
-        )
+    if failures:
+        print(f"{len(failures)} of {len(specs)} runs not done: {', '.join(failures)}", flush=True)
+        raise SweepError(failures, records, len(specs))
     return records

@@ -35,11 +35,13 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import platform
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -182,7 +184,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.stat().st_size == 0:
         raise RunError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written, or truncated since")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle makes torch warn about its protocol: we say what it is
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise RunError(_checkpoint_problem(path, exc)) from None
     if not isinstance(ckpt, dict):
@@ -203,11 +207,31 @@ def _checkpoint_problem(path: Path, exc: Exception) -> str:
             f"refused checkpoint {path} as unsafe: unpickling it would import {found.group(1)}, which no "
             "weights file needs (mefbench checkpoints hold tensors, numbers and strings only); do not load it"
         )
+    if _is_plain_pickle(path):
+        return (
+            f"refused checkpoint {path} as unsafe: it is a plain Python pickle, not a file torch.save wrote, and "
+            "unpickling it could run any code (mefbench checkpoints are torch.save files of tensors, numbers and "
+            "strings); do not load it"
+        )
     if "weights_only" in text or "Weights only" in text:  # torch's own reason, without its advice
         reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", text + "\n", re.DOTALL)
         detail = reason.group(1).strip() if reason and reason.group(1).strip() else "not a weights file"
         return f"corrupt or unreadable checkpoint {path}: {detail}"
     return f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {text.strip() or 'no reason given'}"
+
+
+# torch.save's legacy (non-zip) format opens with this pickled magic number; its zip format with "PK"
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """Whether the file is a pickle that torch.save did not write (pickle protocol 2 or later)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_TORCH_MAGIC))
+    except OSError:
+        return False
+    return head.startswith(b"\x80") and head != _LEGACY_TORCH_MAGIC
 
 
 def _load_into(module: nn.Module | torch.optim.Optimizer, state: object, path: Path, part: str) -> None:
@@ -675,8 +699,10 @@ def _recover(
 def _open_run(
     run_dir: Path, resume: bool, lock: RunLock, model_config: FlowConfig, cfg: TrainConfig, dev: torch.device,
     world: int, state: _State, meta: dict,
-) -> tuple[RunRecord, dict | None]:  # fmt: skip
-    """Create the run (directory, lock, first record) or recover it; rank 0 only."""
+) -> RunRecord:  # fmt: skip
+    """Create the run (directory, lock, first record) or recover it, its checkpoint loaded into
+    state before the resume entry is recorded (a checkpoint that does not load leaves the record
+    as it was); rank 0 only."""
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not lock.held:
@@ -688,19 +714,21 @@ def _open_run(
         record = _new_record(model_config, cfg, run_dir, dev, world, state.model, **meta)
         write_record(run_dir, record)
         _test_point("started")
-        return record, None
+        return record
     record, ckpt, rebuilt = _recover(run_dir, model_config, cfg, dev)
     if record.status in ENDED:  # nothing to train: a diverged run is data, never retried
         if rebuilt:
             write_record(run_dir, record)
-        return record, None
+        return record
+    if ckpt is not None:
+        state.load(ckpt, run_dir / CHECKPOINT)
     start = len(record.epochs)
     record = dataclasses.replace(
         record, status="running", resumes=[*record.resumes, Resume(from_epoch=start, at=now())], updated_at=now()
     )
     write_record(run_dir, record)
     _test_point("started")
-    return record, ckpt
+    return record
 
 
 # ----------------------------------------------------------------------------- step 5: one epoch
@@ -777,13 +805,35 @@ def _commit(run_dir: Path, record: RunRecord, state: _State) -> RunRecord:
     epoch = len(record.epochs)
     record = dataclasses.replace(record, updated_at=now())
     state_dict = state.state_dict(epoch, record)
-    replace_atomic(
-        run_dir / CHECKPOINT, lambda f: torch.save(state_dict, f), hook=lambda p: _test_point(f"checkpoint-{p}", epoch)
-    )
-    _test_point("after-checkpoint", epoch)
-    write_record(run_dir, record, hook=lambda p: _test_point(f"record-{p}", epoch))
+    try:
+        replace_atomic(
+            run_dir / CHECKPOINT,
+            lambda f: torch.save(state_dict, f),
+            hook=lambda p: _test_point(f"checkpoint-{p}", epoch),
+        )
+        _test_point("after-checkpoint", epoch)
+        write_record(run_dir, record, hook=lambda p: _test_point(f"record-{p}", epoch))
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RunError):
+            raise
+        raise _WriteFailed(run_dir, epoch, exc) from exc
     _test_point("after-record", epoch)
     return record
+
+
+class _WriteFailed(RunError):
+    """An epoch's commit could not be written (a full disk, most often). Checkpoint and record are
+    each replaced atomically, so they still hold the last commit (or the checkpoint is one epoch
+    ahead, if only the record write failed): ``--resume`` continues from there."""
+
+    def __init__(self, run_dir: Path, epoch: int, exc: BaseException) -> None:
+        # torch.save reports a short write as "unexpected pos …" (a RuntimeError): say what it means
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        super().__init__(
+            f"{run_dir}: writing the checkpoint and record of epoch {epoch} failed ({type(exc).__name__}: {reason}); "
+            "is the disk full? The checkpoint and record.json still hold the last committed epoch, nothing recorded "
+            "was lost: free some space, then continue with --resume"
+        )
 
 
 # ----------------------------------------------------------------------------- step 7: finish
@@ -868,23 +918,14 @@ def train(
         data = _load_data(model_config, cfg, world)
         state = _build_state(model_config, cfg, data, dev, world)
         meta = {"preset": preset, "tables": tuple(tables), "cells": cells, "scale": scale}
-        opened = _on_rank0(
-            lambda: _open_run(run_dir, resume, lock, model_config, cfg, dev, world, state, meta),
-            rank,
-            dev,
-            share=lambda found: found[0],  # the record; the other ranks read the checkpoint themselves
+        # rank 0 loads the checkpoint into state while it opens the run; the other ranks read it themselves
+        record = _on_rank0(
+            lambda: _open_run(run_dir, resume, lock, model_config, cfg, dev, world, state, meta), rank, dev
         )
-        if rank == 0:
-            record, ckpt = opened
-        else:
-            record, ckpt = opened, None
-            if record.epochs and record.status not in ENDED:
-                ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=dev)
         if record.status in ENDED:
             return record
-        if ckpt is not None:
-            state.load(ckpt, run_dir / CHECKPOINT)
-            del ckpt
+        if rank != 0 and record.epochs:
+            state.load(load_checkpoint(run_dir / CHECKPOINT, map_location=dev), run_dir / CHECKPOINT)
         return _train_epochs(run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs)
     finally:
         lock.release()
@@ -938,6 +979,12 @@ def _train_epochs(
             return save(dataclasses.replace(record, status="interrupted"))
         except KeyboardInterrupt:
             save(dataclasses.replace(record, status="interrupted"))
+            raise
+        except _WriteFailed:
+            try:  # the run is not running any more; on a full disk even this small write may fail
+                save(dataclasses.replace(record, status="interrupted"))
+            except (OSError, RuntimeError):
+                pass
             raise
 
 

@@ -31,6 +31,28 @@ def test_train_then_sample(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--temperature", "0.7", "--n", "4", "--out", str(png)]) == 0
     with Image.open(png) as im:
         assert im.size[0] > 16 and im.mode == "RGB"
+    # --run may name the run's record.json; --out a directory gets the default name in it
+    (tmp_path / "grids").mkdir()
+    assert main(["sample", "--run", str(run / "record.json"), "--n", "4", "--out", str(tmp_path / "grids")]) == 0
+    assert (tmp_path / "grids" / "samples-t1.png").is_file()
+    capsys.readouterr()
+    for bad, message in (
+        (["--out", str(tmp_path / "noext")], "must name a .png file (e.g. "),
+        (["--zoom", "100000"], "--zoom 100000 with --n 4 makes a PNG 3500000 pixels a side (at most 16384): use"),
+    ):
+        assert main(["sample", "--run", str(run), "--n", "4", *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "noext").exists()
+    # a diverged run is sampled only when asked to
+    diverged = json.loads((run / "record.json").read_text())
+    diverged.update(status="diverged", diverged={"epoch": 2, "step": 7, "loss": float("nan")})
+    (run / "record.json").write_text(json.dumps(diverged))
+    assert main(["sample", "--run", str(run), "--n", "4", "--out", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "diverged at step 7 (epoch 2, loss nan)" in err and "--allow-diverged" in err
+    assert main(["sample", "--run", str(run), "--n", "4", "--out", str(png), "--allow-diverged"]) == 0
+    (run / "record.json").write_text(json.dumps(record))
     # a second train into the same directory is refused, nothing is lost
     assert main(["train", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 2
     assert "already holds a run" in capsys.readouterr().err
@@ -63,7 +85,7 @@ def test_train_dataset_override_adapts_the_image_shape(tmp_path):
         (["sweep", "--table", "7", "--scale", "smoke", "--runs", "r"], "--table takes"),
         (
             ["train", "--preset", "smoke", "--seed", "-5"],
-            "--seed: TrainConfig.seed must be a non-negative integer, got -5",
+            "--seed: TrainConfig.seed must be an integer from 0 to 9223372036854775807 (2**63 - 1), got -5",
         ),
         (
             ["train", "--preset", "smoke", "--lr", "inf"],
@@ -76,7 +98,19 @@ def test_train_dataset_override_adapts_the_image_shape(tmp_path):
         ),
         (["train", "--preset", "smoke", "--coupling-option", "nope=1"], "--coupling-option: "),
         (["train", "--preset", "smoke", "--out", "gone", "--resume"], "--resume: gone does not exist"),
-        (["sample", "--run", "missing-run", "--n", "0"], "--n must be at least 1"),
+        (["sample", "--run", "missing-run", "--n", "0"], "--n must be from 1 to 1024"),
+        # issue 24: raw tracebacks and unclear messages before
+        (
+            ["train", "--preset", "smoke", "--coupling-option", "rank=2.5"],
+            "--coupling-option: FlowConfig.coupling_options: MatrixExpCoupling option rank must be an integer or None",
+        ),
+        (["train", "--preset", "smoke", "--seed", str(2**64)], "--seed: TrainConfig.seed must be an integer from 0 to"),
+        (["train", "--preset", "smoke", "--out", ""], "--out is empty"),
+        (["bench", "--quick", "--threads", "0"], "--threads must be an integer of at least 1"),
+        (["sample", "--run", "missing-run", "--n", "100000000"], "--n must be from 1 to 1024"),
+        (["sample", "--run", "missing-run", "--seed", str(2**70)], "--seed must be an integer from 0 to"),
+        (["sweep", "--table", "2", "--scale", "smoke", "--runs", " "], "--runs is empty"),
+        (["report", "--runs", "", "--out", "x"], "--runs is empty"),
     ],
 )
 def test_errors_are_clear(args, message, capsys, tmp_path, monkeypatch):

@@ -119,6 +119,39 @@ def test_errors():
         expm_action(torch.zeros(2, 3, 3, 4), torch.zeros(2, 4, 4), layout="channels")
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex128])
+def test_non_real_floating_input_is_refused_not_truncated(dtype):
+    """e^[[0,1],[-1,0]] on an integer matrix used to come back as integer zeros."""
+    X = torch.tensor([[0, 1], [-1, 0]]).to(dtype)
+    for f in (expm, phi):
+        with pytest.raises(TypeError, match=rf"{f.__name__} needs a real floating-point X .*got {dtype}"):
+            f(X)
+    with pytest.raises(TypeError, match=rf"expm_action needs a real floating-point S .*got {dtype}"):
+        expm_action(X, torch.ones(2))
+    with pytest.raises(TypeError, match=rf"real floating-point x .*got {dtype}"):
+        expm_action(torch.zeros(2, 2), torch.ones(2).to(dtype))
+    with pytest.raises(TypeError, match="real floating-point S"):
+        expm_action(X[None, :, :, None], torch.ones(1, 2, 1), layout="channels")
+
+
+def test_mixed_dtypes_are_refused():
+    S, x = torch.zeros(2, 2, dtype=torch.float64), torch.ones(2, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"S and x of one dtype .* got S torch.float64 on cpu and x torch.float32"):
+        expm_action(S, x)
+    with pytest.raises(TypeError, match="one dtype"):
+        expm_action(S[None, :, :, None], x[None, :, None], layout="channels")
+
+
+@pytest.mark.parametrize("s_shape,x_shape", [((0, 3, 3, 4, 4), (0, 3, 4, 4)), ((2, 3, 3, 0, 4), (2, 3, 0, 4))])
+def test_empty_channels_batches(s_shape, x_shape):
+    S, x = torch.zeros(s_shape, requires_grad=True), torch.ones(x_shape, requires_grad=True)
+    y, trace = linalg.expm_action_trace(S, x)
+    assert y.shape == x.shape and trace.shape == (s_shape[0],) and not trace.any()
+    (y.sum() + trace.sum()).backward()
+    assert S.grad.shape == S.shape and x.grad.shape == x.shape
+    assert expm_action(S, x, layout="channels").shape == x.shape
+
+
 def test_channels_layout_matches_last_layout():
     S = torch.randn(3, 5, 5, 2, 2) / 3
     x = torch.randn(3, 5, 2, 2)

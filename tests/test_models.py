@@ -131,6 +131,10 @@ def test_model_dicts_of_older_records_load():
         ({"step": ({"coupling": "affine", "options": {"net": "glow"}},)}, r"step\[0\] cannot set net"),
         ({"step": (3,)}, r"FlowConfig.step\[0\] must be a string or a dict"),
         ({"coupling_options": {"scale": object()}}, "JSON-serialisable"),
+        # option values of the wrong type are named here, not deep inside torch
+        ({"coupling_options": {"rank": 2.5}}, "MatrixExpCoupling option rank must be an integer or None, got 2.5"),
+        ({"mixing": "convexp", "mixing_options": {"kernel_size": "3"}}, "option kernel_size must be an integer, got '3'"),
+        ({"coupling": "spline", "coupling_options": {"bound": True}}, "option bound must be a number, got True"),
         ({"image_shape": (3, 12, 12), "steps": (1, 1, 1)}, "divisible by 8"),
         ({"steps": ()}, "at least one level"),
     ],

@@ -108,7 +108,6 @@ def report(runs_dir, tmp_path_factory) -> tuple[str, Path, list]:
                   "unit": "ms", "ok": True, "note": "level 1"}],
         "machine": {"cpu": "test-cpu"}, "versions": {"torch": "2.13.0"}, "command": "mefbench bench --quick",
     }))  # fmt: skip
-    (out / "keep.txt").write_text("not the report's")
     with pytest.warns(CorruptRecordWarning) as caught:
         readme = write_report(runs_dir, out, bench_file=bench, command="mefbench report runs", samples=False)
     return readme.read_text(), out, [str(w.message) for w in caught]
@@ -128,7 +127,8 @@ def test_header_status_duplicates_and_corrupt(report, runs_dir):
     assert "(preset `cpu-t5-standard`, seed 0)" in dup and "`standard-s0`" in dup
     assert "**Older model revisions:** 1 runs" in text
     assert "| torch | 2.13.0 |" in text and "Linux-test" in text and "NOT comparable" in text
-    assert (out / "keep.txt").read_text() == "not the report's"  # only its own files are written
+    # only its own files are written (the bench file it read stays), no temporary is left
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "README.md", "bench.json", "figures"]
 
 
 def test_table2_published_and_ours(report):
@@ -262,6 +262,102 @@ def test_regenerating_removes_only_its_own_stale_figures(tmp_path, runs_dir):
     assert "my_own.png" in left  # not the report's: kept
     assert "table2_curves_patches16-cpu-scale.png" in left and "table4_bpd_vs_lr_patches16-cpu-scale.png" not in left
     assert set(mine) - left  # the previous report's figures that this one does not make are gone
+
+
+def test_a_folder_the_report_does_not_own_is_refused(tmp_path, monkeypatch, capsys):
+    """`report --out .` in a clone replaced the project's own README.md; now only a folder with the
+    report's manifest, a new one, or one holding only the report's inputs is written to."""
+    from mefbench.cli import main
+
+    runs = tmp_path / "project" / "runs"
+    write_record(runs, "t2-s0", record("cpu-t2-mef", 0, 4.1))
+    project = tmp_path / "project"
+    (project / "README.md").write_text("the project's own README")
+    monkeypatch.chdir(project)
+    assert main(["report", "--runs", "runs", "--out", ".", "--no-samples"]) == 2
+    err = capsys.readouterr().err
+    assert "refused --out .: it is not a report folder" in err and "would replace README.md" in err
+    assert "pick another --out" in err and "Traceback" not in err
+    assert (project / "README.md").read_text() == "the project's own README"
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "runs"]
+    # reproduce refuses before it sweeps anything
+    assert main(["reproduce", "--table", "5", "--scale", "smoke", "--runs", "new-runs", "--out", "."]) == 2
+    assert "refused --out ." in capsys.readouterr().err and not (project / "new-runs").exists()
+    # other files, or a file for a folder: refused, naming them
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"refused --out .*notes: .* it already holds todo.txt; pick another --out"):
+        write_report(runs, notes, samples=False)
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        write_report(runs, notes / "todo.txt", samples=False)
+    # a folder holding only the report's inputs (its runs, as reports/ holds reports/runs) is written,
+    # and then it is the report's: written again, keeping a file of the user's
+    (project / "README.md").unlink()
+    killed = project / ".figures.tmp999999999"  # the figures of a first report killed half-way (no such pid)
+    killed.mkdir()
+    (killed / "table2_curves.png").write_bytes(b"half")
+    write_report(runs, project, samples=False)
+    assert not killed.exists() and not list(project.glob(".figures.tmp*"))
+    (project / "notes.txt").write_text("mine")
+    write_report(runs, project, samples=False)
+    assert (project / "notes.txt").read_text() == "mine" and (project / MANIFEST).is_file()
+
+
+def test_a_failure_half_way_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    """A full disk while the figures or the README are written: the previous README and every
+    previous figure are left byte for byte; no temporary is left behind."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    import mefbench.report as report_module
+
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    write_record(first, "t2-s0", record("cpu-t2-mef", 0, 4.1, epoch_time=20.0))
+    write_record(second, "t2-s0", record("cpu-t2-mef", 0, 5.3, epoch_time=40.0))
+    write_report(first, out, samples=False)
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert sum(name.startswith("figures/") for name in before) >= 2
+    save = Figure.savefig
+    calls = []
+
+    def full_disk_at_the_second_figure(self, fname, *args, **kwargs):
+        calls.append(fname)
+        if len(calls) == 2:
+            Path(fname).write_bytes(b"\x89PNG cut off")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", full_disk_at_the_second_figure)
+    with pytest.raises(OSError, match=r"No space left on device.*previous report there, README and figures, is left"):
+        write_report(second, out, samples=False)
+    assert snapshot() == before
+    monkeypatch.undo()
+
+    replace = report_module.replace_atomic
+
+    def full_disk_in_the_readme(path, write, hook=None):
+        def cut(f):
+            f.write(b"half a README")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return replace(path, cut, hook)
+
+    monkeypatch.setattr(report_module, "replace_atomic", full_disk_in_the_readme)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_report(second, out, samples=False)
+    assert snapshot() == before
+    monkeypatch.undo()
+    write_report(second, out, samples=False)  # with room, the new report replaces the old one
+    after = snapshot()
+    assert after["README.md"] != before["README.md"] and set(after) == set(before)
+    assert any(after[n] != before[n] for n in before if n.startswith("figures/"))
 
 
 def test_asv_section(tmp_path, monkeypatch):

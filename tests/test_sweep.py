@@ -69,20 +69,54 @@ def test_sweep_runs_keeps_resumes_and_skips(tmp_path, capsys):
     train(spec.model, spec.train, tmp_path / interrupted, progress=False, stop_after_epochs=1, tables=spec.tables)
     (tmp_path / corrupt / "record.json").write_bytes(b"\x00\xff garbage")
     with RunLock(tmp_path / interrupted):
-        assert main(args) == 0
-    out = capsys.readouterr().out
+        assert main(args) == 1  # not every run was done: the exit status says so
+    out, err = capsys.readouterr()
     assert f"{interrupted}: skipped: " in out and f"locked by process {os.getpid()}" in out
     assert f"{corrupt}: skipped: corrupt run record" in out and "not UTF-8" in out
     assert f"{kept}: finished, test bits/dim" in out and "(kept)" in out
-    assert "skipped 2 of 3 runs" in out
+    assert "2 of 3 runs not done" in out and "3 runs under" in out and "2 not done" in out
+    assert "2 runs were not done" in err and f"  {corrupt}: skipped: corrupt run record" in err
     assert read_record(tmp_path / interrupted).status == "interrupted"  # not touched while locked
-    # the lock released, a rerun resumes only that one and keeps the others
-    assert main(args) == 0
+    # the lock released, a rerun resumes only that one and keeps the others (the corrupt one is
+    # still not done)
+    assert main(args) == 1
     out = capsys.readouterr().out
+    assert "1 of 3 runs not done: " + corrupt in out
     assert f"{interrupted}: resuming" in out and f"{interrupted}: finished, test bits/dim" in out
     resumed = read_record(tmp_path / interrupted)
     assert resumed.status == "finished" and resumed.resumes[0].from_epoch == 1
     assert read_record(tmp_path / kept) == records[kept]
+
+
+def test_a_sweep_whose_runs_fail_exits_non_zero_naming_them(tmp_path, capsys):
+    """Paper scale without --data-dir: every run fails before it records anything; the sweep says
+    which and why, says no record exists, and exits 1. --runs naming a file is refused at once."""
+    args = ["sweep", "--table", "2", "--scale", "paper", "--seeds", "1", "--runs", str(tmp_path / "runs")]
+    assert main([*args, "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    names = [s.name for s in plan(("2",), "paper", seeds=1)]
+    assert f"{len(names)} runs were not done:" in err
+    for name in names:
+        assert f"  {name}: FAILED (ValueError: dataset " in err and "--data-dir" in err
+        assert f"{name}: FAILED" in out
+    assert "nothing was recorded" in out and "its record says how far it got" not in out
+    (tmp_path / "a-file").write_text("")
+    assert main(["sweep", "--table", "2", "--scale", "smoke", "--runs", str(tmp_path / "a-file")]) == 2
+    assert "--runs " in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+
+
+def test_a_finished_run_of_another_configuration_is_refused(tmp_path, capsys):
+    """A run trained by hand with --lr 0.05 under the planned name used to be kept, and the planned
+    cell was never trained: now it is refused, left as it is, with the fields that differ."""
+    (spec,) = plan(("2",), "smoke", seeds=1)
+    run = tmp_path / spec.name
+    assert main(["train", "--preset", spec.presets[0], "--lr", "0.05", "--out", str(run), "--no-progress"]) == 0
+    before = (run / "record.json").read_bytes()
+    assert main(["sweep", "--table", "2", "--scale", "smoke", "--seeds", "1", "--runs", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{spec.name}: refused: {run} holds a run of another configuration than planned" in out
+    assert f"train.lr: 0.05 recorded, {spec.train.lr!r} planned" in err and "move it away" in out
+    assert (run / "record.json").read_bytes() == before
 
 
 def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):

@@ -150,6 +150,14 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
         load_checkpoint(path)
     assert "weights_only" not in str(err.value) and "will likely succeed" not in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__  # torch's advice is not chained in
+    # a plain pickle (not written by torch.save) is unsafe too, not "corrupt"
+    import pickle
+    import warnings
+
+    path.write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    with warnings.catch_warnings(), pytest.raises(RunError, match=r"evil.pt as unsafe: it is a plain Python pickle"):
+        warnings.simplefilter("error")  # nor does torch's warning about the pickle protocol reach the user
+        load_checkpoint(path)
 
 
 def test_checkpoint_problems_are_clear(tmp_path):
@@ -173,6 +181,100 @@ def test_checkpoint_problems_are_clear(tmp_path):
     torch.save({"model": {}}, ckpt_path)
     with pytest.raises(RunError, match=r"not a mefbench checkpoint: it lacks \['ema'"):
         load_model(run)
+
+
+class _FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        import errno
+
+        if len(data) > self.room:
+            self.f.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A tiny two-epoch run, trained without interruption: what a resumed run must record."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as the tests run (conftest), which a module fixture precedes
+    try:
+        model, cfg = _tiny(epochs=2)
+        return model, cfg, train(model, cfg, tmp_path_factory.mktemp("full") / "run", progress=False)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("fails", ["checkpoint", "record"])
+def test_a_full_disk_during_a_commit_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch, fails, two_epochs):
+    """The disk fills while epoch 2 commits: a RunError that says so (not torch's "unexpected pos"
+    traceback); checkpoint and record still hold epoch 1 (or the checkpoint epoch 2, if only the
+    record write failed), no temporary file is left, and --resume ends where an uninterrupted
+    run ends."""
+    import mefbench.training as training
+
+    model, cfg, full = two_epochs
+    run = tmp_path / "run"
+    commits = []
+    if fails == "checkpoint":
+        save = torch.save
+
+        def failing(obj, f, *args, **kwargs):
+            commits.append(obj["epoch"])
+            return save(obj, _FullDisk(f, 500) if obj["epoch"] == 2 else f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", failing)
+        reason = r"RuntimeError: .*unexpected pos"
+    else:
+        write = training.write_record
+
+        def failing(run_dir, record, hook=None):
+            commits.append(len(record.epochs))
+            if hook is not None and len(record.epochs) == 2:  # the commit's write (the others pass no hook)
+                raise OSError(28, "No space left on device")
+            return write(run_dir, record, hook)
+
+        monkeypatch.setattr(training, "write_record", failing)
+        reason = "OSError: No space left on device"
+    with pytest.raises(
+        RunError, match=rf"writing the checkpoint and record of epoch 2 failed \({reason}.*\); is the disk full"
+    ):
+        train(model, cfg, run, progress=False)
+    monkeypatch.undo()
+    assert 2 in commits
+    assert sorted(p.name for p in run.iterdir()) == [".lock", CHECKPOINT, RECORD]  # no temporary left
+    record, ckpt = read_record(run), load_checkpoint(run / CHECKPOINT)
+    assert len(record.epochs) == 1 and ckpt["epoch"] == (1 if fails == "checkpoint" else 2)
+    if fails == "checkpoint":
+        assert record.status == "interrupted"  # not left "running"
+    resumed = train(model, cfg, run, resume=True, progress=False)
+    assert resumed.status == "finished" and resumed.resumes[-1].from_epoch == ckpt["epoch"]
+    assert _numbers(resumed.to_dict()) == _numbers(full.to_dict())
+
+
+def test_a_resume_that_fails_adds_no_resume_entry(tmp_path):
+    """A checkpoint that does not fit the model: the resume is refused and record.json is left
+    byte for byte (no resume entry, status not turned to running)."""
+    model, cfg = _tiny(epochs=2)
+    run = tmp_path / "run"
+    train(model, cfg, run, progress=False, stop_after_epochs=1)
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    ckpt["model"] = {k.replace("levels.0", "levels.9"): v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, run / CHECKPOINT)
+    before = (run / RECORD).read_bytes()
+    with pytest.raises(RunError, match=r"does not fit this run's model \(weights\)"):
+        train(model, cfg, run, resume=True, progress=False)
+    assert (run / RECORD).read_bytes() == before
 
 
 def test_a_run_of_another_model_revision_is_refused(tmp_path):
