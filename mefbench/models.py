@@ -1,4 +1,4 @@
-"""The paper's multi-scale flow (DESIGN.md §3), built from a JSON-serialisable config.
+"""The paper's multi-scale flow (docs/design.md §3), built from a JSON-serialisable config.
 
 Each level: squeeze, ``steps`` flow steps (ActNorm → 1×1 conv → coupling), then, except at the
 last level, half the channels are split off as a latent. Latents have a standard normal prior
@@ -8,12 +8,13 @@ last level, half the channels are split off as a latent. Latents have a standard
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from .config import FlowConfig
-from .layers import COUPLING, MIXING, ActNorm, FlowSequential, Squeeze, set_amp
+from .layers import COUPLING, MIXING, ActNorm, FlowLayer, FlowSequential, Squeeze, set_amp
 
 __all__ = ["MODEL_REVISION", "FlowConfig", "MultiScaleFlow", "bits_per_dim", "count_parameters"]
 
@@ -33,12 +34,12 @@ class LearnedPrior(nn.Module):
 
     def __init__(self, cond_channels: int, channels: int, size: tuple[int, int]) -> None:
         super().__init__()
+        self.conv: nn.Conv2d | None = None
         if cond_channels:
             self.conv = nn.Conv2d(cond_channels, 2 * channels, 3, padding=1)
             nn.init.zeros_(self.conv.weight)
-            nn.init.zeros_(self.conv.bias)
+            nn.init.zeros_(cast(Tensor, self.conv.bias))  # a Conv2d built with a bias
         else:  # the top latent: learned constants
-            self.conv = None
             self.top = nn.Parameter(torch.zeros(1, 2 * channels, *size))
 
     def params(self, cond: Tensor | None, batch: int) -> tuple[Tensor, Tensor]:
@@ -65,7 +66,7 @@ class MultiScaleFlow(nn.Module):
         levels = len(config.steps)
         for level, steps in enumerate(config.steps):
             c, h, w = 4 * c, h // 2, w // 2
-            layers = [Squeeze(config.squeeze)]
+            layers: list[FlowLayer] = [Squeeze(config.squeeze)]
             for _ in range(steps):
                 layers.append(ActNorm(c, per=config.actnorm, size=(h, w)))
                 layers.append(MIXING.build(config.conv, c, size=(h, w), **config.conv_options))
@@ -101,16 +102,17 @@ class MultiScaleFlow(nn.Module):
             if i < len(self.levels) - 1:
                 keep = h.shape[1] - self.latent_shapes[i][0]
                 h, z = h[:, :keep], h[:, keep:]
+                cond: Tensor | None = h
             else:
-                z, h = h, None
+                z, cond = h, None
             zs.append(z)
-            logp = logp + self._prior_logp(i, z, h)
+            logp = logp + self._prior_logp(i, z, cond)
         return zs, logdet, logp
 
     def _prior_logp(self, i: int, z: Tensor, cond: Tensor | None) -> Tensor:
         if self.config.prior == "standard":
             return _standard_normal_logp(z)
-        mean, log_std = self.priors[i].params(cond, z.shape[0])
+        mean, log_std = self._prior(i).params(cond, z.shape[0])
         eps = (z - mean) * torch.exp(-log_std)
         return _standard_normal_logp(eps) - log_std.flatten(1).sum(1)
 
@@ -118,15 +120,22 @@ class MultiScaleFlow(nn.Module):
         """The exact inverse: latents (as returned by forward) -> images."""
         if len(zs) != len(self.levels):
             raise ValueError(f"inverse needs {len(self.levels)} latents, got {len(zs)}")
-        h = None
+        h: Tensor | None = None
         for i in reversed(range(len(self.levels))):
             z = zs[i]
             expected = self.latent_shapes[i]
             if tuple(z.shape[1:]) != expected:
                 raise ValueError(f"latent {i} must have shape (B, {expected}), got {tuple(z.shape)}")
             h = z if h is None else torch.cat([h, z], dim=1)
-            h, _ = self.levels[i].inverse(h)
+            h, _ = self._level(i).inverse(h)
+        assert h is not None  # a flow has at least one level
         return h
+
+    def _level(self, i: int) -> FlowSequential:
+        return cast(FlowSequential, self.levels[i])
+
+    def _prior(self, i: int) -> LearnedPrior:
+        return cast(LearnedPrior, self.priors[i])
 
     # ------------------------------------------------------------------ densities and samples
 
@@ -136,7 +145,7 @@ class MultiScaleFlow(nn.Module):
         return logp + logdet
 
     def bits_per_dim(self, x: Tensor) -> Tensor:
-        """Per-sample bits/dim of the 8-bit image behind x (DESIGN.md §3)."""
+        """Per-sample bits/dim of the 8-bit image behind x (docs/design.md §3)."""
         return bits_per_dim(self.log_prob(x), self.config.dims)
 
     @torch.no_grad()
@@ -144,16 +153,17 @@ class MultiScaleFlow(nn.Module):
         """n images in [−1, 1) (clamped), latents drawn at the given temperature."""
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
-        h = None
+        h: Tensor | None = None
         for i in reversed(range(len(self.levels))):
             eps = torch.randn((n, *self.latent_shapes[i]), generator=generator, dtype=dtype).to(device)
             if self.config.prior == "standard":
                 z = temperature * eps
             else:
-                mean, log_std = self.priors[i].params(h, n)
+                mean, log_std = self._prior(i).params(h, n)
                 z = mean + temperature * torch.exp(log_std) * eps
             h = z if h is None else torch.cat([h, z], dim=1)
-            h, _ = self.levels[i].inverse(h)
+            h, _ = self._level(i).inverse(h)
+        assert h is not None  # a flow has at least one level
         return h.clamp(-1, 1 - 1 / 256)
 
     def set_amp(self, amp: str | None) -> MultiScaleFlow:
@@ -175,7 +185,7 @@ class MultiScaleFlow(nn.Module):
 
 
 def bits_per_dim(log_prob: Tensor, dims: int) -> Tensor:
-    """bits/dim = −(log p(x) − D·ln 128) / (D·ln 2) for x scaled to [−1, 1) (DESIGN.md §3)."""
+    """bits/dim = −(log p(x) − D·ln 128) / (D·ln 2) for x scaled to [−1, 1) (docs/design.md §3)."""
     return -(log_prob - dims * math.log(128)) / (dims * math.log(2))
 
 
