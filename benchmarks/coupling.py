@@ -14,6 +14,7 @@ coupling adds beyond its net.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -38,19 +39,20 @@ def make_coupling(kind: str, channels: int, hidden: int = HIDDEN, num_blocks: in
     if kind == LOW_RANK:
         return MatrixExpCoupling(channels, hidden, num_blocks, rank=3)
     name, options = _ZOO[kind]
-    return COUPLING.build(name, channels, hidden_channels=hidden, num_blocks=num_blocks, **options)
+    return cast(Coupling, COUPLING.build(name, channels, hidden_channels=hidden, num_blocks=num_blocks, **options))
 
 
 class CouplingLayer(_LayerTimings):
     params = [KINDS, list(LEVELS)]
     param_names = ["coupling", "level"]
+    layer: Coupling
 
     def setup(self, coupling: str, level: str) -> None:
         set_up_torch()
         c, h, w = LEVELS[level]
         self.layer = make_coupling(coupling, c)
         x = torch.randn(BATCH, c, h, w)
-        head = self.layer.net.head
+        head = cast(nn.Conv2d, self.layer.net.head)
         with torch.no_grad():
             self.layer(x)  # data-dependent init of the net's norms
             fan_in = head.weight[0].numel()

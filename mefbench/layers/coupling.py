@@ -13,6 +13,8 @@ Every coupling is built as ``cls(channels, hidden_channels, num_blocks, size=Non
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -74,6 +76,7 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         dS, gx = _action_backward(
             A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out, transposed=True
         )
+        assert dS is not None  # need_dS=True
         dS = dS.view(b, c * c, hh, ww)
         # S = α(2σ − 1) + δ, σ = sigmoid(z), z = 2β·o + 2γ: ∂S/∂z = 2α·σ(1 − σ). The gradient of o
         # is built in place in its slice of ∂L/∂h, and dS's buffer takes the last product.
@@ -286,7 +289,7 @@ class MatrixExpCoupling(Coupling):
         c, k = self.c2, self.rank
         t, o = h.split([c, h.shape[1] - c], dim=1)
         if self._fused:  # the S the fused forward builds, to the bit
-            s = self.scale
+            s = cast(BoundedTanh, self.scale)  # _fused holds only for the bounded tanh
             entries = bounded_tanh_via_sigmoid(o, s.alpha, s.beta, s.gamma, s.delta)[1]
         else:
             entries = self.scale(o)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +69,14 @@ def inverse_std(std: Tensor, init_scale: float = 1.0) -> Tensor:
     return torch.where(std > _CONSTANT, init_scale / (std + INIT_EPS), torch.full_like(std, init_scale))
 
 
-class InitFlag:
+class InitFlag(nn.Module):
     """Mixin for a module with data-dependent init and an ``initialized`` buffer (saved with it).
 
     The buffer is read back to the host only until it is seen set: a GPU read-back per norm per
     forward would stall the stream hundreds of times a step. Loading a state dict re-reads it.
     """
 
+    initialized: Tensor  # the buffer each subclass registers
     _init_seen: bool = False
 
     def _needs_init(self) -> bool:
@@ -190,7 +192,7 @@ class CouplingNet(nn.Module):
         self.blocks = nn.Sequential(*(ResidualBlock(hidden_channels) for _ in range(num_blocks)))
         self.head = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(cast(Tensor, self.head.bias))  # a Conv2d built with a bias
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
