@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from mefbench.cli import main
+from mefbench.config import TrainConfig
 from mefbench.models import FlowConfig
 from mefbench.presets import PRESETS
-from mefbench.training import TrainConfig
 
 
 def test_presets_lists_every_preset(capsys):

@@ -70,10 +70,16 @@ def test_sample_shapes_and_temperature_zero():
     assert (x >= -1).all() and (x < 1).all()
 
 
-def test_paper_parameter_count():
-    """The paper's CIFAR-10 model has 37.7M parameters (Table 3)."""
-    model = MultiScaleFlow(PRESETS["paper-t2-mef-cifar10"].model)
+def test_paper_parameter_count_and_levels():
+    """The paper's CIFAR-10 model has 37.7M parameters (Table 3) and runs at the three levels the
+    benchmarks use (presets.LEVELS: a level's latent is half its channels, the last one all)."""
+    from mefbench.presets import CPU_MEF, LEVELS, PAPER_MEF
+
+    model = MultiScaleFlow(PRESETS[PAPER_MEF].model)
     assert round(count_parameters(model) / 1e6, 1) == 37.7
+    *split, last = model.latent_shapes
+    assert tuple((2 * c, h, w) for c, h, w in split) + (last,) == LEVELS
+    assert PRESETS[CPU_MEF].scale == "cpu" and PRESETS[CPU_MEF].model.coupling == PRESETS[PAPER_MEF].model.coupling
 
 
 def test_config_json_round_trip(tmp_path):
@@ -131,6 +137,3 @@ def test_names_users_import_still_work_or_say_what_replaces_them():
         assert mefbench.report.PAPER_COUNT_PRESETS[0] == ("MEF", "paper-t2-mef-cifar10")
     with pytest.warns(DeprecationWarning, match="mefbench.report.TABLES"):
         assert "4" in mefbench.sweep.TABLES
-    from mefbench.training import TrainConfig, pool_stats
-
-    assert TrainConfig().dataset == "cifar10" and pool_stats([]) == {}

@@ -1,6 +1,8 @@
 import os
 import shutil
 
+import pytest
+
 from mefbench.cli import main
 from mefbench.layers import COUPLING, MIXING
 from mefbench.presets import PRESETS, layer_variants
@@ -85,6 +87,7 @@ def test_sweep_runs_keeps_resumes_and_skips(tmp_path, capsys):
     assert read_record(tmp_path / kept) == records[kept]
 
 
+@pytest.mark.slow
 def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
     """The stability benchmark's smoke grid: every coupling and variant at the grid's two rates, one
     seed, swept and reported (CI runs it; the cpu grid is the committed report's)."""
