@@ -264,6 +264,7 @@ def test_regenerating_removes_only_its_own_stale_figures(tmp_path, runs_dir):
     assert set(mine) - left  # the previous report's figures that this one does not make are gone
 
 
+@pytest.mark.slow
 def test_asv_section(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     write_record(runs, "t2-s0", record("cpu-t2-mef", 0, 4.1))
