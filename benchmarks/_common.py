@@ -8,14 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mefbench.layers import FlowLayer
+from mefbench.presets import LEVELS as _PAPER_LEVELS
+
 __all__ = ["BATCH", "LEVELS", "_LayerTimings", "backward", "set_up_torch"]
 
-# The paper's three levels of a CIFAR-10 model: channels and spatial size after each squeeze.
-LEVELS: dict[str, tuple[int, int, int]] = {
-    "C12@16x16": (12, 16, 16),
-    "C24@8x8": (24, 8, 8),
-    "C48@4x4": (48, 4, 4),
-}
+# The paper's three levels of a CIFAR-10 model (channels, H, W), by the label asv shows: "C12@16x16".
+LEVELS: dict[str, tuple[int, int, int]] = {f"C{c}@{h}x{w}": (c, h, w) for c, h, w in _PAPER_LEVELS}
 
 # Batch of the layer and model benchmarks (the paper trains with 64; 16 keeps the suite quick).
 BATCH = 16
@@ -41,6 +40,8 @@ class _LayerTimings:
     A subclass's setup builds the layer and calls ``self._prepare(x)``. The leading underscore
     keeps asv from collecting this base itself; its subclasses inherit the benchmarks.
     """
+
+    layer: FlowLayer
 
     def _prepare(self, x: Tensor) -> None:
         self.x = x

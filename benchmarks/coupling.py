@@ -13,6 +13,8 @@ coupling adds beyond its net.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from mefbench.layers import COUPLING, Coupling, MatrixExpCoupling, net_factory, perturb_output, registry_variants
@@ -36,12 +38,13 @@ def make_coupling(kind: str, channels: int, hidden: int = HIDDEN, num_blocks: in
     if kind == LOW_RANK:
         return MatrixExpCoupling(channels, net=net, rank=3)
     name, options = _ZOO[kind]
-    return COUPLING.build(name, channels, net=net, **options)
+    return cast(Coupling, COUPLING.build(name, channels, net=net, **options))
 
 
 class CouplingLayer(_LayerTimings):
     params = [KINDS, list(LEVELS)]
     param_names = ["coupling", "level"]
+    layer: Coupling
 
     def setup(self, coupling: str, level: str) -> None:
         set_up_torch()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check (issue 15), for a machine with a GPU. From the repository root:
+# The device check, for a machine with a GPU. From the repository root:
 #
 #   bash benchmarks/gpu_check.sh                        # writes gpu_check.json and gpu_check.log to $OUT, else reports/gpu/
 #   bash benchmarks/gpu_check.sh --tiny --device cpu    # the same code on tiny sizes, on the CPU (what the tests run)

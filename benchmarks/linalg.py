@@ -1,4 +1,4 @@
-"""Matrix exponentials: e^S and e^S x for batches of small matrices (DESIGN.md §2).
+"""Matrix exponentials: e^S and e^S x for batches of small matrices (docs/design.md §2).
 
 Methods compared (parameter ``method``):
   mefbench       mefbench.linalg.expm / expm_action (norm bound read back once per call)

@@ -11,9 +11,11 @@ the map (``layer.logdet(size)``; a mixing layer's log-det does not depend on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from mefbench.layers import MIXING, registry_variants
+from mefbench.layers import MIXING, FlowLayer, registry_variants
 from mefbench.presets import variant_label
 
 from ._common import BATCH, LEVELS, _LayerTimings, set_up_torch
@@ -24,7 +26,7 @@ __all__ = ["LAYERS", "MixingLayer", "MixingLogdet"]
 LAYERS = {variant_label(name, variant): (name, options) for name, variant, options in registry_variants(MIXING)}
 
 
-def _build(layer: str, level: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+def _build(layer: str, level: str) -> tuple[FlowLayer, tuple[int, int, int]]:
     """The benchmark's layer at a level, after one thread, float32 and the seed are set."""
     set_up_torch()
     name, options = LAYERS[layer]
@@ -53,13 +55,15 @@ class MixingLogdet:
 
     params = [list(LAYERS), list(LEVELS)]
     param_names = ["layer", "level"]
+    logdet: Callable[[tuple[int, int]], torch.Tensor]
 
     def setup(self, layer: str, level: str) -> None:
         self.layer, (_, h, w) = _build(layer, level)
-        if not hasattr(self.layer, "logdet"):
+        logdet = getattr(self.layer, "logdet", None)
+        if logdet is None:
             raise NotImplementedError(f"{layer} computes its log-det only together with the map")
-        self.size = (h, w)
+        self.logdet, self.size = logdet, (h, w)
 
     def time_logdet(self, layer: str, level: str) -> None:
         with torch.no_grad():
-            self.layer.logdet(self.size)
+            self.logdet(self.size)

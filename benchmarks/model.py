@@ -1,9 +1,9 @@
 """The whole flow: a training step, its peak memory, a short training's bits/dim, parameter counts.
 
-TrainStep uses the CPU-scale MEF model (``PRESETS["cpu-t2-mef"].model``: 3×16×16, levels of 4
-and 2 steps, hidden 32, 1 block) with every mixing layer of the zoo beside the paper's coupling
-and every coupling beside the paper's 1×1 conv, plus the Glow-like pair, batch 16 of
-``patches16`` images, Adamax at lr 0.01 (the paper's optimiser), one thread, float32.
+TrainStep uses the CPU-scale MEF model (``PRESETS[CPU_MEF].model``, the preset ``cpu-t2-mef``:
+3×16×16, levels of 4 and 2 steps, hidden 32, 1 block) with every mixing layer of the zoo beside
+the paper's coupling and every coupling beside the paper's 1×1 conv, plus the Glow-like pair,
+batch 16 of ``patches16`` images, Adamax at lr 0.01 (the paper's optimiser), one thread, float32.
 
 Peak memory (``peakmem_``) is the process's maximum RSS over the benchmark's setup and one call,
 torch and the benchmark modules included: subtract ``Reference.peakmem_torch_only`` (a benchmark
@@ -22,7 +22,7 @@ import torch
 from mefbench.data import dequantize, load_dataset
 from mefbench.layers import COUPLING, MIXING, registry_variants
 from mefbench.models import MultiScaleFlow, count_parameters
-from mefbench.presets import GLOW_LIKE, PRESETS, variant_label
+from mefbench.presets import CPU_MEF, GLOW_LIKE, PRESETS, variant_label
 from mefbench.report.tables import paper_count_presets
 from mefbench.training import evaluate, train_step
 
@@ -30,8 +30,7 @@ from ._common import BATCH, set_up_torch
 
 __all__ = ["ParameterCount", "Reference", "ShortTraining", "TrainStep", "short_training_bpd"]
 
-CPU_PRESET = "cpu-t2-mef"
-_MEF = PRESETS[CPU_PRESET].model
+_MEF = PRESETS[CPU_MEF].model
 
 
 def _pairs() -> dict[str, dict]:
@@ -115,7 +114,7 @@ class ShortTraining:
     def track_bits_per_dim(self) -> float:
         return short_training_bpd()
 
-    track_bits_per_dim.unit = "bits/dim"
+    track_bits_per_dim.unit = "bits/dim"  # type: ignore[attr-defined]  # asv reads the unit from the function
 
 
 class ParameterCount:
@@ -131,4 +130,4 @@ class ParameterCount:
     def track_parameters(self, preset: str) -> int:
         return count_parameters(MultiScaleFlow(PRESETS[preset].model))
 
-    track_parameters.unit = "parameters"
+    track_parameters.unit = "parameters"  # type: ignore[attr-defined]  # asv reads the unit from the function

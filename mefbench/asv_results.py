@@ -25,15 +25,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .stats import as_float
+
 __all__ = ["COLUMNS", "KEY_BENCHMARKS", "asv_speed_table", "load_asv_results", "plot_asv_history"]
 
 COLUMNS = ["machine", "commit", "date", "env", "benchmark", "params", "value", "unit"]
 
 
 def _mef_pair() -> str:
-    from .presets import PRESETS
+    from .presets import CPU_MEF, PRESETS
 
-    mef = PRESETS["cpu-t2-mef"].model
+    mef = PRESETS[CPU_MEF].model
     return f"{mef.mixing} + {mef.coupling}"
 
 
@@ -65,12 +67,6 @@ def _param_value(text: object) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
-
-
-def _number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return math.nan
-    return float(value)
 
 
 def _read_benchmarks(results_dir: Path) -> dict:
@@ -134,7 +130,7 @@ def _read_result_file(path: Path, machine: str, benchmarks: dict) -> list[dict]:
                     "env": env,
                     "benchmark": name,
                     "params": label,
-                    "value": _number(value),
+                    "value": as_float(value),
                     "unit": unit,
                 }
             )

@@ -2,9 +2,11 @@
 
 Every row times its candidates side by side in one process, interleaved (A, B, A, B, …), and
 reports the median over repeats of each repeat's ratio (or difference) of neighbouring calls, so
-machine noise and slow drifts hit both sides alike. Targets are the performance issue's; each
-row prints measured value, target and whether it is met. ``--quick`` runs small sizes and few
-repeats: its rows are a smoke check, never judged against the full-size targets.
+machine noise and slow drifts hit both sides alike. Each row prints the measured value, its
+target (what the matrix-exponential layers must achieve against the layers they replace, or
+"report" for a figure that is shown without a target) and whether it is met. ``--quick`` runs
+small sizes and few repeats: its rows are a smoke check, never judged against the full-size
+targets.
 
 The parts ``layers`` and ``couplings`` have one row per entry (and variant) of the layer
 registries: every mixing layer's time against Glow's 1×1 conv, every coupling's time beyond its
@@ -18,30 +20,51 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import nn
 
-from . import __version__
-from .layers import COUPLING, MIXING, MatrixExpCoupling, net_factory, perturb_output, registry_variants
+from .distributed import synchronize
+from .env import machine, versions
+from .layers import (
+    COUPLING,
+    MIXING,
+    Coupling,
+    FlowLayer,
+    MatrixExpCoupling,
+    net_factory,
+    perturb_output,
+    registry_variants,
+)
 from .linalg import expm, expm_action, inf_norm
 from .models import FlowConfig, MultiScaleFlow
-from .presets import GLOW_LIKE, PRESETS, REFERENCE_MIXING, variant_label
+from .presets import CPU_MEF, GLOW_LIKE, LEVELS, PRESETS, REFERENCE_MIXING, variant_label
 from .training import train_step
 
-__all__ = ["PARTS", "Row", "main", "measure", "medians", "paired_ratio", "row_count", "run_bench", "time_interleaved"]
-
-LEVELS = ((12, 16), (24, 8), (48, 4))  # (channels, H = W) at the paper's three levels
+__all__ = [
+    "PARTS",
+    "Row",
+    "bench_json",
+    "command",
+    "main",
+    "measure",
+    "medians",
+    "paired_ratio",
+    "row_count",
+    "run_bench",
+    "time_interleaved",
+]
 
 
 @dataclass
@@ -112,8 +135,7 @@ class Setting:
         return 64 if self.device.type == "cuda" else 16
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def times(self, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
         return time_interleaved(fns, repeats, sync=self.sync)
@@ -168,7 +190,7 @@ def _coupling_rows(setting: Setting) -> list[Row]:
     quick, batch = setting.quick, setting.batch
     repeats = 5 if quick else 15
     for hidden in (32,) if quick else (32, 128):
-        for c, hw in LEVELS:
+        for c, hw, _ in LEVELS:
             layer = MatrixExpCoupling(c, net=net_factory(hidden_channels=hidden, num_blocks=1)).to(setting.device)
             x = torch.randn(batch, c, hw, hw).to(setting.device)
             layer.train()
@@ -233,7 +255,7 @@ def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats:
         if not math.isfinite(loss):
             raise RuntimeError(f"bench: the {k} model's loss is {loss}: the timed step would skip its backward")
 
-    times = setting.times({k: (lambda k=k: step(k)) for k in models}, repeats=repeats)
+    times = setting.times({k: functools.partial(step, k) for k in models}, repeats=repeats)
     return paired_ratio(times, "b", "a")
 
 
@@ -259,7 +281,7 @@ def _model_rows(setting: Setting) -> list[Row]:
     quick = setting.quick
     repeats = 3 if quick else 9
     # Table 5's time column: matexp vs standard 1×1 conv, both with matexp coupling
-    cpu = PRESETS["cpu-t2-mef"].model  # MEF: matrix-exp conv and coupling
+    cpu = PRESETS[CPU_MEF].model  # MEF: matrix-exp conv and coupling
     standard = dataclasses.replace(cpu, mixing=REFERENCE_MIXING)
     ratio = _step_ratio(standard, cpu, 64 if not quick else 16, repeats, setting)
     rows.append(Row(f"training step: MEF's conv / {REFERENCE_MIXING} conv (MEF's coupling)", "CPU Table 5 model, batch 64",
@@ -309,7 +331,7 @@ def _accuracy_rows(setting: Setting) -> list[Row]:
 def _layer_rows(setting: Setting) -> list[Row]:
     """Every mixing layer (and variant): forward+backward and inverse time against Glow's 1×1 conv,
     at the paper's first level (C = 12, 16×16; the largest activations)."""
-    c, hw = LEVELS[0]
+    c, hw, _ = LEVELS[0]
     batch, repeats = setting.batch, 5 if setting.quick else 15
     x = torch.randn(batch, c, hw, hw).to(setting.device)
     g = torch.randn_like(x)
@@ -329,7 +351,7 @@ def _layer_rows(setting: Setting) -> list[Row]:
 
         return run
 
-    def inverse(layer: nn.Module) -> Callable[[], None]:
+    def inverse(layer: FlowLayer) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
                 layer.inverse(x)
@@ -353,7 +375,7 @@ def _layer_rows(setting: Setting) -> list[Row]:
 def _coupling_zoo_rows(setting: Setting) -> list[Row]:
     """Every coupling (and variant): forward+backward time beyond its own net, and its inverse, at
     the paper's first level with the CPU presets' net (hidden 32, 1 block)."""
-    c, hw = LEVELS[0]
+    c, hw, _ = LEVELS[0]
     batch, repeats = setting.batch, 5 if setting.quick else 15
     x = torch.randn(batch, c, hw, hw).to(setting.device)
     g = torch.randn_like(x)
@@ -361,7 +383,7 @@ def _coupling_zoo_rows(setting: Setting) -> list[Row]:
     for name, variant, options in registry_variants(COUPLING):
         torch.manual_seed(0)
         net = net_factory(hidden_channels=32, num_blocks=1)
-        layer = COUPLING.build(name, c, size=(hw, hw), net=net, **options).to(setting.device)
+        layer = cast(Coupling, COUPLING.build(name, c, size=(hw, hw), net=net, **options).to(setting.device))
         layer.train()(x)  # data-dependent init
         perturb_output(layer, 0.01)  # away from the identity
         x1 = x[:, : layer.c1]
@@ -449,21 +471,34 @@ def _format(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def command(quick: bool, threads: int, only: tuple[str, ...] = tuple(PARTS), device: str = "cpu") -> str:
+    """The ``mefbench bench`` command line that runs these settings."""
+    return (
+        "mefbench bench" + (" --quick" if quick else "") + f" --threads {threads}"
+        + (f" --only {','.join(only)}" if tuple(only) != tuple(PARTS) else "")
+        + (f" --device {device}" if device != "cpu" else "")
+    )  # fmt: skip
+
+
+def bench_json(rows: list[Row], quick: bool, threads: int, only: tuple[str, ...], device: str) -> dict:
+    """What ``mefbench bench --json`` writes: the rows, the settings, machine, versions and command."""
+    return {
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "quick": quick,
+        "threads": threads,
+        "device": device,
+        "machine": machine(device),
+        "versions": versions(),
+        "command": command(quick, threads, only, device),
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     only = tuple(args.only.split(",")) if args.only else tuple(PARTS)
     rows = run_bench(quick=args.quick, threads=args.threads, only=only, device=args.device)
     print(_format(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "rows": [dataclasses.asdict(r) for r in rows],
-            "quick": args.quick,
-            "threads": args.threads,
-            "device": args.device,
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "accelerator": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
-            "versions": {"mefbench": __version__, "torch": torch.__version__},
-            "command": "mefbench bench" + (" --quick" if args.quick else "") + f" --threads {args.threads}"
-            + (f" --only {args.only}" if args.only else "") + (f" --device {args.device}" if args.device != "cpu" else ""),
-        }, indent=2))  # fmt: skip
+        data = bench_json(rows, quick=args.quick, threads=args.threads, only=only, device=args.device)
+        Path(args.json).write_text(json.dumps(data, indent=2))
     return 0

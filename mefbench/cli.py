@@ -121,11 +121,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import PRESETS
+    from .presets import PRESETS, SCALES
 
     rows = [
         (p.name, p.scale, ",".join(map(str, p.tables)) or "-", p.train.dataset, p.description)
-        for p in sorted(PRESETS.values(), key=lambda p: (("smoke", "cpu", "paper").index(p.scale), p.name))
+        for p in sorted(PRESETS.values(), key=lambda p: (SCALES.index(p.scale), p.name))
     ]
     widths = [max(len(r[i]) for r in rows + [("preset", "scale", "tables", "dataset", "")]) for i in range(4)]
     print(
@@ -247,10 +247,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .checkpoint import load_model
     from .config import SEED_MAX
     from .images import save_grid
     from .record import RECORD, read_record
-    from .training import load_model
 
     if not 1 <= args.n <= MAX_SAMPLES:
         raise ValueError(
@@ -456,13 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", help="a runs folder (searched recursively) or one record.json")
     p.set_defaults(func=_cmd_migrate_records)
 
+    from .presets import SCALES
     from .report.tables import TABLES
 
     tables_help = "a comma list of table ids, or all: " + "; ".join(f"{t}: {spec.what}" for t, spec in TABLES.items())
 
     def sweep_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--table", default="all", help=tables_help)
-        p.add_argument("--scale", choices=["smoke", "cpu", "paper"], required=True)
+        p.add_argument("--scale", choices=list(SCALES), required=True)
         p.add_argument(
             "--seeds",
             type=int,

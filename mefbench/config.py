@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,6 +32,9 @@ __all__ = [
     "migrate_model_dict",
 ]
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 T = TypeVar("T", bound="DictConfig")
 
 ACTNORM_CHOICES = ("activation", "channel")
@@ -44,13 +47,13 @@ class DictConfig:
     """to_dict / from_dict for a dataclass; from_dict names unknown fields instead of ignoring them."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(cast("DataclassInstance", self))
 
     @classmethod
     def from_dict(cls: type[T], data: dict) -> T:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__} must be read from a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cast("type[DataclassInstance]", cls))}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
@@ -172,7 +175,9 @@ class FlowConfig(DictConfig):
         self.coupling_options = _json_options("FlowConfig.coupling_options", self.coupling_options)
         self.net_options = _json_options("FlowConfig.net_options", self.net_options)
         try:
-            self.image_shape = tuple(int(v) for v in self.image_shape)
+            self.image_shape = cast(
+                tuple[int, int, int], tuple(int(v) for v in self.image_shape)
+            )  # length checked below
             self.steps = tuple(int(v) for v in self.steps)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"FlowConfig.image_shape and .steps must be sequences of integers: {exc}") from exc

@@ -327,7 +327,7 @@ def _allowed_pickle_globals() -> dict[tuple[str, str], object]:
     for mod in ("numpy.core", "numpy._core"):
         allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
         # pickle protocol 5 rebuilds contiguous arrays with numeric._frombuffer
-        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]  # private: not in numpy's stubs
     # Python 3 writes bytes at protocol <= 2 as _codecs.encode(str, "latin1")
     allowed[("_codecs", "encode")] = _codecs.encode
     return allowed

@@ -33,7 +33,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
         grid[y : y + h, x : x + w] = img.transpose(1, 2, 0)
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)

@@ -1,6 +1,6 @@
 """Matrix exponentials for flows: e^X, e^S x and φ(X) = Σ X^k/(k+1)!, batched and differentiable.
 
-All three use scaling and a Taylor series whose length is chosen from norm bounds (DESIGN.md §2):
+All three use scaling and a Taylor series whose length is chosen from norm bounds (docs/design.md §2):
 the ∞-norm of every matrix in the batch is computed on the device, its maximum is read back to the
 host once per call, and the number of squarings s and of series terms m follow from that bound. No
 value is read back once per series term, and no count is capped: every finite norm gets as many
@@ -236,7 +236,7 @@ def _max_norm(X: Tensor, row_dim: int = -1) -> float:
 
 
 def _squarings(norm: float) -> int:
-    """s = ⌈log2 max(n, 1/2)⌉ + 1 (DESIGN.md §2), so that ∥X/2^s∥∞ ≤ 1/2."""
+    """s = ⌈log2 max(n, 1/2)⌉ + 1 (docs/design.md §2), so that ∥X/2^s∥∞ ≤ 1/2."""
     return max(0, math.ceil(math.log2(max(norm, THETA))) + 1)
 
 

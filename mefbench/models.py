@@ -1,4 +1,4 @@
-"""The paper's multi-scale flow, built from a JSON-serialisable config (:class:`FlowConfig`).
+"""The paper's multi-scale flow (docs/design.md §3), built from a JSON-serialisable config (:class:`FlowConfig`).
 
 Each level: squeeze, ``steps[level]`` flow steps, then, except at the last level, half the
 channels are split off as a latent. A flow step is the config's ``step``, a list of layer specs
@@ -9,6 +9,7 @@ or Glow's learned prior, conditioned at each split on the channels that go on.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +35,12 @@ class LearnedPrior(nn.Module):
 
     def __init__(self, cond_channels: int, channels: int, size: tuple[int, int]) -> None:
         super().__init__()
+        self.conv: nn.Conv2d | None = None
         if cond_channels:
             self.conv = nn.Conv2d(cond_channels, 2 * channels, 3, padding=1)
             nn.init.zeros_(self.conv.weight)
-            nn.init.zeros_(self.conv.bias)
+            nn.init.zeros_(cast(Tensor, self.conv.bias))  # a Conv2d built with a bias
         else:  # the top latent: learned constants
-            self.conv = None
             self.top = nn.Parameter(torch.zeros(1, 2 * channels, *size))
 
     def params(self, cond: Tensor | None, batch: int) -> tuple[Tensor, Tensor]:
@@ -100,16 +101,17 @@ class MultiScaleFlow(nn.Module):
             if i < len(self.levels) - 1:
                 keep = h.shape[1] - self.latent_shapes[i][0]
                 h, z = h[:, :keep], h[:, keep:]
+                cond: Tensor | None = h
             else:
-                z, h = h, None
+                z, cond = h, None
             zs.append(z)
-            logp = logp + self._prior_logp(i, z, h)
+            logp = logp + self._prior_logp(i, z, cond)
         return zs, logdet, logp
 
     def _prior_logp(self, i: int, z: Tensor, cond: Tensor | None) -> Tensor:
         if self.config.prior == "standard":
             return _standard_normal_logp(z)
-        mean, log_std = self.priors[i].params(cond, z.shape[0])
+        mean, log_std = self._prior(i).params(cond, z.shape[0])
         eps = (z - mean) * torch.exp(-log_std)
         return _standard_normal_logp(eps) - log_std.flatten(1).sum(1)
 
@@ -117,15 +119,22 @@ class MultiScaleFlow(nn.Module):
         """The exact inverse: latents (as returned by forward) -> images."""
         if len(zs) != len(self.levels):
             raise ValueError(f"inverse needs {len(self.levels)} latents, got {len(zs)}")
-        h = None
+        h: Tensor | None = None
         for i in reversed(range(len(self.levels))):
             z = zs[i]
             expected = self.latent_shapes[i]
             if tuple(z.shape[1:]) != expected:
                 raise ValueError(f"latent {i} must have shape (B, {expected}), got {tuple(z.shape)}")
             h = z if h is None else torch.cat([h, z], dim=1)
-            h, _ = self.levels[i].inverse(h)
+            h, _ = self._level(i).inverse(h)
+        assert h is not None  # a flow has at least one level
         return h
+
+    def _level(self, i: int) -> FlowSequential:
+        return cast(FlowSequential, self.levels[i])
+
+    def _prior(self, i: int) -> LearnedPrior:
+        return cast(LearnedPrior, self.priors[i])
 
     # ------------------------------------------------------------------ densities and samples
 
@@ -135,7 +144,7 @@ class MultiScaleFlow(nn.Module):
         return logp + logdet
 
     def bits_per_dim(self, x: Tensor) -> Tensor:
-        """Per-sample bits/dim of the 8-bit image behind x (DESIGN.md §3)."""
+        """Per-sample bits/dim of the 8-bit image behind x (docs/design.md §3)."""
         return bits_per_dim(self.log_prob(x), self.config.dims)
 
     @torch.no_grad()
@@ -143,16 +152,17 @@ class MultiScaleFlow(nn.Module):
         """n images in [−1, 1) (clamped), latents drawn at the given temperature."""
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
-        h = None
+        h: Tensor | None = None
         for i in reversed(range(len(self.levels))):
             eps = torch.randn((n, *self.latent_shapes[i]), generator=generator, dtype=dtype).to(device)
             if self.config.prior == "standard":
                 z = temperature * eps
             else:
-                mean, log_std = self.priors[i].params(h, n)
+                mean, log_std = self._prior(i).params(h, n)
                 z = mean + temperature * torch.exp(log_std) * eps
             h = z if h is None else torch.cat([h, z], dim=1)
-            h, _ = self.levels[i].inverse(h)
+            h, _ = self._level(i).inverse(h)
+        assert h is not None  # a flow has at least one level
         return h.clamp(-1, 1 - 1 / 256)
 
     def set_amp(self, amp: str | None) -> MultiScaleFlow:
@@ -192,7 +202,7 @@ def build_step(config: FlowConfig, channels: int, size: tuple[int, int], net: Ne
 
 
 def bits_per_dim(log_prob: Tensor, dims: int) -> Tensor:
-    """bits/dim = −(log p(x) − D·ln 128) / (D·ln 2) for x scaled to [−1, 1) (DESIGN.md §3)."""
+    """bits/dim = −(log p(x) − D·ln 128) / (D·ln 2) for x scaled to [−1, 1) (docs/design.md §3)."""
     return -(log_prob - dims * math.log(128)) / (dims * math.log(2))
 
 

@@ -5,7 +5,7 @@ Every preset holds the model config (``.model``) and the training settings (``.t
 :data:`mefbench.report.tables.TABLES`), the cell it fills there (``.cell``) and its scale.
 
 Scales:
-  paper: the paper's protocol (DESIGN.md §3, §4) on CIFAR-10 / ImageNet; needs a GPU and the data.
+  paper: the paper's protocol (docs/design.md §3, §4) on CIFAR-10 / ImageNet; needs a GPU and the data.
   cpu:   the same experiments on 16×16 ``patches16`` with a small net; minutes each on 2 cores.
   smoke: the same experiments on ``patches16`` with a tiny net; seconds each.
 
@@ -20,11 +20,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .config import FlowConfig, TrainConfig
 
 __all__ = [
+    "CPU_MEF",
     "GLOW_LIKE",
+    "LEVELS",
+    "PAPER_MEF",
     "PAPER_MIXING_OPTIONS",
     "PRESETS",
     "REFERENCE_MIXING",
@@ -46,11 +50,18 @@ TABLE4_LRS = (0.001, 0.01)  # lr 1e-3 trains 4× longer (200 vs 50 epochs)
 TABLE5_MIXING = ("standard", "plu", "matexp")  # Table 5 rows (1×1 convs); matrix-exp coupling, lr 0.01
 # The baselines the benchmarks measure against: Glow's 1×1 conv, and a Glow-like step.
 REFERENCE_MIXING = "standard"
-GLOW_LIKE = {"mixing": "standard", "coupling": "affine"}
+GLOW_LIKE: dict[str, Any] = {"mixing": "standard", "coupling": "affine"}
 # The official code's forms of the paper's layers (the defaults are Glow's where they differ).
 PAPER_MIXING_OPTIONS: dict[str, dict] = {"plu": {"diagonal": "free"}}
 # The stability benchmark (Table 4 generalised): every coupling and variant × these rates.
 STABILITY_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
+# The MEF presets that other modules build on: the paper's CIFAR-10 model (Tables 2, 3 and 6, the
+# GPU device check) and its CPU-scale version (the bench, the asv suite, the report).
+PAPER_MEF = "paper-t2-mef-cifar10"
+CPU_MEF = "cpu-t2-mef"
+# The paper's three levels of a CIFAR-10 model: (channels, H, W) after each squeeze; layer
+# benchmarks run at these shapes.
+LEVELS = ((12, 16, 16), (24, 8, 8), (48, 4, 4))
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ def _paper_model(dataset: str, **changes) -> FlowConfig:
 
 
 # CPU-scale models keep the paper's structure (3 levels would leave 2×2 at 16×16, so 2 levels).
-_SMALL = {
+_SMALL: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": dict(
         model=dict(image_shape=(3, 16, 16), steps=(4, 2), hidden_channels=32, num_blocks=1),
         train=dict(
@@ -130,7 +141,7 @@ _SMALL = {
 
 # The stability grid's own CPU scale: small enough that every coupling × variant × 5 rates × 5
 # seeds fits in about an hour on 2 cores; no warm-up, so that the rate itself is what is tested.
-_STABILITY = {
+_STABILITY: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": dict(
         model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=16, num_blocks=1),
         train=dict(
@@ -204,7 +215,7 @@ def _zoo_tables(add) -> None:
     # "mixing": every mixing layer and variant in Table 5's setting (matrix-exp coupling, lr 0.01).
     # The paper's three 1×1 convs in their official form share their runs with Table 5.
     for mixing, label, options in registry_variants(MIXING):
-        cell = {"mixing": mixing, "variant": label}
+        cell: dict[str, object] = {"mixing": mixing, "variant": label}
         name = _slug(mixing, label)
         add(f"paper-mix-{name}", f"every mixing layer: {name} with matrix-exp coupling on CIFAR-10",
             _paper_model("cifar10", mixing=mixing, mixing_options=options), _paper_train("cifar10"), ("mixing",),

@@ -321,7 +321,7 @@ def _check(tp: Any, value: object, where: str) -> Any:
     raise TypeError(f"no JSON check for {tp!r}")  # pragma: no cover - a programming error
 
 
-def _from_json(cls: type, data: object, where: str) -> Any:
+def _from_json(cls: Any, data: object, where: str) -> Any:
     if not isinstance(data, dict):
         what = "the record" if where == "record" else f"field {where!r}"
         raise _Invalid(f"{what} must be a JSON object, got {_describe(data)}")
@@ -454,7 +454,7 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def replace_atomic(path: Path, write: Callable[[IO[bytes]], None], hook: Callable[[str], None] | None = None) -> None:
+def replace_atomic(path: Path, write: Callable[[IO[bytes]], object], hook: Callable[[str], None] | None = None) -> None:
     """write(file) into a temporary file beside path, fsync it, rename it over path, fsync the folder.
 
     A reader (or a process that resumes after a kill at any instruction) sees the old file or the

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from .record import RECORD, RunError, RunRecord, read_record
-from .stats import pool_stats
+from .stats import as_float, pool_stats
 
 __all__ = [
     "EPOCH_COLUMNS",
@@ -85,14 +86,9 @@ def scan_records(path: str | Path) -> tuple[list[tuple[Path, RunRecord]], list[d
     return records, corrupt
 
 
-def _num(value: object) -> float:
-    """A float from a number; NaN for None."""
-    return math.nan if value is None else float(value)
-
-
 def _stats(prefix: str, stats: dict | None) -> dict:
     stats = stats if isinstance(stats, dict) else {}
-    return {f"{prefix}_{k}": _num(stats.get(k)) for k in _STATS}
+    return {f"{prefix}_{k}": as_float(stats.get(k)) for k in _STATS}
 
 
 def _identity(file: Path, record: RunRecord) -> dict:
@@ -146,20 +142,20 @@ def _run_row(file: Path, record: RunRecord) -> dict:
         epochs=train["epochs"],
         epochs_done=len(epochs),
         num_params=record.num_params,
-        test_bpd=_num(last and last.test_bpd),
-        test_bpd_raw=_num(last and last.test_bpd_raw),
-        train_bpd=_num(last and last.train_bpd),
-        train_bpd_ema=_num(last and last.train_bpd_ema),
+        test_bpd=as_float(last and last.test_bpd),
+        test_bpd_raw=as_float(last and last.test_bpd_raw),
+        train_bpd=as_float(last and last.train_bpd),
+        train_bpd_ema=as_float(last and last.train_bpd_ema),
         mean_epoch_time_s=sum(times) / len(times) if times else math.nan,
         train_time_s=sum(times) if times else math.nan,
-        sample_time_per_image_s=_num(final and final.sample_time_per_image_s),
-        roundtrip_error=_num(final and final.roundtrip_error),
-        peak_memory_bytes=_num(final and final.peak_memory_bytes),
+        sample_time_per_image_s=as_float(final and final.sample_time_per_image_s),
+        roundtrip_error=as_float(final and final.roundtrip_error),
+        peak_memory_bytes=as_float(final and final.peak_memory_bytes),
         peak_memory_method=final.peak_memory_method if final is not None else None,
         measure_error=final.measure_error if final is not None else None,
-        diverged_epoch=_num(diverged and diverged.epoch),
-        diverged_step=_num(diverged and diverged.step),
-        diverged_loss=_num(diverged and diverged.loss),
+        diverged_epoch=as_float(diverged and diverged.epoch),
+        diverged_step=as_float(diverged and diverged.step),
+        diverged_loss=as_float(diverged and diverged.loss),
         resumes=len(record.resumes),
         device=record.device,
         world_size=record.world_size,
@@ -189,7 +185,7 @@ def _epoch_rows(file: Path, record: RunRecord) -> list[dict]:
             "test_bpd_raw": e.test_bpd_raw,
             "train_time_s": e.train_time_s,
             "eval_time_s": e.eval_time_s,
-            "peak_memory_bytes": _num(e.peak_memory_bytes),
+            "peak_memory_bytes": as_float(e.peak_memory_bytes),
             **_stats("m", e.expm.get("m")),
             **_stats("s", e.expm.get("s")),
         }
@@ -197,14 +193,14 @@ def _epoch_rows(file: Path, record: RunRecord) -> list[dict]:
     ]
 
 
-def runs_frame(records: list[tuple[Path, RunRecord]], corrupt: list[dict] = ()) -> pd.DataFrame:
+def runs_frame(records: list[tuple[Path, RunRecord]], corrupt: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per run from :func:`scan_records` output (columns :data:`RUN_COLUMNS`)."""
     df = pd.DataFrame([_run_row(f, r) for f, r in records], columns=list(RUN_COLUMNS))
     df.attrs["corrupt"] = list(corrupt)
     return df
 
 
-def epochs_frame(records: list[tuple[Path, RunRecord]], corrupt: list[dict] = ()) -> pd.DataFrame:
+def epochs_frame(records: list[tuple[Path, RunRecord]], corrupt: Sequence[dict] = ()) -> pd.DataFrame:
     """One row per (run, finished epoch) from :func:`scan_records` output (:data:`EPOCH_COLUMNS`)."""
     rows = [row for f, r in records for row in _epoch_rows(f, r)]
     df = pd.DataFrame(rows, columns=list(EPOCH_COLUMNS))

@@ -1,4 +1,5 @@
-"""Small statistics shared by training, results and the report: pooled summaries, Wilson intervals.
+"""Small statistics shared by training, results and the report: pooled summaries, Wilson intervals,
+and the one way a recorded value becomes a number.
 
 Pure functions on plain numbers and dicts, each testable on its own.
 """
@@ -6,8 +7,18 @@ Pure functions on plain numbers and dicts, each testable on its own.
 from __future__ import annotations
 
 import math
+import numbers
 
-__all__ = ["pool_stats", "wilson_interval"]
+__all__ = ["as_float", "pool_stats", "wilson_interval"]
+
+
+def as_float(value: object) -> float:
+    """A real number as a float (inf and NaN included); NaN for None, a bool, a string or anything
+    else that is not a real number. How results, asv results and the device check read values
+    that may be missing or of the wrong type."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return math.nan
+    return float(value)
 
 
 def pool_stats(parts: list[dict]) -> dict:

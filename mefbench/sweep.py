@@ -11,10 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import TrainConfig
 from .models import FlowConfig
 from .presets import PRESETS, SCALES
 from .record import ENDED, RECORD, RunError, RunRecord, read_record
-from .training import TrainConfig, train
+from .training import train
 
 __all__ = ["RunSpec", "SweepError", "config_differences", "parse_tables", "plan", "run_sweep"]
 

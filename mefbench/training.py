@@ -1,10 +1,13 @@
-"""Training and evaluation with the paper's recipe (DESIGN.md §3); runs that are never lost.
+"""Training and evaluation with the paper's recipe (docs/design.md §3); runs that are never lost.
 
 A run lives in one directory (:mod:`mefbench.record`): ``record.json`` (the typed
-:class:`~mefbench.record.RunRecord`), ``checkpoint.pt`` and the ``.lock`` that the training
-process holds. :func:`train` is a short sequence of named steps: claim the run directory, load
-the data, build the model, open the run (create it, or recover it to resume), then per epoch
-train, evaluate and commit, and finally measure the trained model and finish.
+:class:`~mefbench.record.RunRecord`), ``checkpoint.pt`` (:mod:`mefbench.checkpoint`, which also
+loads a finished run's model) and the ``.lock`` that the training process holds. :func:`train`
+is a short sequence of named steps: claim the run directory, load the data, build the model, open
+the run (create it, or recover it to resume), then per epoch train, evaluate and commit, and
+finally measure the trained model and finish. The versions and machine a record names come from
+:mod:`mefbench.env`, the peak memory of a step from :mod:`mefbench.memory`, and SIGTERM is taken
+like Ctrl-C, held back while an epoch commits (:mod:`mefbench.interrupts`).
 
 Crash consistency: one atomic commit point per epoch. The checkpoint of epoch E carries the
 record as of epoch E inside it, and is written (temporary file, fsync, rename) before
@@ -35,17 +38,14 @@ import dataclasses
 import json
 import math
 import os
-import pickle
-import platform
 import signal
 import sys
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from . import __version__
+from .checkpoint import TrainingState, load_checkpoint, revision_problem, save_checkpoint
 from .config import FlowConfig, TrainConfig
 from .data import DATASETS, dequantize, load_dataset, random_hflip
 from .distributed import (
@@ -66,7 +66,10 @@ from .distributed import (
     resolve_device,
     synchronize,
 )
+from .env import machine, versions
+from .interrupts import interrupts_held, sigterm_as_interrupt
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
+from .memory import PeakMemory
 from .models import MODEL_REVISION, MultiScaleFlow, bits_per_dim, count_parameters
 from .record import (
     CHECKPOINT,
@@ -79,37 +82,15 @@ from .record import (
     Resume,
     RunError,
     RunLock,
-    RunLockedError,
     RunRecord,
     derive_cells,
     now,
     read_record,
     remove_stale_temporaries,
-    replace_atomic,
-    write_json_atomic,
     write_record,
 )
-from .stats import pool_stats
 
-__all__ = [
-    "CHECKPOINT",
-    "RECORD",
-    "RunError",
-    "RunLockedError",
-    "RunRecord",
-    "TrainConfig",
-    "evaluate",
-    "load_checkpoint",
-    "load_model",
-    "pool_stats",
-    "read_record",
-    "resolve_device",
-    "train",
-    "train_step",
-    "write_json_atomic",
-]
-
-_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "step")
+__all__ = ["evaluate", "train", "train_step"]
 
 
 # ----------------------------------------------------------------------------- test hooks
@@ -132,32 +113,6 @@ def _test_point(point: str, epoch: int = 0) -> None:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _versions() -> dict:
-    import pandas
-    import scipy
-
-    return {
-        "mefbench": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "pandas": pandas.__version__,
-    }
-
-
-def _machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def _generator(seed: int, *stream: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0]))
@@ -166,104 +121,6 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A checkpoint, loaded with ``weights_only=True``; RunError naming the file if it cannot be used.
-
-    A file that would import code when unpickled (a pickled ``os.system`` call, say) is refused
-    as unsafe: a checkpoint holds tensors, numbers and strings only, and mefbench never unpickles
-    anything else.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise RunError(f"no checkpoint {path}")
-    if path.stat().st_size == 0:
-        raise RunError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written, or truncated since")
-    try:
-        with warnings.catch_warnings():  # a plain pickle makes torch warn about its protocol: we say what it is
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise RunError(_checkpoint_problem(path, exc)) from None
-    if not isinstance(ckpt, dict):
-        raise RunError(f"checkpoint {path} is not a mefbench checkpoint: it holds {type(ckpt).__name__}, not a dict")
-    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise RunError(f"checkpoint {path} is not a mefbench checkpoint: it lacks {missing}")
-    return ckpt
-
-
-def _checkpoint_problem(path: Path, exc: Exception) -> str:
-    import re
-
-    text = str(exc)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return (
-            f"refused checkpoint {path} as unsafe: unpickling it would import {found.group(1)}, which no "
-            "weights file needs (mefbench checkpoints hold tensors, numbers and strings only); do not load it"
-        )
-    if _is_plain_pickle(path):
-        return (
-            f"refused checkpoint {path} as unsafe: it is a plain Python pickle, not a file torch.save wrote, and "
-            "unpickling it could run any code (mefbench checkpoints are torch.save files of tensors, numbers and "
-            "strings); do not load it"
-        )
-    if "weights_only" in text or "Weights only" in text:  # torch's own reason, without its advice
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", text + "\n", re.DOTALL)
-        detail = reason.group(1).strip() if reason and reason.group(1).strip() else "not a weights file"
-        return f"corrupt or unreadable checkpoint {path}: {detail}"
-    return f"corrupt or unreadable checkpoint {path}: {type(exc).__name__}: {text.strip() or 'no reason given'}"
-
-
-# torch.save's legacy (non-zip) format opens with this pickled magic number; its zip format with "PK"
-_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
-
-
-def _is_plain_pickle(path: Path) -> bool:
-    """Whether the file is a pickle that torch.save did not write (pickle protocol 2 or later)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_TORCH_MAGIC))
-    except OSError:
-        return False
-    return head.startswith(b"\x80") and head != _LEGACY_TORCH_MAGIC
-
-
-def _load_into(module: nn.Module | torch.optim.Optimizer, state: object, path: Path, part: str) -> None:
-    """module.load_state_dict(state) with a RunError that says what does not fit."""
-    if not isinstance(state, dict):
-        raise RunError(f"checkpoint {path}: its {part} entry is not a state dict")
-    if isinstance(module, nn.Module):
-        expected, found = set(module.state_dict()), set(state)
-        missing, unexpected = sorted(expected - found), sorted(found - expected)
-        if missing or unexpected:
-            parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
-                     (("missing keys", missing), ("unexpected keys", unexpected)) if keys]  # fmt: skip
-            raise RunError(
-                f"checkpoint {path} does not fit this run's model ({part}): {'; '.join(parts)}; "
-                "it was written for another model configuration or model revision"
-            )
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        first = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(exc).__name__)
-        raise RunError(f"checkpoint {path} does not fit this run's model ({part}): {first}") from None
-
-
-def _revision_problem(run_dir: Path, record: RunRecord) -> str | None:
-    if record.model_revision == MODEL_REVISION:
-        return None
-    return (
-        f"{run_dir} was trained with model revision {record.model_revision}, and this mefbench builds "
-        f"revision {MODEL_REVISION}, whose parameters differ (see mefbench.models.MODEL_REVISION): its "
-        "checkpoint cannot be loaded; train the run again in another directory"
-    )
 
 
 # ----------------------------------------------------------------------------- steps and evaluation
@@ -287,7 +144,7 @@ def train_step(
     A non-finite loss is returned before any parameter is touched. ``scaler`` (fp16 only) scales
     the loss for the backward pass and skips steps whose gradients overflow.
     """
-    flow = model.module if hasattr(model, "module") else model
+    flow = cast(MultiScaleFlow, model.module if hasattr(model, "module") else model)  # a DDP wrapper's module
     optimizer.zero_grad(set_to_none=True)
     loss = _loss(model, x, flow.config.dims)
     value = float(loss.detach())
@@ -336,58 +193,6 @@ def evaluate(
     return all_reduce_mean(total, count, device)
 
 
-class _PeakMemory:
-    """Peak memory of one training step.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` during the step (everything resident: model, EMA
-    copy, optimiser state, batch, activations). CPU: the bytes of the tensors autograd saves for
-    backward in the step (``saved_tensors_hooks``), plus parameters, gradients and optimiser
-    state, each storage counted once.
-    """
-
-    def __init__(self, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.device, self.model, self.optimizer = device, model, optimizer
-        self.bytes: int | None = None
-        self.method = (
-            "cuda.max_memory_allocated" if device.type == "cuda" else "cpu.saved_tensors+params+grads+optimizer"
-        )
-
-    @contextmanager
-    def measure(self) -> Iterator[None]:
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            yield
-            synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-            return
-        # storages by address; holding them keeps every address unique for the whole step (a freed
-        # storage's address could otherwise be reused by another one and counted once for both)
-        storages: dict[int, torch.UntypedStorage] = {}
-
-        def add(t: Tensor) -> Tensor:
-            try:
-                s = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # sparse or opaque tensors
-                return t
-            if s.nbytes():
-                storages[s.data_ptr()] = s
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(add, lambda t: t):
-            yield
-        for p in self.model.parameters():
-            add(p)
-            if p.grad is not None:
-                add(p.grad)
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
-                    add(value)
-        self.bytes = sum(s.nbytes() for s in storages.values())
-        storages.clear()
-
-
 # ----------------------------------------------------------------------------- the run's parts
 
 
@@ -399,42 +204,6 @@ class _Data:
     flip: bool
     steps_per_epoch: int
     per_rank_batch: int
-
-
-@dataclass
-class _State:
-    """Everything a checkpoint holds, and the step counter."""
-
-    model: MultiScaleFlow
-    ema: AveragedModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    step: int = 0
-
-    def state_dict(self, epoch: int, record: RunRecord) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": epoch,
-            "step": self.step,
-            "model_revision": MODEL_REVISION,
-            "record": record.to_json(),  # the commit point: this epoch's record travels with its weights
-        }
-
-    def load(self, ckpt: dict, path: Path) -> int:
-        """Load a checkpoint's states; returns its epoch."""
-        _load_into(self.model, ckpt["model"], path, "weights")
-        _load_into(self.ema, ckpt["ema"], path, "EMA weights")
-        _load_into(self.optimizer, ckpt["optimizer"], path, "optimiser state")
-        _load_into(self.scheduler, ckpt["scheduler"], path, "learning-rate schedule")
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
-        return int(ckpt["epoch"])
 
 
 def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -449,64 +218,14 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
     )
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so the record is marked interrupted; both
-    wait while an epoch commits (:func:`_interrupts_held`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if _HELD.active:  # an epoch is committing: raise once it has
-            _HELD.pending = signum
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class _Held:
-    """Whether an epoch's commit is under way, and the interrupt that arrived meanwhile."""
-
-    active = False
-    pending: int | None = None
-
-
-_HELD = _Held()
-
-
-@contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block (an epoch's commit and the assignment of the record
-    it committed) is over, then interrupt: an interrupt never sees the checkpoint ahead of the
-    record in hand. (Masking the signals would not do: another thread of the process, e.g. an
-    OpenMP worker, would still take them.)"""
-    _HELD.active, _HELD.pending = True, None
-    try:
-        yield
-    finally:
-        _HELD.active = False
-        if _HELD.pending is not None:
-            signum, _HELD.pending = _HELD.pending, None
-            raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _comparable(cfg: TrainConfig) -> TrainConfig:
     """Training settings that must match to resume (where the data lives may move)."""
     return dataclasses.replace(cfg, data_dir=None)
 
 
-def _on_rank0(
-    fn: Callable[[], object], rank: int, device: torch.device, share: Callable[[object], object] = lambda r: r
-) -> object:
+def _on_rank0(fn: Callable[[], Any], rank: int, device: torch.device, share: Callable[[Any], Any] = lambda r: r) -> Any:
     """fn() on rank 0 (which alone touches the run directory); its failure reaches every rank, and
-    the other ranks get share(its result)."""
+    the other ranks get share(its result) (so the result's type depends on the rank)."""
     result, error = None, None
     if rank == 0:
         try:
@@ -587,14 +306,16 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
 # ----------------------------------------------------------------------------- step 3: the model
 
 
-def _build_state(model_config: FlowConfig, cfg: TrainConfig, data: _Data, dev: torch.device, world: int) -> _State:
+def _build_state(
+    model_config: FlowConfig, cfg: TrainConfig, data: _Data, dev: torch.device, world: int
+) -> TrainingState:
     """The model with its data-dependent init (same images on every rank), EMA, optimiser, schedule."""
     torch.manual_seed(cfg.seed)
     model = MultiScaleFlow(model_config).to(dev, torch.float32)  # the flow's maths is single precision
     model.set_amp(cfg.amp)  # only the coupling nets run under autocast
     fmt = _memory_format(cfg.channels_last)
     if cfg.channels_last:
-        model = model.to(memory_format=fmt)
+        model = model.to(memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes it; its stubs omit it
     images = data.train_images
     init_idx = torch.randperm(len(images), generator=_generator(cfg.seed, 1))[: cfg.init_batch]
     init_x = dequantize(images[init_idx], generator=_generator(cfg.seed, 2)).to(dev).contiguous(memory_format=fmt)
@@ -608,7 +329,7 @@ def _build_state(model_config: FlowConfig, cfg: TrainConfig, data: _Data, dev: t
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
     scheduler = _schedule(optimizer, cfg, data.steps_per_epoch)
     scaler = torch.amp.GradScaler(dev.type) if cfg.amp == "fp16" else None
-    return _State(model, ema, optimizer, scheduler, scaler)
+    return TrainingState(model, ema, optimizer, scheduler, scaler)
 
 
 # ----------------------------------------------------------------------------- step 4: open the run
@@ -633,8 +354,8 @@ def _new_record(model_config, cfg, run_dir, dev, world, model, preset, tables, c
         seed=cfg.seed,
         device=str(dev),
         world_size=world,
-        versions=_versions(),
-        machine=_machine(dev),
+        versions=versions(),
+        machine=machine(dev),
         num_params=count_parameters(model),
         epochs=[],
         command=list(sys.argv),
@@ -662,7 +383,7 @@ def _recover(
         raise RunError(f"{run_dir} holds a run with a different configuration; choose another --out")
     if record.status in ENDED:
         return record, None, False
-    problem = _revision_problem(run_dir, record)
+    problem = revision_problem(run_dir, record)
     if problem:
         raise RunError(problem)
     ckpt_path = run_dir / CHECKPOINT
@@ -698,7 +419,7 @@ def _recover(
 
 def _open_run(
     run_dir: Path, resume: bool, lock: RunLock, model_config: FlowConfig, cfg: TrainConfig, dev: torch.device,
-    world: int, state: _State, meta: dict,
+    world: int, state: TrainingState, meta: dict,
 ) -> RunRecord:  # fmt: skip
     """Create the run (directory, lock, first record) or recover it, its checkpoint loaded into
     state before the resume entry is recorded (a checkpoint that does not load leaves the record
@@ -736,7 +457,7 @@ def _open_run(
 
 def _run_epoch(
     epoch: int,
-    state: _State,
+    state: TrainingState,
     data: _Data,
     cfg: TrainConfig,
     dev: torch.device,
@@ -750,7 +471,7 @@ def _run_epoch(
     order = torch.randperm(len(data.train_images), generator=g)[: n * b].reshape(n, b)
     order = order[:, rank * data.per_rank_batch : (rank + 1) * data.per_rank_batch]
     fmt = _memory_format(cfg.channels_last)
-    memory = _PeakMemory(dev, state.model, state.optimizer)
+    memory = PeakMemory(dev, state.model, state.optimizer)
     recorder, losses = ExpmRecorder(), []
     state.model.train()
     bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
@@ -778,14 +499,14 @@ def _run_epoch(
     synchronize(dev)
     train_time = time.perf_counter() - t0
     t1 = time.perf_counter()
-    ev = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
+    ev: dict[str, Any] = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
     entry = EpochRecord(
         epoch=epoch + 1,
         step=state.step,
         lr=state.optimizer.param_groups[0]["lr"],
         train_bpd=all_reduce_mean(sum(losses), len(losses), dev),
-        train_bpd_ema=evaluate(state.ema.module, data.train_eval, seed=cfg.seed + 1, **ev),
-        test_bpd=evaluate(state.ema.module, data.test_images, seed=cfg.seed, **ev),
+        train_bpd_ema=evaluate(state.ema_model, data.train_eval, seed=cfg.seed + 1, **ev),
+        test_bpd=evaluate(state.ema_model, data.test_images, seed=cfg.seed, **ev),
         test_bpd_raw=evaluate(state.model, data.test_images, seed=cfg.seed, **ev),
         train_time_s=train_time,
         eval_time_s=time.perf_counter() - t1,
@@ -800,17 +521,13 @@ def _run_epoch(
 # ----------------------------------------------------------------------------- step 6: the commit
 
 
-def _commit(run_dir: Path, record: RunRecord, state: _State) -> RunRecord:
+def _commit(run_dir: Path, record: RunRecord, state: TrainingState) -> RunRecord:
     """The epoch's commit point: the checkpoint with the record inside, then record.json (rank 0)."""
     epoch = len(record.epochs)
     record = dataclasses.replace(record, updated_at=now())
     state_dict = state.state_dict(epoch, record)
     try:
-        replace_atomic(
-            run_dir / CHECKPOINT,
-            lambda f: torch.save(state_dict, f),
-            hook=lambda p: _test_point(f"checkpoint-{p}", epoch),
-        )
+        save_checkpoint(run_dir / CHECKPOINT, state_dict, hook=lambda p: _test_point(f"checkpoint-{p}", epoch))
         _test_point("after-checkpoint", epoch)
         write_record(run_dir, record, hook=lambda p: _test_point(f"record-{p}", epoch))
     except (OSError, RuntimeError) as exc:
@@ -840,14 +557,14 @@ class _WriteFailed(RunError):
 
 
 @torch.no_grad()
-def _measure_trained(state: _State, data: _Data, cfg: TrainConfig, dev: torch.device) -> dict:
+def _measure_trained(state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device) -> dict:
     """Sampling time per image and the round-trip error of the trained EMA model (float32).
 
     A trained model whose inverse fails (a layer that raises, e.g. an iterative inverse that does
     not converge) is data, not a crash: its round-trip error is recorded as inf, the sampling time
     as None, and the reason in ``measure_error``.
     """
-    model = state.ema.module
+    model = state.ema_model
     was_training = model.training
     model.eval()
     fmt = _memory_format(cfg.channels_last)
@@ -871,7 +588,7 @@ def _measure_trained(state: _State, data: _Data, cfg: TrainConfig, dev: torch.de
 
 
 def _finish(
-    run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device
+    run_dir: Path, record: RunRecord, state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device
 ) -> RunRecord:
     """Measure the trained model, mark the run finished and write the record (rank 0)."""
     _test_point("finishing", len(record.epochs))
@@ -932,7 +649,7 @@ def train(
 
 
 def _train_epochs(
-    run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device,
+    run_dir: Path, record: RunRecord, state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device,
     rank: int, world: int, progress: bool, stop_after_epochs: int | None,
 ) -> RunRecord:  # fmt: skip
     """Epochs from the last committed one to the end (or to stop_after_epochs), then finish."""
@@ -950,7 +667,7 @@ def _train_epochs(
         )
     start = len(record.epochs)
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             for epoch in range(start, end):
                 result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
@@ -967,7 +684,7 @@ def _train_epochs(
                     diverged = Divergence(epoch=result.epoch, step=result.step, loss=result.test_bpd)
                     changed = dataclasses.replace(changed, status="diverged", diverged=diverged)
                 # only the committed record is ever written again (an interrupt writes `record`)
-                with _interrupts_held():
+                with interrupts_held():
                     record = _commit(run_dir, changed, state) if rank == 0 else changed
                 if record.status == "diverged":
                     return record
@@ -986,34 +703,3 @@ def _train_epochs(
             except (OSError, RuntimeError):
                 pass
             raise
-
-
-# ----------------------------------------------------------------------------- loading a run
-
-
-def load_model(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> MultiScaleFlow:
-    """The trained model of a run (EMA weights by default), in eval mode, in the run's precision
-    settings (``set_amp`` with its ``amp``)."""
-    run_dir = Path(run_dir)
-    record = read_record(run_dir)
-    problem = _revision_problem(run_dir, record)
-    if problem:
-        raise RunError(problem)
-    ckpt_path = run_dir / CHECKPOINT
-    if not ckpt_path.exists():
-        raise RunError(f"{run_dir} has no {CHECKPOINT}: the run finished no epoch")
-    try:
-        config = record.model_config()
-    except (ValueError, TypeError) as exc:
-        raise RunError(f"the model of {run_dir} cannot be built here: {exc}") from exc
-    model = MultiScaleFlow(config).float()
-    ckpt = load_checkpoint(ckpt_path)
-    if ema:
-        if not isinstance(ckpt["ema"], dict):
-            raise RunError(f"checkpoint {ckpt_path}: its EMA entry is not a state dict")
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["model"]
-    _load_into(model, state, ckpt_path, "EMA weights" if ema else "weights")
-    model.set_amp(record.train.get("amp"))
-    return model.to(device).eval()

@@ -23,13 +23,14 @@ import json
 import pytest
 import torch
 
+from mefbench.checkpoint import load_checkpoint, load_model
 from mefbench.cli import main
 from mefbench.config import FlowConfig
 from mefbench.layers import COUPLING, net_factory, set_amp
 from mefbench.models import MultiScaleFlow
 from mefbench.presets import PRESETS
 from mefbench.record import read_record
-from mefbench.training import load_checkpoint, load_model, train
+from mefbench.training import train
 
 
 @pytest.fixture(autouse=True)
@@ -90,6 +91,7 @@ def test_every_coupling_round_trip_stays_exact_under_autocast(name, amp):
     assert errors[amp] <= max(4 * errors[None], 1e-6), errors
 
 
+@pytest.mark.slow
 def test_training_with_bf16_records_amp_and_loads_with_it(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--amp", "bf16", "--out", str(run), "--no-progress"]) == 0
@@ -102,6 +104,7 @@ def test_training_with_bf16_records_amp_and_loads_with_it(tmp_path, capsys):
     assert "run: finished" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fp16_uses_a_grad_scaler_and_resumes_it(tmp_path):
     model_cfg, cfg = PRESETS["smoke"].configs()
     cfg = dataclasses.replace(cfg, amp="fp16", epochs=2, max_train_batches=2, max_test=32)
@@ -112,6 +115,7 @@ def test_fp16_uses_a_grad_scaler_and_resumes_it(tmp_path):
     assert train(model_cfg, cfg, tmp_path / "run", resume=True, progress=False).status == "finished"
 
 
+@pytest.mark.slow
 def test_channels_last_trains_to_the_same_numbers(tmp_path):
     model_cfg, cfg = PRESETS["smoke"].configs()
     a = train(model_cfg, cfg, tmp_path / "a", progress=False)

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from mefbench.bench import measure, run_bench
 from mefbench.cli import main
 
@@ -20,7 +22,10 @@ def test_accuracy_rows_meet_their_target():
     assert all(r.ok for r in rows), rows
 
 
-def test_bench_cli_quick_writes_json(tmp_path, capsys):
+def test_bench_cli_quick_writes_json(tmp_path, capsys, monkeypatch):
+    import mefbench.bench as bench
+
+    monkeypatch.setattr(bench.Setting, "times", lambda self, fns, repeats: {k: [1e-3] * repeats for k in fns})
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--threads", "1", "--only", "accuracy,action", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -28,6 +33,9 @@ def test_bench_cli_quick_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 5 and data["quick"] is True
     assert {"what", "shape", "measured", "target", "unit", "ok", "note"} <= set(data["rows"][0])
+    assert data["command"] == "mefbench bench --quick --threads 1 --only accuracy,action"
+    assert {"platform", "processor", "cpu_count", "torch_threads"} <= set(data["machine"])
+    assert {"mefbench", "torch", "python", "git_commit"} <= set(data["versions"])
     assert main(["bench", "--only", "nothing"]) == 2
 
 
@@ -60,8 +68,12 @@ def test_paired_ratio_follows_each_repeat():
     assert [len(v) for v in t.values()] == [4, 4]
 
 
-def test_quick_rows_are_not_judged_against_the_full_size_targets(capsys):
-    """--quick runs small sizes: a speed-up of 0.7× there says nothing about the 10× target."""
+def test_quick_rows_are_not_judged_against_the_full_size_targets(monkeypatch):
+    """--quick runs small sizes: a speed-up of 0.7× there says nothing about the 10× target (the
+    timings are stubbed: the verdict does not depend on them)."""
+    import mefbench.bench as bench
+
+    monkeypatch.setattr(bench.Setting, "times", lambda self, fns, repeats: {k: [1e-3] * repeats for k in fns})
     rows = run_bench(quick=True, threads=1, only=("action", "coupling"))
     assert rows and all(r.ok is None for r in rows)
     from mefbench.bench import QUICK, _format
@@ -91,3 +103,31 @@ def test_every_registered_layer_and_coupling_has_a_bench_row():
     assert row_count("layers") == len(registry_variants(MIXING)) and row_count("couplings") == len(
         registry_variants(COUPLING)
     )
+
+
+def test_every_part_prints_the_rows_row_count_promises(monkeypatch):
+    """Every part builds and runs what it times; with the timings stubbed, only the row counts
+    (which the asv targets rely on) and the rows' fields are checked."""
+    import math
+
+    import mefbench.bench as bench
+
+    monkeypatch.setattr(bench.Setting, "times", lambda self, fns, repeats: {k: [1e-3] * repeats for k in fns})
+    for part in bench.PARTS:
+        rows = run_bench(quick=True, threads=1, only=(part,))
+        assert len(rows) == bench.row_count(part, quick=True), part
+        assert all(math.isfinite(r.measured) and r.what and r.target for r in rows), part
+    assert len(run_bench(quick=False, threads=1, only=("coupling",))) == bench.row_count("coupling", quick=False)
+
+
+@pytest.mark.slow
+def test_every_part_measures_at_quick_sizes():
+    """The real measurements of every part at --quick sizes (what asv's targets track)."""
+    import math
+
+    from mefbench.bench import PARTS, row_count
+
+    for part in PARTS:
+        rows = run_bench(quick=True, threads=2, only=(part,))
+        assert len(rows) == row_count(part, quick=True), part
+        assert all(math.isfinite(r.measured) for r in rows), [r for r in rows if not math.isfinite(r.measured)]

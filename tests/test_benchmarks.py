@@ -1,7 +1,11 @@
-"""The asv suite imports and every benchmark runs once, at the smallest point of its grid.
+"""The asv plumbing: the suite imports, every benchmark is found with consistent params, and runs
+once at the smallest point of its grid through setup, the benchmark methods and teardown.
 
 Numeric parameters take their smallest value; named ones (method, conv, coupling, level, preset)
-take every value, so a renamed layer or preset breaks here rather than in a long asv run.
+take every value, so a renamed layer or preset breaks here rather than in a long asv run. The
+measurements that are themselves long (the rows of ``mefbench bench --quick`` behind
+``targets.Targets``, the paper-size models behind ``model.ParameterCount``) are stubbed here: the
+real ones are measured in ``tests/test_bench.py`` and ``tests/test_fidelity.py``.
 """
 
 from __future__ import annotations
@@ -61,11 +65,31 @@ def _cases() -> list:
     return cases
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def _stub_bench(monkeypatch) -> list[tuple]:
+    """targets.Targets measures through mefbench.bench.run_bench: stub it with as many rows as the
+    bench's grids say (mefbench.bench.row_count), each measuring its own index; returns the calls."""
+    from mefbench.bench import Row, row_count
+
+    targets = _module("targets")
+    calls = []
+
+    def run_bench(quick: bool, threads: int, only: tuple[str, ...]) -> list:
+        calls.append((quick, threads, only))
+        (part,) = only
+        return [Row(f"{part} row {i}", "", float(i), "report", "", None) for i in range(row_count(part, quick))]
+
+    monkeypatch.setattr(targets, "run_bench", run_bench)
+    monkeypatch.setattr(targets, "_MEASURED", {})
+    return calls
+
+
+def _stub_models(monkeypatch) -> None:
+    """model.ParameterCount builds paper-size models (tens of millions of parameters): count those
+    of a small stand-in instead (the counts themselves are checked in test_fidelity.py)."""
+    monkeypatch.setattr(_module("model"), "MultiScaleFlow", lambda config: torch.nn.Linear(config.image_shape[0], 1))
+
+
+STUBS = {"targets.Targets": _stub_bench, "model.ParameterCount": _stub_models}
 
 
 def test_every_module_has_benchmarks():
@@ -82,7 +106,9 @@ def test_every_module_has_benchmarks():
 
 
 @pytest.mark.parametrize(("module", "cls_name", "point"), _cases())
-def test_benchmark_runs(module: str, cls_name: str, point: tuple):
+def test_benchmark_runs(module: str, cls_name: str, point: tuple, monkeypatch):
+    if f"{module}.{cls_name}" in STUBS:
+        STUBS[f"{module}.{cls_name}"](monkeypatch)
     cls = getattr(_module(module), cls_name)
     bench = cls()
     if hasattr(bench, "setup"):
@@ -98,17 +124,32 @@ def test_benchmark_runs(module: str, cls_name: str, point: tuple):
             bench.teardown(*point)
 
 
-def test_targets_name_every_quick_bench_row():
-    from mefbench.bench import PARTS
+def test_targets_track_every_quick_bench_row(monkeypatch):
+    from mefbench.bench import PARTS, row_count
 
     targets = _module("targets")
-    assert set(targets.ROWS_PER_PART) == set(PARTS)
-    assert max(targets.ROWS_PER_PART.values()) == len(targets.Targets.params[1])
-    with pytest.raises(NotImplementedError):
-        targets.Targets().setup("accuracy", 2)
-    accuracy = targets.Targets()
-    accuracy.setup("accuracy", 1)
-    assert "expm_action" in accuracy.row.what
+    calls = _stub_bench(monkeypatch)
+    assert targets.ROWS_PER_PART == {part: row_count(part, quick=True) for part in PARTS}
+    assert targets.Targets.params == [list(PARTS), list(range(max(targets.ROWS_PER_PART.values())))]
+    for part, rows in targets.ROWS_PER_PART.items():
+        for row in range(len(targets.Targets.params[1])):
+            bench = targets.Targets()
+            if row >= rows:  # beyond the part's rows: asv skips the point
+                with pytest.raises(NotImplementedError, match=f"has {rows} rows"):
+                    bench.setup(part, row)
+                continue
+            bench.setup(part, row)
+            assert bench.row.what == f"{part} row {row}" and bench.track_measured(part, row) == float(row)
+    # each part measured once, at --quick sizes with the bench's 2 threads, whatever the points
+    assert calls == [(True, 2, (part,)) for part in PARTS]
+
+
+def test_targets_refuse_a_part_that_prints_other_rows_than_promised(monkeypatch):
+    targets = _module("targets")
+    _stub_bench(monkeypatch)
+    monkeypatch.setitem(targets.ROWS_PER_PART, "accuracy", targets.ROWS_PER_PART["accuracy"] + 1)
+    with pytest.raises(RuntimeError, match="printed 2 rows; ROWS_PER_PART says 3"):
+        targets.Targets().setup("accuracy", 0)
 
 
 def test_slow_gradient_cases_are_skipped():
@@ -132,6 +173,7 @@ def test_short_training_is_reproducible():
     assert a == b and 0 < a < 16
 
 
+@pytest.mark.slow
 def test_parameter_count_of_the_paper_model():
     bench = _module("model").ParameterCount()
     bench.setup("paper-t2-mef-cifar10")

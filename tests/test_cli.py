@@ -5,10 +5,9 @@ import pytest
 from PIL import Image
 
 from mefbench.cli import main
-from mefbench.config import FlowConfig
+from mefbench.config import FlowConfig, TrainConfig
 from mefbench.presets import PRESETS
 from mefbench.record import SCHEMA
-from mefbench.training import TrainConfig
 
 
 def test_presets_lists_every_preset(capsys):

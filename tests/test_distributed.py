@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 import mefbench
-from mefbench.record import LOCK
-from mefbench.training import CHECKPOINT, RECORD
+from mefbench.record import CHECKPOINT, LOCK, RECORD
 
 
 @pytest.mark.slow

@@ -200,8 +200,8 @@ def test_series_terms_refuses_a_tolerance_it_cannot_meet():
         series_terms(30.0, 1e-16)
 
 
-# Plans at the norms training sees: (steps, terms) as the planner gave them before issue 11, item 3,
-# for float32 (tolerance 1e-8) and float64 (1e-16). Pinned: the common case must not move.
+# Plans at the norms training sees: (steps, terms) as the planner gave them before it searched for the
+# fewest products at any norm (the θ_m table), for float32 (tolerance 1e-8) and float64 (1e-16). Pinned: the common case must not move.
 TRAINING_NORMS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0,
                   10.0, 12.0, 15.0, 18.0, 20.0, 22.0, 25.0, 28.0, 30.0]  # fmt: skip
 TRAINING_PLANS = {

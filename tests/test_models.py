@@ -73,10 +73,16 @@ def test_sample_shapes_and_temperature_zero():
     assert (x >= -1).all() and (x < 1).all()
 
 
-def test_paper_parameter_count():
-    """The paper's CIFAR-10 model has 37.7M parameters (Table 3)."""
-    model = MultiScaleFlow(PRESETS["paper-t2-mef-cifar10"].model)
+def test_paper_parameter_count_and_levels():
+    """The paper's CIFAR-10 model has 37.7M parameters (Table 3) and runs at the three levels the
+    benchmarks use (presets.LEVELS: a level's latent is half its channels, the last one all)."""
+    from mefbench.presets import CPU_MEF, LEVELS, PAPER_MEF
+
+    model = MultiScaleFlow(PRESETS[PAPER_MEF].model)
     assert round(count_parameters(model) / 1e6, 1) == 37.7
+    *split, last = model.latent_shapes
+    assert tuple((2 * c, h, w) for c, h, w in split) + (last,) == LEVELS
+    assert PRESETS[CPU_MEF].scale == "cpu" and PRESETS[CPU_MEF].model.coupling == PRESETS[PAPER_MEF].model.coupling
 
 
 def test_config_json_round_trip(tmp_path):
@@ -133,7 +139,10 @@ def test_model_dicts_of_older_records_load():
         ({"coupling_options": {"scale": object()}}, "JSON-serialisable"),
         # option values of the wrong type are named here, not deep inside torch
         ({"coupling_options": {"rank": 2.5}}, "MatrixExpCoupling option rank must be an integer or None, got 2.5"),
-        ({"mixing": "convexp", "mixing_options": {"kernel_size": "3"}}, "option kernel_size must be an integer, got '3'"),
+        (
+            {"mixing": "convexp", "mixing_options": {"kernel_size": "3"}},
+            "option kernel_size must be an integer, got '3'",
+        ),
         ({"coupling": "spline", "coupling_options": {"bound": True}}, "option bound must be a number, got True"),
         ({"image_shape": (3, 12, 12), "steps": (1, 1, 1)}, "divisible by 8"),
         ({"steps": ()}, "at least one level"),
@@ -156,6 +165,7 @@ def test_names_users_import_still_work_or_say_what_replaces_them():
 
     assert callable(linalg.expm) and callable(linalg.expm_action) and callable(results.load_runs)
     assert set(L.CONV1X1) <= set(L.MIXING) and "matexp" in L.COUPLING and "smoke" in PRESETS
-    from mefbench.training import TrainConfig, pool_stats
+    from mefbench.config import TrainConfig
+    from mefbench.stats import pool_stats
 
     assert TrainConfig().dataset == "cifar10" and pool_stats([]) == {}

@@ -198,12 +198,9 @@ def test_run_lock_is_exclusive_and_names_its_holder(tmp_path):
         pass
 
 
-def test_pool_stats_and_its_old_home():
-    from mefbench.training import pool_stats as old
-
+def test_pool_stats():
     parts = [{"count": 2, "mean": 1.0, "std": 0.0, "max": 1.0, "min": 1.0},
              {"count": 2, "mean": 3.0, "std": 0.0, "max": 3.0, "min": 3.0}, {}]  # fmt: skip
-    assert old is pool_stats
     assert pool_stats(parts) == {"count": 4, "mean": 2.0, "std": 1.0, "max": 3.0, "min": 1.0}
     assert pool_stats([{}]) == {}
 
@@ -227,3 +224,16 @@ def test_wilson_interval():
     for bad in ((4, 3), (-1, 3), (1, 3, 0.0)):
         with pytest.raises(ValueError, match="wilson_interval"):
             wilson_interval(*bad)
+
+
+def test_one_number_coercer():
+    import math
+
+    import numpy as np
+
+    from mefbench.stats import as_float
+
+    assert as_float(3) == 3.0 and as_float(np.int64(2)) == 2.0 and as_float(np.float32(0.5)) == 0.5
+    assert as_float(math.inf) == math.inf
+    for missing in (None, True, "4.2", [1.0], {"a": 1}):
+        assert math.isnan(as_float(missing)), missing

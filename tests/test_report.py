@@ -360,6 +360,7 @@ def test_a_failure_half_way_leaves_the_previous_report_whole(tmp_path, monkeypat
     assert any(after[n] != before[n] for n in before if n.startswith("figures/"))
 
 
+@pytest.mark.slow
 def test_asv_section(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     write_record(runs, "t2-s0", record("cpu-t2-mef", 0, 4.1))

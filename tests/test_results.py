@@ -84,7 +84,7 @@ def make_record(
 def write_record(root: Path, name: str, record: dict) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    # as training.write_json_atomic writes it (NaN allowed)
+    # as record.write_json_atomic writes it (NaN allowed)
     (run_dir / "record.json").write_text(json.dumps(record, indent=2, allow_nan=True))
     return run_dir
 

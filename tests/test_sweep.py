@@ -1,6 +1,8 @@
 import os
 import shutil
 
+import pytest
+
 from mefbench.cli import main
 from mefbench.layers import COUPLING, MIXING, registry_variants
 from mefbench.presets import PRESETS
@@ -119,6 +121,7 @@ def test_a_finished_run_of_another_configuration_is_refused(tmp_path, capsys):
     assert (run / "record.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
     """The stability benchmark's smoke grid: every coupling and variant at the grid's two rates, one
     seed, swept and reported (CI runs it; the cpu grid is the committed report's)."""

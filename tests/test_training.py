@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import mefbench
+from mefbench.checkpoint import load_checkpoint, load_model
 from mefbench.models import MODEL_REVISION, MultiScaleFlow
 from mefbench.presets import PRESETS
-from mefbench.record import LOCK, SCHEMA, RunLock, RunRecord, read_record
-from mefbench.training import CHECKPOINT, RECORD, RunError, load_checkpoint, load_model, train
+from mefbench.record import CHECKPOINT, LOCK, RECORD, SCHEMA, RunError, RunLock, RunRecord, read_record
+from mefbench.training import train
 
 # what may differ between two runs of the same configuration: times, dates, the command, resumes
 _UNCOMPARED = {"train_time_s", "eval_time_s", "mean_epoch_time_s", "sample_time_per_image_s",
@@ -453,6 +454,7 @@ def test_an_interrupt_during_an_epochs_commit_keeps_that_epoch(tmp_path):
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted(tmp_path):
     """A scheduler's SIGTERM ends the run cleanly: status interrupted, exit 130 (resuming: test above)."""
     args = ["train", "--preset", "smoke-t2-mef", "--epochs", "30", "--out", "run", "--no-progress"]

@@ -48,7 +48,7 @@ class ActNorm(InitFlag, FlowLayer):
         self.channels = channels
         self.per = per
         self.size = tuple(size) if size is not None else None
-        shape = (1, channels, 1, 1) if per == "channel" else (1, channels, *self.size)
+        shape = (1, channels, 1, 1) if per == "channel" or size is None else (1, channels, *size)
         self.theta = nn.Parameter(inverse_softplus(torch.ones(shape)))
         self.bias = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))

@@ -15,9 +15,9 @@ option sets worth comparing in ``variants`` (:func:`layer_variants` reads them).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +175,7 @@ class FlowSequential(FlowLayer):
         return len(self.layers)
 
     def __getitem__(self, i: int) -> FlowLayer:
-        return self.layers[i]
+        return cast(FlowLayer, self.layers[i])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
@@ -186,8 +186,8 @@ class FlowSequential(FlowLayer):
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         logdet = y.new_zeros(y.shape[0])
-        for layer in reversed(self.layers):
-            y, ld = layer.inverse(y)
+        for i in reversed(range(len(self))):
+            y, ld = self[i].inverse(y)
             logdet = logdet + ld
         return y, logdet
 
@@ -204,14 +204,14 @@ def set_amp(module: nn.Module, amp: str | None) -> None:
     dtype = AMP_DTYPES[amp] if amp is not None else None
     for m in module.modules():
         if hasattr(m, "amp_dtype"):
-            m.amp_dtype = dtype
+            m.amp_dtype = dtype  # type: ignore[assignment]  # a Module takes any attribute; its stubs say Tensor | Module
 
 
 class Registry(dict):
     """Layer name -> class. A plain dict (``REGISTRY["name"] = Class`` adds a layer) whose
     :meth:`build` gives every unknown name, unknown option and bad value a clear error."""
 
-    def __init__(self, kind: str, entries: Mapping[str, type] = ()) -> None:
+    def __init__(self, kind: str, entries: Mapping[str, type] | Iterable[tuple[str, type]] = ()) -> None:
         super().__init__(entries)
         self.kind = kind
 

@@ -25,7 +25,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, TypeGuard, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 _CONTRACT = ("channels", "size", "in_channels", "out_channels")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -255,6 +255,10 @@ def check_kernel_size(name: str, kernel_size: object) -> int:
     return kernel_size
 
 
+@overload
+def check_size(name: str, size: object, required: Literal[True], why: str = "") -> tuple[int, int]: ...
+@overload
+def check_size(name: str, size: object, required: bool = False, why: str = "") -> tuple[int, int] | None: ...
 def check_size(name: str, size: object, required: bool = False, why: str = "") -> tuple[int, int] | None:
     """``size`` as an (H, W) tuple of positive ints, or None where it may be left out."""
     if size is None:
@@ -262,7 +266,7 @@ def check_size(name: str, size: object, required: bool = False, why: str = "") -
             raise ValueError(f"{name} needs size=(H, W) at construction{why}")
         return None
     try:
-        h, w = size
+        h, w = cast(Any, size)  # any pair; anything else is reported below
     except (TypeError, ValueError):
         raise ValueError(f"{name} size must be (H, W), got {size!r}") from None
     if not (_is_int(h) and _is_int(w) and h >= 1 and w >= 1):
@@ -270,7 +274,7 @@ def check_size(name: str, size: object, required: bool = False, why: str = "") -
     return h, w
 
 
-def check_fits(name: str, size: tuple[int, int], kernel_size: int) -> None:
+def check_fits(name: str, size: tuple[int, ...], kernel_size: int) -> None:
     """A k×k kernel's outermost taps are (k − 1)/2 pixels from its centre: with zero padding a tap
     that never reaches a pixel gets no gradient, and with wrap-around it lands on the centre tap's
     pixel again. Either way the kernel would be larger than the image can use."""

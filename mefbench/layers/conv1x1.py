@@ -95,6 +95,7 @@ class Conv1x1(FlowLayer):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_input(y, self.channels, type(self).__name__, self)
         _, W_inv = self._matrices(need_inverse=True)
+        assert W_inv is not None  # need_inverse=True
         logdet = -self.pixel_logdet() * (y.shape[2] * y.shape[3])
         return _apply(W_inv, y), logdet.expand(y.shape[0])
 
@@ -148,6 +149,10 @@ class PLUConv1x1(Conv1x1):
 
     DIAGONALS = ("exp", "free")
     variants = {d: {"diagonal": d} for d in DIAGONALS}  # what the zoo tables compare
+
+    P: Tensor  # buffers
+    lower_mask: Tensor
+    sign: Tensor
 
     def __init__(self, channels: int, *, size: tuple[int, int] | None = None, diagonal: str = "exp") -> None:
         super().__init__(channels, size=size)

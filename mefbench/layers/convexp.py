@@ -122,7 +122,7 @@ class ConvExp(FlowLayer):
     def _map(self, x: Tensor, sign: float) -> tuple[Tensor, Tensor]:
         self._check(x)
         K = self.kernel(*x.shape[2:])
-        logdet = sign * self.logdet(x.shape[2:])
+        logdet = sign * self.logdet((x.shape[2], x.shape[3]))
         return conv_exp(x, sign * K, self.terms(x.dtype)), logdet.expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ its own options and passes ``size`` and ``net`` on to :class:`Coupling` as ``**b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,7 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         dS, gx = action_backward(
             A, krylov, g.reshape(b, c, -1), g_logdet, ctx.m, need_dS=True, dS_out=dS_out, transposed=True
         )
+        assert dS is not None  # need_dS=True
         dS = dS.view(b, c * c, hh, ww)
         # S = α(2σ − 1) + δ, σ = sigmoid(z), z = 2β·o + 2γ: ∂S/∂z = 2α·σ(1 − σ). The gradient of o
         # is built in place in its slice of ∂L/∂h, and dS's buffer takes the last product.
@@ -114,9 +115,11 @@ class Coupling(FlowLayer):
         self.channels = channels
         self.c1 = (channels + 1) // 2
         self.c2 = channels // 2
-        self.net = (net if net is not None else net_factory())(self.c1, self.num_params(self.c2))
+        factory = net if net is not None else net_factory()
+        self.net = factory(self.c1, self.num_params(self.c2))
         head = output_layer(self.net)
-        if any(p is not None and bool(p.detach().ne(0).any()) for p in (head.weight, getattr(head, "bias", None))):
+        params: tuple[Tensor | None, ...] = (cast(Tensor, head.weight), getattr(head, "bias", None))
+        if any(p is not None and bool(p.detach().ne(0).any()) for p in params):
             raise ValueError(
                 f"{name}: the output layer (.head) of its {type(self.net).__name__} does not start at zero; "
                 "zero its weight and bias (nn.init.zeros_) so that the coupling starts as the identity"
@@ -271,7 +274,7 @@ class MatrixExpCoupling(Coupling):
         c, k = self.c2, self.rank
         t, o = h.split([c, h.shape[1] - c], dim=1)
         if self._fused:  # the S the fused forward builds, to the bit
-            s = self.scale
+            s = cast(BoundedTanh, self.scale)  # _fused holds only for the bounded tanh
             entries = bounded_tanh_via_sigmoid(o, s.alpha, s.beta, s.gamma, s.delta)[1]
         else:
             entries = self.scale(o)

@@ -110,6 +110,9 @@ class EmergingConv(FlowLayer):
         inverse="sequential",
     )
 
+    mask: Tensor  # buffers
+    centre: Tensor
+
     def __init__(self, channels: int, *, size: tuple[int, int] | None = None, kernel_size: int = 3) -> None:
         super().__init__()
         self.channels = check_channels("EmergingConv", channels)
@@ -150,7 +153,7 @@ class EmergingConv(FlowLayer):
         return size[0] * size[1] * (self.log_diag1.sum() + self.log_diag2.sum())
 
     def _logdet(self, x: Tensor) -> Tensor:
-        return self.logdet(x.shape[2:]).expand(x.shape[0])
+        return self.logdet((x.shape[2], x.shape[3])).expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +93,14 @@ def inverse_std(std: Tensor, init_scale: float = 1.0) -> Tensor:
     return torch.where(std > _CONSTANT, init_scale / (std + INIT_EPS), torch.full_like(std, init_scale))
 
 
-class InitFlag:
+class InitFlag(nn.Module):
     """Mixin for a module with data-dependent init and an ``initialized`` buffer (saved with it).
 
     The buffer is read back to the host only until it is seen set: a GPU read-back per norm per
     forward would stall the stream hundreds of times a step. Loading a state dict re-reads it.
     """
 
+    initialized: Tensor  # the buffer each subclass registers
     _init_seen: bool = False
 
     def _needs_init(self) -> bool:
@@ -217,7 +218,7 @@ class CouplingNet(nn.Module):
         self.blocks = nn.Sequential(*(ResidualBlock(hidden_channels) for _ in range(num_blocks)))
         self.head = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(cast(Tensor, self.head.bias))  # a Conv2d built with a bias
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -305,7 +306,7 @@ class ZeroConv2d(nn.Conv2d):
         extra = 1 if self.edge_bias else 0
         super().__init__(cin + extra, cout, kernel, padding=0 if self.edge_bias else self.pad)
         nn.init.zeros_(self.weight)
-        nn.init.zeros_(self.bias)
+        nn.init.zeros_(cast(Tensor, self.bias))
         self.logs = nn.Parameter(torch.zeros(1, cout, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -397,7 +398,7 @@ def perturb_output(
     for m in module.modules():
         if not isinstance(m, Coupling):
             continue
-        weight = output_layer(m.net).weight
+        weight = cast(Tensor, output_layer(m.net).weight)
         scale = std / math.sqrt(weight[0].numel()) if fan_in else std
         device = generator.device if generator is not None else torch.device("cpu")
         draw = torch.randn(weight.shape, generator=generator, dtype=weight.dtype, device=device)

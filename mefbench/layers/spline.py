@@ -119,8 +119,7 @@ def rq_spline(
 
 
 def _positive_float(value: object, owner: str, option: str) -> float:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{owner} option {option} must be a positive finite number, got {value!r}")
     return float(value)
 

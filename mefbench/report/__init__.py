@@ -1,4 +1,4 @@
-"""The comparison report: ``README.md`` and PNG figures from run records (DESIGN.md §4).
+"""The comparison report: ``README.md`` and PNG figures from run records (docs/design.md §4).
 
 ``write_report(runs_dir, out_dir)`` reads every run under runs_dir (:mod:`mefbench.results`),
 counts each preset and seed once, renders every table of :data:`~mefbench.report.tables.TABLES`

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..layers import COUPLING, MIXING, canonical_options, layer_variants
 from ..models import MODEL_REVISION
-from ..stats import pool_stats, wilson_interval
+from ..stats import as_float, pool_stats, wilson_interval
 from .format import DASH, number, params, pm, published_pm
 
 __all__ = [
@@ -45,10 +45,11 @@ _STATUS_RANK = {"finished": 0, "diverged": 1, "interrupted": 2, "running": 3}
 def group_label(dataset: str, scale: object, revision: object = MODEL_REVISION) -> str:
     scale = scale if isinstance(scale, str) and scale else "unlabelled"
     label = f"{dataset}, {scale} scale"
-    if revision is None or (isinstance(revision, float) and math.isnan(revision)):
+    number = as_float(revision)
+    if math.isnan(number):
         return label + ", model revision unknown"
-    if int(revision) != MODEL_REVISION:
-        label += f", model revision {int(revision)}"
+    if int(number) != MODEL_REVISION:
+        label += f", model revision {int(number)}"
     return label
 
 
@@ -78,7 +79,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     defaults = {"cells": dict, "mixing_options": dict, "coupling_options": dict}
     for col, make in defaults.items():
         if col not in df:
-            df[col] = [make() for _ in range(len(df))]
+            df[col] = pd.Series([make() for _ in range(len(df))], index=df.index, dtype=object)
         df[col] = df[col].map(lambda v, make=make: v if isinstance(v, dict) else make())
     for col in ("model_revision", "sample_time_per_image_s", "roundtrip_error", "peak_memory_bytes"):
         if col not in df:
@@ -116,7 +117,7 @@ def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     return kept.sort_index(), duplicates
 
 
-def variant_of(kind: str, name: str, options: object) -> str:
+def variant_of(kind: str, name: str | None, options: object) -> str:
     """The label of the class's variant (:func:`~mefbench.layers.layer_variants`, "default" for
     the defaults) whose options match, or the options themselves (JSON) when none matches."""
     registry = MIXING if kind == "mixing" else COUPLING
@@ -150,7 +151,7 @@ def cell_frame(df: pd.DataFrame, table: str, keys: Iterable[str], kind: str = "c
         stored = row.get("cells") if isinstance(row.get("cells"), dict) else {}
         mine = dict(stored.get(table) or {})
         cells.append({k: mine[k] if k in mine else _fallback(row, k) for k in keys})
-    return df.assign(**{k: [c[k] for c in cells] for k in keys})
+    return df.assign(**{k: pd.Series([c[k] for c in cells], index=df.index) for k in keys})
 
 
 def _order(values: Iterable, key: str) -> list:
@@ -225,7 +226,7 @@ def table4_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _reference_time(df: pd.DataFrame, key: str, reference: str) -> float:
+def _reference_time(df: pd.DataFrame, key: str, reference: str | None) -> float:
     timed = df[df["epochs_done"] > 0]
     ref = timed.loc[timed[key] == reference, "mean_epoch_time_s"]
     return float(ref.mean()) if len(ref) else math.nan
@@ -371,7 +372,7 @@ def stability_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (coupling, variant): the largest rate of the grid at which no run diverged (and every
     smaller rate had none either), the same for failures (diverged or worse than uniform), and the
     totals."""
-    out = []
+    out: list[dict] = []
     if rows.empty:
         return pd.DataFrame(out)
     for (coupling, variant), g in rows.groupby(["coupling", "variant"], sort=False):
@@ -390,8 +391,8 @@ def stability_summary(rows: pd.DataFrame) -> pd.DataFrame:
 def _largest_safe(rows: pd.DataFrame, bad: pd.Series) -> float:
     """The largest rate at which, and below which, every decided run was good (NaN if none)."""
     safe = math.nan
-    for i, r in rows.iterrows():
-        if r["finished"] + r["diverged"] == 0 or bad[i] > 0:
+    for lr, decided, b in zip(rows["lr"], rows["finished"] + rows["diverged"], bad.loc[rows.index], strict=True):
+        if decided == 0 or b > 0:
             break
-        safe = r["lr"]
+        safe = lr
     return safe

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..presets import variant_label
@@ -47,7 +48,7 @@ class FigureContext:
         )
 
 
-def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, object]:
+def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(width, height), layout="constrained")
     return fig, fig.add_subplot()
 
@@ -70,7 +71,7 @@ def curves(ctx: FigureContext) -> list[str]:
     fig, ax = _figure()
     sns.lineplot(data=ep, x="epoch", y="test_bpd", hue="cell", errorbar="sd", marker="o", ax=ax)
     ax.set(xlabel="epoch", ylabel="test bits/dim (EMA weights)", title=f"{ctx.title}: training curves ({ctx.group})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # a MaxNLocator; stubs: Locator
     path = _save(fig, ctx, "curves")
     return [f"![{ctx.title} training curves, {ctx.group}]({path})", "",
             "*Test bits/dim (EMA weights) after each epoch; line = mean over seeds, band = ± sd.*", ""]  # fmt: skip

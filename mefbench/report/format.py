@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from ..stats import as_float
+
 __all__ = ["DASH", "markdown_table", "number", "params", "pm", "published_pm", "slug"]
 
 DASH = "–"
@@ -47,16 +49,16 @@ def published_pm(mean: float | None, std: float | None, digits: int = 2) -> str:
 
 
 def params(n: object) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
+    x = as_float(n)
+    if math.isnan(x):
         return DASH
-    return f"{int(n) / 1e6:.2f}M ({int(n):,})"
+    return f"{int(x) / 1e6:.2f}M ({int(x):,})"
 
 
 def number(value: object, fmt: str = "{:.3g}") -> str:
     """A finite number formatted, '–' for None / NaN / anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
-        return DASH
-    return fmt.format(value)
+    x = as_float(value)
+    return fmt.format(x) if math.isfinite(x) else DASH
 
 
 def slug(text: str) -> str:

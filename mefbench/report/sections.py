@@ -6,17 +6,17 @@ import datetime as _dt
 import importlib
 import json
 import math
-import platform
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
+from ..checkpoint import load_model
+from ..env import versions
 from ..images import save_grid
 from ..models import MODEL_REVISION
-from ..training import CHECKPOINT, RunError, load_model
+from ..record import CHECKPOINT, RunError
 from .aggregate import finished, in_table
 from .format import DASH, markdown_table
 
@@ -41,6 +41,8 @@ def header(
     import seaborn
 
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    seaborn_version = seaborn.__version__  # type: ignore[attr-defined]  # seaborn has it; its stubs do not
+    software = {**versions(), "matplotlib": matplotlib.__version__, "seaborn": seaborn_version}
     how = (
         f"`{command}`" if command else f"`mefbench.report.write_report({str(runs_dir)!r}, ...)` (no command line given)"
     )
@@ -53,8 +55,8 @@ def header(
         f"- Runs directory: `{runs_dir}`",
         f"- Runs: {len(runs)}" + (f" ({', '.join(f'{n} {s}' for s, n in statuses.items())})" if len(runs) else ""),
         f"- Model revision: {MODEL_REVISION} (the official MEF code's model; see `mefbench.models.MODEL_REVISION`)",
-        (f"- Report written with mefbench {__version__}, python {platform.python_version()}, torch {torch.__version__}, "
-         f"pandas {pd.__version__}, numpy {np.__version__}, matplotlib {matplotlib.__version__}, seaborn {seaborn.__version__}"),
+        "- Report written with " + ", ".join(f"{k} {v}" for k, v in software.items() if k != "git_commit")
+        + (f" (commit {software['git_commit']})" if software["git_commit"] else ""),
         "",
     ]  # fmt: skip
     not_done = runs[runs["status"] != "finished"]

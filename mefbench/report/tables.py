@@ -19,13 +19,13 @@ import pandas as pd
 import torch
 
 from ..models import MultiScaleFlow, count_parameters
-from ..presets import PRESETS, TABLE4_COUPLINGS
+from ..presets import CPU_MEF, PAPER_MEF, PRESETS, TABLE4_COUPLINGS
 from ..stats import wilson_interval
 from . import aggregate as agg
 from . import figures as fig
 from .format import DASH, markdown_table, number, params, published_pm
 
-__all__ = ["TABLES", "TableSpec", "paper_parameter_counts", "render_table", "table_ids"]
+__all__ = ["TABLES", "TableSpec", "paper_parameter_counts", "render_table"]
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def _published_table2(pub: dict) -> list[str]:
 def paper_count_presets() -> list[tuple[str, str]]:
     """(row label, preset) of the paper-scale models Table 3 counts: MEF on CIFAR-10, the affine
     model of Table 4 and the other 1×1 convs of Table 5 (read from the presets)."""
-    rows = [("MEF", "paper-t2-mef-cifar10")]
-    seen = {PRESETS["paper-t2-mef-cifar10"].model.to_json()}
+    rows = [("MEF", PAPER_MEF)]
+    seen = {PRESETS[PAPER_MEF].model.to_json()}
     for name, p in PRESETS.items():
         if p.scale != "paper" or not {"4", "5"} & set(p.tables) or p.train.dataset != "cifar10":
             continue
@@ -220,7 +220,7 @@ def _stability_finding(rows: pd.DataFrame) -> str:
         )
 
     # the paper's Table 4 pair, each in its default (the paper's) form: MEF's coupling and the other
-    ours = PRESETS["cpu-t2-mef"].model.coupling
+    ours = PRESETS[CPU_MEF].model.coupling
     other = next(c for c in TABLE4_COUPLINGS if c != ours)
 
     def paper_form(coupling: str) -> pd.Series:
@@ -343,10 +343,6 @@ def _stability_display(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def table_ids() -> tuple[str, ...]:
-    return tuple(TABLES)
-
-
 # ----------------------------------------------------------------------------- the renderer
 
 
@@ -369,7 +365,9 @@ def render_table(spec: TableSpec, runs: pd.DataFrame, epochs: pd.DataFrame, publ
             f"No runs for {spec.short} in the runs directory (presets that feed it: {_presets_for(spec.id)}).",
             "",
         ]
-    for group, gdf in mine.groupby("group", sort=False):
+    assert spec.rows is not None  # a table from runs has rows
+    for key, gdf in mine.groupby("group", sort=False):
+        group = str(key)
         rows = spec.rows(gdf, pub)
         table = pd.DataFrame([rows]) if isinstance(rows, dict) else rows
         out += [f"Runs on {group}:", "", markdown_table(table), ""]
