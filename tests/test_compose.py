@@ -16,10 +16,10 @@ from torch import nn
 
 import mefbench
 import mefbench.layers as L
+from mefbench.checkpoint import load_model
 from mefbench.cli import main
 from mefbench.config import FlowConfig
 from mefbench.models import MultiScaleFlow
-from mefbench.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
