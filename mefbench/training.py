@@ -22,8 +22,9 @@ dequantisation noise and the init batch come from generators seeded by (seed, ep
 resumed run records the same numbers as an uninterrupted one, bit for bit on the CPU.
 
 Test hooks: ``MEFBENCH_TEST_KILL_AT=POINT[:EPOCH]`` makes the process SIGKILL itself at a named
-point (``MEFBENCH_TEST_PAUSE_AT`` sleeps there instead), for the tests that kill real training
-processes. Points: ``locked``, ``started``, ``mid-epoch``, ``evaluated``,
+point (``MEFBENCH_TEST_PAUSE_AT`` sleeps there instead: ``MEFBENCH_TEST_PAUSE_S`` seconds, or
+while the file ``MEFBENCH_TEST_PAUSE_WHILE`` exists), for the tests that kill or signal real
+training processes. Points: ``locked``, ``started``, ``mid-epoch``, ``evaluated``,
 ``checkpoint-tmp-open``, ``checkpoint-tmp-written``, ``after-checkpoint``, ``record-tmp-open``,
 ``record-tmp-written``, ``after-record``, ``finishing``; EPOCH is the 1-based epoch in progress
 (0 outside epochs).
@@ -92,6 +93,7 @@ from .stats import pool_stats
 __all__ = [
     "CHECKPOINT",
     "RECORD",
+    "Interrupted",
     "RunError",
     "RunLockedError",
     "RunRecord",
@@ -115,7 +117,8 @@ _CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "step")
 
 def _test_point(point: str, epoch: int = 0) -> None:
     """MEFBENCH_TEST_KILL_AT / MEFBENCH_TEST_PAUSE_AT = POINT[:EPOCH]: SIGKILL or pause here (for
-    MEFBENCH_TEST_PAUSE_S seconds, 600 by default)."""
+    MEFBENCH_TEST_PAUSE_S seconds, 600 by default; with MEFBENCH_TEST_PAUSE_WHILE=PATH, until that
+    file is removed or those seconds have passed, whichever comes first)."""
     for env in ("MEFBENCH_TEST_KILL_AT", "MEFBENCH_TEST_PAUSE_AT"):
         spec = os.environ.get(env)
         if not spec:
@@ -124,7 +127,10 @@ def _test_point(point: str, epoch: int = 0) -> None:
         if name == point and (not at or int(at) == epoch):
             if env == "MEFBENCH_TEST_KILL_AT":
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(float(os.environ.get("MEFBENCH_TEST_PAUSE_S", "600")))
+            end = time.monotonic() + float(os.environ.get("MEFBENCH_TEST_PAUSE_S", "600"))
+            flag = os.environ.get("MEFBENCH_TEST_PAUSE_WHILE")
+            while (left := end - time.monotonic()) > 0 and (flag is None or os.path.exists(flag)):
+                time.sleep(min(left, 0.1) if flag else left)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -425,10 +431,18 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
     )
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal interrupted the run (SIGTERM, or one of ``train``'s ``interrupt_signals``); ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = int(signum)
+
+
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so the record is marked interrupted; both
-    wait while an epoch commits (:func:`_interrupts_held`)."""
+def _sigterm_as_interrupt(extra: tuple[int, ...] = ()) -> Iterator[None]:
+    """Treat SIGTERM (schedulers, `kill`), and the ``extra`` signals, like Ctrl-C, so the record is
+    marked interrupted; all wait while an epoch commits (:func:`_interrupts_held`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -437,9 +451,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         if _HELD.active:  # an epoch is committing: raise once it has
             _HELD.pending = signum
             return
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in dict.fromkeys((signal.SIGTERM, signal.SIGINT, *extra))}
     try:
         yield
     finally:
@@ -470,7 +484,7 @@ def _interrupts_held() -> Iterator[None]:
         _HELD.active = False
         if _HELD.pending is not None:
             signum, _HELD.pending = _HELD.pending, None
-            raise KeyboardInterrupt(f"signal {signum}")
+            raise Interrupted(signum)
 
 
 def _comparable(cfg: TrainConfig) -> TrainConfig:
@@ -847,6 +861,7 @@ def train(
     scale: str | None = None,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    interrupt_signals: tuple[int, ...] = (),
 ) -> RunRecord:
     """Train (or resume) one run in run_dir and return its record.
 
@@ -857,6 +872,12 @@ def train(
     torchrun the run is data-parallel (DistributedDataParallel); only rank 0 writes.
     ``stop_after_epochs`` ends the call early with status "interrupted" (as a kill would), for
     tests and time-sliced sweeps; ``resume=True`` continues from the last committed epoch.
+
+    SIGTERM and Ctrl-C while epochs train mark the run interrupted and raise KeyboardInterrupt
+    (:class:`Interrupted` for a signal):
+    the epoch in flight is discarded, an epoch being committed is kept (the interrupt waits for
+    the commit). ``interrupt_signals`` are more signals that do the same (a scheduler's warning
+    signal before a preemption or the time limit: :mod:`mefbench.cluster`).
     """
     run_dir = Path(run_dir)
     cfg = train_config
@@ -885,14 +906,16 @@ def train(
         if ckpt is not None:
             state.load(ckpt, run_dir / CHECKPOINT)
             del ckpt
-        return _train_epochs(run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs)
+        return _train_epochs(
+            run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs, interrupt_signals
+        )
     finally:
         lock.release()
 
 
 def _train_epochs(
     run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device,
-    rank: int, world: int, progress: bool, stop_after_epochs: int | None,
+    rank: int, world: int, progress: bool, stop_after_epochs: int | None, interrupt_signals: tuple[int, ...] = (),
 ) -> RunRecord:  # fmt: skip
     """Epochs from the last committed one to the end (or to stop_after_epochs), then finish."""
 
@@ -909,7 +932,7 @@ def _train_epochs(
         )
     start = len(record.epochs)
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(interrupt_signals):
         try:
             for epoch in range(start, end):
                 result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
