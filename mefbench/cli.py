@@ -245,7 +245,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     tables, data_dirs = parse_tables(args.table), _data_dirs(args.data_dir)
     executor = getattr(args, "executor", "inline")  # `reproduce` sweeps inline
-    options = _cluster_options(args) if executor != "inline" else None
+    options = _cluster_options(args) if hasattr(args, "executor") else None  # None: inline
     specs = plan(tables, args.scale, args.seeds, data_dirs)
     save_plan(args.runs, specs)  # what `mefbench status` shows as pending
     if options is not None:

@@ -242,6 +242,12 @@ class RunJob(Checkpointable):
 
         signal.signal(usr, preempted_in_setup)  # while epochs run, training's own handler takes over
         try:
+            return self._train(run_dir, usr, submitit_handler)
+        finally:
+            signal.signal(usr, submitit_handler)
+
+    def _train(self, run_dir: Path, usr: int, submitit_handler: object) -> dict:
+        try:
             record = train_run(
                 self.spec,
                 run_dir,
@@ -253,13 +259,11 @@ class RunJob(Checkpointable):
         except RunLockedError as exc:  # a duplicate job, or someone training it by hand: theirs
             return {"run": self.spec.name, "status": "locked", "message": str(exc)}
         except KeyboardInterrupt as exc:
-            signal.signal(usr, signal.SIG_IGN)
             if getattr(exc, "signum", None) != usr or not callable(submitit_handler):
                 raise  # Ctrl-C or SIGTERM (scancel): the job ends, the record says interrupted
             print(f"{self.spec.name}: interrupted by the scheduler's signal; asking submitit to requeue", flush=True)
             submitit_handler(usr, None)  # calls self.checkpoint(), requeues and exits (on the first task)
             raise
-        signal.signal(usr, signal.SIG_IGN)  # done: nothing left to requeue for
         final = record.final
         return {
             "run": self.spec.name,
@@ -522,23 +526,12 @@ def _local_executor(folder: Path, options: ClusterOptions):
     return executor
 
 
-def _job_line(result: object) -> str:
-    if isinstance(result, dict) and result.get("status") == "locked":
-        return f"left to the process that holds it ({result.get('message')})"
-    if isinstance(result, dict) and "status" in result:
-        text = str(result["status"])
-        if result.get("test_bpd") is not None:
-            text += f", test bits/dim {result['test_bpd']:.4f} (epoch {result.get('epochs')})"
-        return text
-    return str(result)
-
-
 def _to_submit(specs: list[RunSpec], runs_dir: Path) -> tuple[list[RunSpec], int]:
     """The runs that need a job, printing why each other one does not; and how many are skipped
     because they are unreadable."""
     from .status import run_statuses
 
-    rows = {r.name: r for r in run_statuses(runs_dir, specs)}
+    rows = {r.name: r for r in run_statuses(runs_dir, specs, others=False)}
     todo, unreadable = [], 0
     for spec in specs:
         row = rows[spec.name]
@@ -613,18 +606,16 @@ def submit_sweep(
 
 
 def _wait_slurm(runs_dir: Path, specs: list[RunSpec]) -> None:
-    """Until no planned run has a job the scheduler still runs or holds (polls squeue every 2 s,
-    backing off to every 30 s)."""
+    """Until no planned run has a job the scheduler still runs or holds (squeue every 2 s at
+    first, less often the longer the wait, at most every minute)."""
     names = {s.name for s in specs}
-    delay = 2.0
+    start = time.monotonic()
     while True:
         jobs = [j for run, j in latest_jobs(runs_dir).items() if run in names and j.executor == "slurm"]
         states = job_states(runs_dir, jobs)
-        active = [j for j in jobs if states.get(j.job_id) in ACTIVE_STATES]
-        if not active:
+        if not any(states.get(j.job_id) in ACTIVE_STATES for j in jobs):
             return
-        time.sleep(delay)
-        delay = min(30.0, delay * 1.5)
+        time.sleep(min(60.0, max(2.0, (time.monotonic() - start) / 4)))  # 2 s at first, at most a minute
 
 
 def _run_local(
@@ -632,6 +623,8 @@ def _run_local(
     kwargs: dict,
 ) -> None:  # fmt: skip
     """Run the jobs on this machine, one per free slot, each slot with its own GPUs."""
+    from .status import run_statuses
+
     if not todo:
         print("nothing to run: none of the planned runs needs a job", flush=True)
         return
@@ -659,15 +652,10 @@ def _run_local(
                 running[slot] = (spec, job)
             time.sleep(0.5)
             for slot, (spec, job) in list(running.items()):
-                if job.done():
+                if job.done():  # the run's record (and the job's outcome) say how it ended
                     del running[slot]
                     free.append(slot)
-                    try:
-                        line = _job_line(job.result())
-                    except Exception as exc:
-                        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-                        line = f"job {job.job_id} failed: {lines[-1].strip() if lines else type(exc).__name__}"
-                    print(f"{spec.name}: {line}", flush=True)
+                    print(f"{spec.name}: {run_statuses(runs_dir, [spec], others=False)[0].summary()}", flush=True)
     finally:
         for _, job in running.values():  # interrupted: the runs say so, and a rerun resumes them
             job.cancel(check=False)
@@ -676,7 +664,7 @@ def _run_local(
 def _report(runs_dir: Path, specs: list[RunSpec]) -> int:
     from .status import run_statuses
 
-    rows = run_statuses(runs_dir, specs)
+    rows = run_statuses(runs_dir, specs, others=False)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1

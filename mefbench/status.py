@@ -239,25 +239,27 @@ def _state(run_dir: Path, job_id: str | None, job_state: str | None, runs_dir: P
         return {"state": "failed", "note": job_failure(runs_dir, job_id) or f"its job ended {job_state}", **out}
     if record.status == "running":
         who = f"{holder.get('host', '?')} pid {holder.get('pid', '?')}" if holder else "its process"
-        return {"state": "interrupted", "note": f"{who} ended without marking it", **out}
+        return {"state": "interrupted", "holder": holder, "note": f"{who} ended without marking it", **out}
     return {"state": "interrupted", **out}
 
 
-def run_statuses(runs_dir: str | Path, specs: Sequence | None = None) -> list[RunStatus]:
+def run_statuses(runs_dir: str | Path, specs: Sequence | None = None, others: bool = True) -> list[RunStatus]:
     """The state of every planned run (``specs``; by default the runs directory's plan file)
-    and of every other run directory with a record, planned runs first, in plan order."""
+    and, with ``others``, of every other run directory with a record there; planned runs
+    first, in plan order."""
     from .cluster import job_states, latest_jobs
 
     runs_dir = Path(runs_dir)
     plan = {s.name: _planned(s) for s in specs} if specs is not None else (load_plan(runs_dir) or {})
+    found = sorted(p.parent.name for p in runs_dir.glob(f"*/{RECORD}") if not p.parent.name.startswith("."))
+    names = [*plan, *(n for n in found if n not in plan and others)]
     try:
-        jobs = latest_jobs(runs_dir)
+        jobs = {n: j for n, j in latest_jobs(runs_dir).items() if n in set(names)}
     except RunError:
         jobs = {}
     states = job_states(runs_dir, list(jobs.values())) if jobs else {}
-    found = sorted(p.parent.name for p in runs_dir.glob(f"*/{RECORD}") if not p.parent.name.startswith("."))
     rows = []
-    for name in [*plan, *(n for n in found if n not in plan)]:
+    for name in names:
         job = jobs.get(name)
         job_id = job.job_id if job else None
         job_state = states.get(job_id) if job_id else None
