@@ -262,6 +262,7 @@ class RunJob(Checkpointable):
             if getattr(exc, "signum", None) != usr or not callable(submitit_handler):
                 raise  # Ctrl-C or SIGTERM (scancel): the job ends, the record says interrupted
             print(f"{self.spec.name}: interrupted by the scheduler's signal; asking submitit to requeue", flush=True)
+            signal.signal(usr, signal.SIG_IGN)  # a second warning changes nothing now
             submitit_handler(usr, None)  # calls self.checkpoint(), requeues and exits (on the first task)
             raise
         final = record.final
@@ -272,7 +273,7 @@ class RunJob(Checkpointable):
             "test_bpd": final.test_bpd if final is not None else None,
         }
 
-    def checkpoint(self, *args: object, **kwargs: object):
+    def checkpoint(self, *args: object, **kwargs: object) -> DelayedSubmission | None:
         """The submission that resumes this run (submitit requeues it), or None to end the job:
         when the run has ended, or when this attempt ran into its time limit without committing
         an epoch (requeueing it would only repeat that)."""
@@ -440,10 +441,12 @@ def job_states(runs_dir: str | Path, jobs: Sequence[JobEntry]) -> dict[str, str]
     slurm = [j.job_id for j in jobs if j.executor == "slurm"]
     states = _slurm_states(slurm) if slurm else {}
     for j in jobs:
-        if j.executor == "local" and j.job_id.isdigit() and pid_alive(int(j.job_id)):
-            states.setdefault(j.job_id, "RUNNING")
-        if j.job_id not in states:
-            states[j.job_id] = _submitit_outcome(folder, j.job_id) or "ENDED"
+        if j.job_id in states:
+            continue
+        outcome = _submitit_outcome(folder, j.job_id)  # a result file outranks a pid (pids are reused)
+        if outcome is None and j.executor == "local" and j.job_id.isdigit() and pid_alive(int(j.job_id)):
+            outcome = "RUNNING"
+        states[j.job_id] = outcome or "ENDED"
     return states
 
 

@@ -290,6 +290,12 @@ def test_a_job_keeps_an_ended_run_and_leaves_a_locked_one(tmp_path):
         holder.wait()
     assert out["status"] == "locked" and f"process {holder.pid}" in out["message"]
     assert RunJob(other, tmp_path / other.name).checkpoint() is not None  # not ended: would be requeued
+    # a job that reached its time limit without committing an epoch is not requeued (it would loop)
+    stuck = RunJob(other, tmp_path / other.name, time_min=20)
+    stuck._started = time.monotonic() - 17 * 60  # past 0.8 × 20 minutes: a time limit, not a preemption
+    assert stuck.checkpoint() is None
+    stuck._started = time.monotonic() - 5 * 60  # early: a preemption, requeued whatever the progress
+    assert stuck.checkpoint() is not None
 
 
 # ----------------------------------------------------------------------------- the local executor, end to end
@@ -340,3 +346,17 @@ def test_local_executor_requeues_a_preempted_run_and_a_rerun_resumes_a_cancelled
         assert got.status == "finished" and [e.epoch for e in got.epochs] == [1, 2]
         assert [r.from_epoch for r in got.resumes] == [1]  # epoch 2 trained into the record once
         assert numbers(got) == numbers(want), name
+
+
+def test_a_filesystem_without_flock_is_named(tmp_path, monkeypatch):
+    """Lustre without -o flock answers flock with ENOSYS: the lock says what the filesystem lacks."""
+    import errno
+
+    from mefbench.record import RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(RunError, match=r"does not support flock .*Lustre needs the flock mount option"):
+        RunLock(tmp_path).acquire()
