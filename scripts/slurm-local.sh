@@ -2,7 +2,8 @@
 # A single-node SLURM cluster on this machine, for the `slurm`-marked tests and for trying
 # `mefbench sweep --executor slurm` without a cluster.
 #
-#   bash scripts/slurm-local.sh start    install slurm-wlm + munge (apt-get) if missing, write
+#   bash scripts/slurm-local.sh start    install SLURM (Debian's slurm-wlm daemons and client) and
+#                                        munge with apt-get if missing, write
 #                                        /etc/slurm/slurm.conf, start munged, slurmctld, slurmd
 #                                        and wait until sinfo shows the node idle
 #   bash scripts/slurm-local.sh stop     stop the three daemons this script started
@@ -38,12 +39,15 @@ install() {
         say "cannot start a local SLURM cluster: slurm-wlm is not installed and there is no apt-get (not Debian)"
         exit 3
     fi
-    say "installing slurm-wlm and munge with apt-get"
+    # slurm-wlm's daemons and client without its optional plugins (hdf5, influxdb, mysql, ...)
+    local packages="slurmctld slurmd slurm-client munge"
+    say "installing $packages with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null || true  # a stale list still installs; a missing one fails below
-    if ! apt-get install -y -qq --no-install-recommends slurm-wlm munge >"$state_dir/apt.log" 2>&1; then
+    # shellcheck disable=SC2086
+    if ! apt-get install -y -qq --no-install-recommends $packages >"$state_dir/apt.log" 2>&1; then
         tail -5 "$state_dir/apt.log" >&2
-        say "cannot start a local SLURM cluster: apt-get install slurm-wlm munge failed (log: $state_dir/apt.log)"
+        say "cannot start a local SLURM cluster: apt-get install $packages failed (log: $state_dir/apt.log)"
         exit 3
     fi
 }
