@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
@@ -51,6 +52,9 @@ from .record import ENDED, RECORD, RunError, RunLockedError, RunRecord, now, rea
 from .status import pid_alive
 from .sweep import RunSpec
 from .training import Interrupted
+
+if TYPE_CHECKING:
+    from submitit import Job, LocalExecutor, SlurmExecutor
 
 __all__ = [
     "EXECUTORS",
@@ -453,7 +457,7 @@ def job_states(runs_dir: str | Path, jobs: Sequence[JobEntry]) -> dict[str, str]
 # ----------------------------------------------------------------------------- submitting
 
 
-def _slurm_executor(folder: Path, options: ClusterOptions):
+def _slurm_executor(folder: Path, options: ClusterOptions) -> SlurmExecutor:
     import submitit
 
     if options.time_min is None:
@@ -521,7 +525,7 @@ def local_slots(options: ClusterOptions, gpus: list[int] | None = None) -> list[
     return [()] * n
 
 
-def _local_executor(folder: Path, options: ClusterOptions):
+def _local_executor(folder: Path, options: ClusterOptions) -> LocalExecutor:
     import submitit
 
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=1000)
@@ -635,7 +639,7 @@ def _run_local(
     threads = options.cpus_per_run or max(1, (os.cpu_count() or 1) // len(slots))
     queue = list(todo)
     free = list(range(len(slots)))
-    running: dict[int, tuple[RunSpec, object]] = {}
+    running: dict[int, tuple[RunSpec, Job]] = {}
     print(
         f"running {len(todo)} runs on this machine, at most {len(slots)} at once"
         + (f", GPUs {', '.join(','.join(map(str, s)) for s in slots)}" if any(slots) else "")

@@ -279,7 +279,10 @@ def test_a_job_keeps_an_ended_run_and_leaves_a_locked_one(tmp_path):
     assert first["status"] == "finished" and first["epochs"] == spec.train.epochs
     record = read_record(tmp_path / spec.name)
     assert job() == first and read_record(tmp_path / spec.name) == record  # kept, not trained again
-    assert job.checkpoint() is None  # an ended run is never requeued
+    assert job.checkpoint() is None  # an ended run is never requeued: finished...
+    diverged = Divergence(epoch=1, step=3, loss=float("nan"))
+    write_record(tmp_path / spec.name, dataclasses.replace(record, status="diverged", diverged=diverged))
+    assert job.checkpoint() is None and job()["status"] == "diverged"  # ... or diverged (data, never retried)
     other = plan(("2",), "smoke", seeds=2)[1]
     (tmp_path / other.name).mkdir()
     holder = _hold_lock(tmp_path / other.name)

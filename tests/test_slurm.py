@@ -10,11 +10,11 @@ import socket
 import subprocess
 
 import pytest
-from test_cluster import cli, epochs, numbers, pause_env, record_or_none, resumes, run, wait_until
+from test_cluster import cli, epochs, numbers, pause_env, resumes, run, wait_until
 
 from mefbench.cluster import SUBMITIT_DIR
 from mefbench.record import RECORD, read_record
-from mefbench.status import lock_holder
+from mefbench.status import lock_holder, run_statuses
 from mefbench.sweep import plan
 
 
@@ -81,9 +81,12 @@ def test_a_slurm_sweep_survives_a_preemption_and_a_cancel(tmp_path):
         subprocess.run(["scancel", "--signal=USR2", ids[preempted]], check=True, timeout=60)
         subprocess.run(["scancel", ids[cancelled]], check=True, timeout=60)
         wait_until(lambda: resumes(runs / preempted) == 1, "the requeued job to resume", diagnose=diagnose)
-        wait_until(lambda: record_or_none(runs / cancelled).status == "interrupted", "the cancel", diagnose=diagnose)
-        wait_until(lambda: f"job {ids[cancelled]} CANCELLED" in run("status", "--runs", "runs", cwd=tmp_path).stdout,
-                   "the cancelled job to end", diagnose=diagnose)  # fmt: skip
+
+        def cancel_ended() -> bool:  # interrupted (or, killed before it could say so, running with a stale lock)
+            row = next(r for r in run_statuses(runs) if r.name == cancelled)
+            return row.state == "interrupted" and row.job_state == "CANCELLED"
+
+        wait_until(cancel_ended, "the cancelled job to end", diagnose=diagnose)
     finally:
         flag.unlink()
     again = run(*jobs, "--wait", cwd=tmp_path, timeout=900)
