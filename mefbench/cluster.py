@@ -376,32 +376,34 @@ def latest_jobs(runs_dir: str | Path) -> dict[str, JobEntry]:
 # ----------------------------------------------------------------------------- job states
 
 
-def _query(command: list[str]) -> str | None:
-    """A scheduler command's output, or None when it is missing or fails (no accounting, ...)."""
+def _query(command: list[str]) -> subprocess.CompletedProcess | None:
+    """A scheduler command, run (None when it is not installed or does not answer within a minute)."""
     if shutil.which(command[0]) is None:
         return None
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
 def _slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """SLURM states by job id: squeue (every state it still knows), then sacct for the rest."""
+    """SLURM states by job id: squeue (every state it still knows), then sacct (where accounting
+    is on) for the rest. UNREACHABLE for all when squeue is there but the controller does not
+    answer; {} without squeue (then submitit's own files tell)."""
+    squeue = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j"]
+    done = _query([*squeue, ",".join(job_ids)])
+    if done is None:
+        return {} if shutil.which("squeue") is None else dict.fromkeys(job_ids, "UNREACHABLE")
+    if done.returncode != 0 and "invalid job id" not in done.stderr.lower():
+        return dict.fromkeys(job_ids, "UNREACHABLE")
     states: dict[str, str] = {}
-    out = _query(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(job_ids)])
-    if out is None and len(job_ids) > 1:  # squeue refuses the whole list when one id is unknown
-        out = "".join(
-            _query(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", job_id]) or "" for job_id in job_ids
-        )
-    for line in (out or "").splitlines():
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:  # one unknown id alone fails
         job_id, _, state = line.strip().partition("|")
         states[job_id] = state.split()[0] if state else "UNKNOWN"
     rest = [j for j in job_ids if j not in states]
     if rest:
-        out = _query(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(rest)])
-        for line in (out or "").splitlines():
+        done = _query(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(rest)])
+        for line in done.stdout.splitlines() if done is not None and done.returncode == 0 else []:
             job_id, _, state = line.strip().partition("|")
             if job_id in rest and state:
                 states[job_id] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
@@ -620,7 +622,8 @@ def _wait_slurm(runs_dir: Path, specs: list[RunSpec]) -> None:
     while True:
         jobs = [j for run, j in latest_jobs(runs_dir).items() if run in names and j.executor == "slurm"]
         states = job_states(runs_dir, jobs)
-        if not any(states.get(j.job_id) in ACTIVE_STATES for j in jobs):
+        # UNREACHABLE: the controller did not answer this time; keep waiting for it
+        if not any(states.get(j.job_id) in ACTIVE_STATES | {"UNREACHABLE"} for j in jobs):
             return
         time.sleep(min(60.0, max(2.0, (time.monotonic() - start) / 4)))  # 2 s at first, at most a minute
 

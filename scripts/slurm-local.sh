@@ -151,17 +151,19 @@ cmd_start() {
     exit 1
 }
 
-# kill the daemon whose pid a pid file names, and wait for it to end
+# kill the daemon whose pid a pid file names (only if that pid is still that daemon: pids are
+# reused), and wait for it to end
 pkill_pidfile() {
-    local pid
+    local pid name
     [ -s "$1" ] || return 0
     pid="$(cat "$1")"
-    if kill "$pid" 2>/dev/null; then
+    name="$(basename "$1" .pid)"
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] && kill "$pid" 2>/dev/null; then
         for _ in $(seq 100); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
-        kill -9 "$pid" 2>/dev/null || true
+        if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then kill -9 "$pid" 2>/dev/null || true; fi
     fi
     rm -f "$1"
 }

@@ -363,3 +363,24 @@ def test_a_filesystem_without_flock_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     with pytest.raises(RunError, match=r"does not support flock .*Lustre needs the flock mount option"):
         RunLock(tmp_path).acquire()
+
+
+def test_scheduler_states_say_when_the_controller_does_not_answer(monkeypatch):
+    """squeue's states by job id; UNREACHABLE (so --wait keeps waiting) when squeue is there but
+    the controller does not answer; nothing without squeue (submitit's own files tell then)."""
+    from mefbench import cluster
+
+    answers = {}
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in ("squeue", "sacct") else None)
+    monkeypatch.setattr(cluster, "_query", lambda cmd: answers[cmd[0]])
+    answers["squeue"] = subprocess.CompletedProcess([], 0, "12_0|RUNNING\n12_1|PENDING\n", "")
+    answers["sacct"] = subprocess.CompletedProcess([], 0, "11|CANCELLED by 0\n", "")
+    assert cluster._slurm_states(["12_0", "12_1", "11"]) == {"12_0": "RUNNING", "12_1": "PENDING", "11": "CANCELLED"}
+    answers["squeue"] = subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Invalid job id specified")
+    answers["sacct"] = subprocess.CompletedProcess([], 1, "", "Slurm accounting storage is disabled")
+    assert cluster._slurm_states(["11"]) == {}  # gone from the queue, no accounting: submitit's files tell
+    answers["squeue"] = subprocess.CompletedProcess([], 1, "", "Unable to contact slurm controller (connect failure)")
+    assert cluster._slurm_states(["12_0", "11"]) == {"12_0": "UNREACHABLE", "11": "UNREACHABLE"}
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    answers["squeue"] = None
+    assert cluster._slurm_states(["12_0"]) == {}
