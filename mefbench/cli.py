@@ -1,4 +1,4 @@
-"""The ``mefbench`` command: layers, presets, train, sample, sweep, report, reproduce, bench."""
+"""The ``mefbench`` command: layers, presets, train, sample, sweep, status, report, reproduce, bench."""
 
 from __future__ import annotations
 
@@ -308,23 +308,78 @@ def _cmd_migrate_records(args: argparse.Namespace) -> int:
     return 1 if unreadable else 0
 
 
+def _cluster_options(args: argparse.Namespace):
+    """The job options of `sweep --executor local|slurm` (refused with the inline executor)."""
+    from .cluster import ClusterOptions, parse_sbatch, parse_time
+
+    given = {
+        "--partition": args.partition,
+        "--time": args.time,
+        "--gpus-per-run": args.gpus_per_run,
+        "--cpus-per-run": args.cpus_per_run,
+        "--mem": args.mem,
+        "--max-parallel": args.max_parallel,
+        "--sbatch": args.sbatch,
+        "--wait": args.wait or None,
+    }
+    if args.executor == "inline":
+        used = [flag for flag, value in given.items() if value is not None]
+        if used:
+            raise ValueError(
+                f"{', '.join(used)} apply to --executor local or slurm; the inline sweep runs here, one run at a time"
+            )
+        return None
+    if args.executor == "local" and (args.partition or args.sbatch):
+        raise ValueError("--partition and --sbatch are SLURM's; --executor local runs on this machine")
+    return ClusterOptions(
+        partition=args.partition,
+        time_min=parse_time(args.time) if args.time is not None else None,
+        gpus_per_run=args.gpus_per_run,
+        cpus_per_run=args.cpus_per_run,
+        mem=args.mem,
+        max_parallel=args.max_parallel,
+        sbatch=parse_sbatch(args.sbatch),
+    )
+
+
 def _runs(n: int) -> str:
     return f"{n} run was" if n == 1 else f"{n} runs were"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import SweepError, parse_tables, run_sweep
+    from .status import save_plan
+    from .sweep import SweepError, parse_tables, plan, run_sweep
 
     runs = _path(args.runs, "--runs")
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs {runs} is a file, not a folder: give the folder that holds (or will hold) the runs")
+    tables, data_dirs = parse_tables(args.table), _data_dirs(args.data_dir)
+    executor = getattr(args, "executor", "inline")  # `reproduce` sweeps inline
+    options = _cluster_options(args) if hasattr(args, "executor") else None  # None: inline
+    specs = plan(tables, args.scale, args.seeds, data_dirs)
+    save_plan(runs, specs)  # what `mefbench status` shows as pending
+    if options is not None:
+        from .cluster import submit_sweep
+
+        return submit_sweep(
+            specs,
+            runs,
+            executor,
+            options,
+            device=args.device,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            wait=args.wait,
+        )
     failures: dict[str, str] = {}
     try:
         records = run_sweep(
-            parse_tables(args.table),
+            tables,
             args.scale,
             runs,
             seeds=args.seeds,
             device=args.device,
-            data_dirs=_data_dirs(args.data_dir),
+            data_dirs=data_dirs,
             progress=not args.no_progress,
             amp=args.amp,
             channels_last=args.channels_last,
@@ -344,6 +399,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for name, reason in failures.items():
             print(f"  {name}: {reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import format_status, load_plan, run_statuses
+    from .sweep import parse_tables, plan
+
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        raise ValueError(f"--runs {runs}: no such directory")
+    if args.table is not None and args.scale is None:
+        raise ValueError(
+            "--table and --seeds need --scale (the plan they pick); or leave all three out to use the sweep's own plan"
+        )
+    specs = plan(parse_tables(args.table or "all"), args.scale, args.seeds) if args.scale else None
+    rows = run_statuses(runs, specs)
+    print(format_status(rows, runs, planned=specs is not None or load_plan(runs) is not None))
     return 0
 
 
@@ -487,7 +559,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run every run the report's tables need")
     sweep_args(p)
+    from .cluster import EXECUTORS
+
+    p.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        default="inline",
+        help="inline: one run after another in this process (default); local: processes on this machine, several "
+        "at once, each with its own GPUs, waiting for them; slurm: one SLURM job per run (a job array), printing the "
+        "job ids and returning",
+    )
+    jobs = p.add_argument_group("jobs (--executor local or slurm)")
+    jobs.add_argument("--partition", help="SLURM partition")
+    jobs.add_argument(
+        "--time", help="each job's time limit, minutes or [D-]HH:MM:SS (required for slurm); a run that reaches it "
+        "is requeued and resumes from its last epoch",
+    )  # fmt: skip
+    jobs.add_argument("--gpus-per-run", type=int, help="GPUs per run (several: data-parallel, one task per GPU)")
+    jobs.add_argument("--cpus-per-run", type=int, help="CPU cores per run (torch's threads)")
+    jobs.add_argument("--mem", help="memory per run, in sbatch's --mem syntax (e.g. 16G)")
+    jobs.add_argument(
+        "--max-parallel", type=int, help="most runs at once (slurm: the array's throttle; local: default one per GPU)"
+    )
+    jobs.add_argument(
+        "--sbatch", action="append", metavar="KEY=VALUE", help="another sbatch option, e.g. qos=high (repeatable)"
+    )
+    jobs.add_argument(
+        "--wait", action="store_true", help="slurm: wait for the jobs and report (exit 1 if a run did not end)"
+    )
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "status", help="each run of a sweep: finished, running (host, pid), interrupted, diverged, failed, pending"
+    )
+    p.add_argument("--runs", required=True, help="the runs directory of a sweep")
+    p.add_argument("--table", default=None, help="the plan to compare with (with --scale); default: the sweep's own")
+    p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
+    p.add_argument("--seeds", type=int, default=None)
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("report", help="write the comparison report from recorded runs")
     report_args(p, runs=True)

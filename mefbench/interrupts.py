@@ -8,13 +8,21 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["interrupts_held", "sigterm_as_interrupt"]
+__all__ = ["Interrupted", "interrupts_held", "sigterm_as_interrupt"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal interrupted the run (SIGTERM, or one of ``train``'s ``interrupt_signals``); ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = int(signum)
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so the record is marked interrupted; both
-    wait while an epoch commits (:func:`interrupts_held`)."""
+def sigterm_as_interrupt(extra: tuple[int, ...] = ()) -> Iterator[None]:
+    """Treat SIGTERM (schedulers, `kill`), and the ``extra`` signals, like Ctrl-C, so the record is
+    marked interrupted; all wait while an epoch commits (:func:`interrupts_held`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -23,9 +31,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         if _HELD.active:  # an epoch is committing: raise once it has
             _HELD.pending = signum
             return
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in dict.fromkeys((signal.SIGTERM, signal.SIGINT, *extra))}
     try:
         yield
     finally:
@@ -56,4 +64,4 @@ def interrupts_held() -> Iterator[None]:
         _HELD.active = False
         if _HELD.pending is not None:
             signum, _HELD.pending = _HELD.pending, None
-            raise KeyboardInterrupt(f"signal {signum}")
+            raise Interrupted(signum)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -569,6 +570,11 @@ class RunLock:
     left by a dead process never blocks a resume; the file itself stays (deleting a lock file is
     racy) and holds the pid, host and start time of its last holder, for the error message of
     the next process that finds it held. POSIX only.
+
+    Runs of one sweep on several machines need a filesystem whose flock excludes across them:
+    NFS (the Linux client sends flock to the server as a lock on the whole file, unless mounted
+    with ``local_lock=flock``/``all`` or ``nolock``) or Lustre mounted with ``-o flock``. A
+    filesystem without flock gets a RunError saying so.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -595,6 +601,14 @@ class RunLock:
                 "wait for it to finish or stop it, then --resume",
                 pid if isinstance(pid, int) else None,
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                raise RunError(
+                    f"cannot lock {self.path}: its filesystem does not support flock ({exc.strerror}); Lustre needs "
+                    "the flock mount option, NFS a mount without nolock (README: 'Sweeps on a cluster')"
+                ) from None
+            raise
         except BaseException:
             os.close(fd)
             raise

@@ -25,8 +25,9 @@ dequantisation noise and the init batch come from generators seeded by (seed, ep
 resumed run records the same numbers as an uninterrupted one, bit for bit on the CPU.
 
 Test hooks: ``MEFBENCH_TEST_KILL_AT=POINT[:EPOCH]`` makes the process SIGKILL itself at a named
-point (``MEFBENCH_TEST_PAUSE_AT`` sleeps there instead), for the tests that kill real training
-processes. Points: ``locked``, ``started``, ``mid-epoch``, ``evaluated``,
+point (``MEFBENCH_TEST_PAUSE_AT`` sleeps there instead: ``MEFBENCH_TEST_PAUSE_S`` seconds, or
+while the file ``MEFBENCH_TEST_PAUSE_WHILE`` exists), for the tests that kill or signal real
+training processes. Points: ``locked``, ``started``, ``mid-epoch``, ``evaluated``,
 ``checkpoint-tmp-open``, ``checkpoint-tmp-written``, ``after-checkpoint``, ``record-tmp-open``,
 ``record-tmp-written``, ``after-record``, ``finishing``; EPOCH is the 1-based epoch in progress
 (0 outside epochs).
@@ -67,7 +68,7 @@ from .distributed import (
     synchronize,
 )
 from .env import machine, versions
-from .interrupts import interrupts_held, sigterm_as_interrupt
+from .interrupts import Interrupted, interrupts_held, sigterm_as_interrupt
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .memory import PeakMemory
 from .models import MODEL_REVISION, MultiScaleFlow, bits_per_dim, count_parameters
@@ -90,7 +91,7 @@ from .record import (
     write_record,
 )
 
-__all__ = ["evaluate", "train", "train_step"]
+__all__ = ["Interrupted", "evaluate", "train", "train_step"]
 
 
 # ----------------------------------------------------------------------------- test hooks
@@ -98,7 +99,8 @@ __all__ = ["evaluate", "train", "train_step"]
 
 def _test_point(point: str, epoch: int = 0) -> None:
     """MEFBENCH_TEST_KILL_AT / MEFBENCH_TEST_PAUSE_AT = POINT[:EPOCH]: SIGKILL or pause here (for
-    MEFBENCH_TEST_PAUSE_S seconds, 600 by default)."""
+    MEFBENCH_TEST_PAUSE_S seconds, 600 by default; with MEFBENCH_TEST_PAUSE_WHILE=PATH, until that
+    file is removed or those seconds have passed, whichever comes first)."""
     for env in ("MEFBENCH_TEST_KILL_AT", "MEFBENCH_TEST_PAUSE_AT"):
         spec = os.environ.get(env)
         if not spec:
@@ -107,7 +109,10 @@ def _test_point(point: str, epoch: int = 0) -> None:
         if name == point and (not at or int(at) == epoch):
             if env == "MEFBENCH_TEST_KILL_AT":
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(float(os.environ.get("MEFBENCH_TEST_PAUSE_S", "600")))
+            end = time.monotonic() + float(os.environ.get("MEFBENCH_TEST_PAUSE_S", "600"))
+            flag = os.environ.get("MEFBENCH_TEST_PAUSE_WHILE")
+            while (left := end - time.monotonic()) > 0 and (flag is None or os.path.exists(flag)):
+                time.sleep(min(left, 0.1) if flag else left)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -614,6 +619,7 @@ def train(
     scale: str | None = None,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    interrupt_signals: tuple[int, ...] = (),
 ) -> RunRecord:
     """Train (or resume) one run in run_dir and return its record.
 
@@ -624,6 +630,12 @@ def train(
     torchrun the run is data-parallel (DistributedDataParallel); only rank 0 writes.
     ``stop_after_epochs`` ends the call early with status "interrupted" (as a kill would), for
     tests and time-sliced sweeps; ``resume=True`` continues from the last committed epoch.
+
+    SIGTERM and Ctrl-C while epochs train mark the run interrupted and raise KeyboardInterrupt
+    (:class:`Interrupted` for a signal):
+    the epoch in flight is discarded, an epoch being committed is kept (the interrupt waits for
+    the commit). ``interrupt_signals`` are more signals that do the same (a scheduler's warning
+    signal before a preemption or the time limit: :mod:`mefbench.cluster`).
     """
     run_dir = Path(run_dir)
     cfg = train_config
@@ -643,14 +655,16 @@ def train(
             return record
         if rank != 0 and record.epochs:
             state.load(load_checkpoint(run_dir / CHECKPOINT, map_location=dev), run_dir / CHECKPOINT)
-        return _train_epochs(run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs)
+        return _train_epochs(
+            run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs, interrupt_signals
+        )
     finally:
         lock.release()
 
 
 def _train_epochs(
     run_dir: Path, record: RunRecord, state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device,
-    rank: int, world: int, progress: bool, stop_after_epochs: int | None,
+    rank: int, world: int, progress: bool, stop_after_epochs: int | None, interrupt_signals: tuple[int, ...] = (),
 ) -> RunRecord:  # fmt: skip
     """Epochs from the last committed one to the end (or to stop_after_epochs), then finish."""
 
@@ -667,7 +681,7 @@ def _train_epochs(
         )
     start = len(record.epochs)
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(interrupt_signals):
         try:
             for epoch in range(start, end):
                 result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
