@@ -40,7 +40,7 @@ from .nets import ConvNorm, CouplingNet, DataInitAffine, NetFactory, ResidualBlo
 from .orthogonal import HouseholderConv1x1, QRConv1x1
 from .periodic import PeriodicConv
 from .reshape import SQUEEZE_ORDERS, Squeeze
-from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, HardClamp, SigmoidScale, SoftClamp
+from .scale_maps import SCALE_MAPS, BoundedTanh, ExpScale, HardClamp, SigmoidScale, SoftClamp, TanhScale
 from .spline import SplineCoupling
 from .woodbury import MEWoodburyConv, WoodburyConv
 
@@ -87,6 +87,7 @@ __all__ = [
     "SplineCoupling",
     "Squeeze",
     "StandardConv1x1",
+    "TanhScale",
     "WoodburyConv",
     "canonical_options",
     "check_input",
