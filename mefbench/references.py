@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .layers import (
     ButterflyConv,
+    Conv1x1,
     ConvExp,
     EmergingConv,
     LogisticMixtureCoupling,
@@ -40,7 +41,7 @@ from .layers.mixture import LOG_SCALE_MIN
 from .layers.periodic import kernel_spectrum
 from .linalg import series_terms, taylor_tolerance
 
-__all__ = ["PORTS", "Port", "convexp_before", "port_for"]
+__all__ = ["PORTS", "Port", "convexp_before", "factor_builds", "port_for"]
 
 
 @dataclass(frozen=True)
@@ -491,3 +492,19 @@ def port_for(name: str, layer: torch.nn.Module) -> Port:
     if name not in PORTS:
         raise ValueError(f"no reference port for {name!r}; ports exist for {', '.join(PORTS)}")
     return PORTS[name](layer)
+
+
+def factor_builds(
+    layer: torch.nn.Module, size: tuple[int, int]
+) -> tuple[Callable[[], object], Callable[[], object]] | None:
+    """(what a forward builds from the parameters, what an inverse builds) for a mixing layer whose
+    two differ: W and W⁻¹ of a 1×1 conv, the spectrum with its slogdets and the LU factors of a
+    periodic conv, the log-dets and the inverse blocks of a butterfly. None where one build serves
+    both directions (the kernels of emerging and convexp, the Woodbury factors)."""
+    if isinstance(layer, Conv1x1):
+        return (lambda: layer._matrix(inverse=False)), (lambda: layer._matrix(inverse=True))
+    if isinstance(layer, PeriodicConv):
+        return (lambda: layer.spectrum(*size)), (lambda: layer.lu_spectrum(*size))
+    if isinstance(layer, ButterflyConv):
+        return layer._blocks_logdet, layer.inverse_blocks
+    return None

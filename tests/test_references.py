@@ -327,6 +327,26 @@ def _operator_norm(K: torch.Tensor, h: int, w: int) -> float:
     return float(torch.linalg.matrix_norm(M, 2))
 
 
+def test_convexp_series_follows_the_kernels_bound(monkeypatch):
+    """T = series_terms(min(b, β)): fewer terms while the kernel is below β, β's at the bound; a
+    non-finite kernel gives a non-finite output (the training loop records it), not an error."""
+    used = []
+    real = convexp.conv_exp
+    monkeypatch.setattr(convexp, "conv_exp", lambda x, K, terms: used.append(terms) or real(x, K, terms))
+    layer = L.ConvExp(4, size=(6, 6)).float()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float32)
+    layer(x)
+    bound = float(layer.norm_bound(6, 6))
+    assert bound < 0.9 and used[-1] == convexp.series_terms(bound, 1e-8) < layer.terms(torch.float32) == 11
+    with torch.no_grad():
+        layer.weight.mul_(1000)
+    layer(x)
+    assert used[-1] == 11
+    with torch.no_grad():
+        layer.weight.fill_(float("nan"))
+    assert torch.isnan(layer(x)[0]).all()
+
+
 def test_convexp_power_normaliser_estimates_from_below_and_converges():
     """σ̂ = uᵀMv ≤ ‖M‖₂ after every step; with fixed weights it converges to ‖M‖₂; u and v are
     buffers saved with the layer; a training forward and its inverse use the same kernel."""
@@ -409,3 +429,81 @@ def test_options_keep_the_contract(kind, name, options):
     (y.square().sum() + logdet.sum()).backward()
     for pname, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+# ----------------------------------------------------------------------------- the speed comparisons
+
+
+def test_reference_rows_of_the_bench(monkeypatch):
+    """The bench part: a row per port and direction, the convexp row against the code it replaced,
+    a factor-build row per layer whose inverse builds something else than its forward (timings
+    faked: the rows' arithmetic and count, not the machine)."""
+    import mefbench.bench as bench
+
+    def fake_times(self, fns, repeats):
+        slow = {"ref", "before", "inverse"}
+        return {k: [2e-3 if k in slow else 1e-3] * repeats for k in fns}
+
+    monkeypatch.setattr(bench.Setting, "times", fake_times)
+    rows = bench._reference_rows(bench.Setting(torch.device("cpu"), quick=True))
+    assert len(rows) == bench.row_count("references", quick=True)
+    assert [r.measured for r in rows] == [2.0] * len(rows)
+    assert sum("reference code / ours" in r.what for r in rows) == 3 * len(references.PORTS)
+    (convexp_row,) = [r for r in rows if "before issue 21" in r.what]
+    assert convexp_row.target == "≥ 1.3×" and convexp_row.ok is None  # --quick: not judged
+    assert any(r.what.startswith("periodic: inverse's factor build") for r in rows)
+
+
+def test_reference_speed_script(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import reference_speed
+
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    try:
+        out = tmp_path / "ratios.json"
+        assert reference_speed.main(["--quick", "--only", "qr,butterfly", "--json", str(out)]) == 0
+        with pytest.raises(SystemExit):
+            reference_speed.main(["--only", "woodbury"])
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    records = json.loads(out.read_text())["records"]
+    assert [r["layer"] for r in records] == ["qr", "butterfly"]
+    assert all(r[m] > 0 and math.isfinite(r[m]) for r in records for m in ("forward", "forward+backward", "inverse"))
+
+
+def test_spline_against_nflows_computes_the_same_spline():
+    """The asv comparison is fair: both sides compute the same spline from the same raw
+    parameters (where nflows is installed; otherwise the benchmark is skipped with a clear reason)."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.reference_speed import SplineVsNflows
+
+    dtype = torch.get_default_dtype()
+    try:
+        ours = SplineVsNflows()
+        try:
+            theirs = SplineVsNflows()
+            theirs.setup("nflows")
+        except NotImplementedError as err:
+            assert "nflows is not installed" in str(err)
+            return
+        ours.setup("mefbench")
+        theirs.widths, theirs.heights, theirs.derivatives = ours.widths, ours.heights, ours.derivatives
+        y, logdet = ours.transform(ours.x)
+        y_ref, logdet_ref = theirs.transform(ours.x)
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logdet, logdet_ref, atol=1e-3, rtol=1e-3)
+    finally:
+        torch.set_default_dtype(dtype)

@@ -136,6 +136,16 @@ class ButterflyConv(FlowLayer):
     def _blocks_logdet(self) -> Tensor:
         return self._cache.get(self, "logdet", lambda: torch.log(torch.abs(_determinants(self.blocks))).sum())
 
+    def inverse_blocks(self) -> tuple[Tensor, Tensor]:
+        """(the blocks' inverses, Σ log|ad − bc|): what the inverse uses, from one pass over the
+        determinants; cached in eval."""
+
+        def build() -> tuple[Tensor, Tensor]:
+            det = _determinants(self.blocks)
+            return _block_inverse(self.blocks, det), torch.log(torch.abs(det)).sum()
+
+        return self._cache.get(self, "inverse", build)
+
     @staticmethod
     def _level(x: Tensor, blocks: Tensor, level: int) -> Tensor:
         """One level: blocks (2, 2, D/2) applied to the pairs of each of the 2^level segments."""
@@ -159,11 +169,7 @@ class ButterflyConv(FlowLayer):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         self._check(y)
 
-        def build() -> tuple[Tensor, Tensor]:  # one pass over the determinants for both
-            det = _determinants(self.blocks)
-            return _block_inverse(self.blocks, det), torch.log(torch.abs(det)).sum()
-
-        inverse, logdet = self._cache.get(self, "inverse", build)
+        inverse, logdet = self.inverse_blocks()
         logdet = -logdet
         x = y
         for level in reversed(range(self.levels)):

@@ -58,6 +58,8 @@ def conv_norm_bound(K: Tensor, h: int, w: int) -> Tensor:
     gh, gw = h + r, w + r
     with torch.no_grad():
         spectrum = kernel_spectrum(K.detach(), gh, gw)
+        if not bool(torch.isfinite(spectrum).all()):  # a diverged kernel: a NaN bound, not an SVD error
+            return K.sum() * math.nan
         top = torch.linalg.svdvals(spectrum)[..., 0]
         index = int(torch.argmax(top))
     if not (K.requires_grad and torch.is_grad_enabled()):
@@ -121,20 +123,21 @@ class ConvExp(FlowLayer):
     - ``"bound"``: b(W_M) an upper bound on the operator norm of W_M's convolution on the image
       (:func:`conv_norm_bound`: the largest singular value of the kernel's spectrum on a grid
       padded by k//2), computed once per call (and once per parameter change in eval). Then
-      ‖M‖₂ ≤ β is guaranteed, and the series has T = ``series_terms(β, tol)`` terms (tol = 1e-8
-      in float32, 1e-16 in float64), so that its tail Σ_{i≥T} ‖M‖^i/i! ≤ tol: the truncation is
-      the layer's only inexactness, at most tol·‖x‖₂ per sample. With rounding (unit round-off
-      u) a round trip stays within e^{2β}·(T·u·‖x‖∞ + 2·tol·‖x‖₂) per entry (tests/test_mixing.py
-      checks these at ‖M‖ = β).
+      ‖M‖₂ ≤ n = min(b, β) is guaranteed, and the series has T = ``series_terms(n, tol)`` terms
+      (tol = 1e-8 in float32, 1e-16 in float64), so that its tail Σ_{i≥T} ‖M‖^i/i! ≤ tol: the
+      truncation is the layer's only inexactness, at most tol·‖x‖₂ per sample. T follows the
+      kernel: 6 or 7 terms in float32 at the init (n ≈ 0.1–0.2), 11 at the bound. With rounding
+      (unit round-off u) a round trip stays within e^{2β}·(T·u·‖x‖∞ + 2·tol·‖x‖₂) per entry
+      (tests/test_mixing.py checks these at ‖M‖ = β).
     - ``"power"``: b(W_M) = σ̂ = uᵀ M v, the reference's estimate from one power-iteration step
       per training forward (u, v persistent buffers of the image's shape; no step in eval or in
       the inverse, so a forward and its inverse use the same K). σ̂ ≤ ‖M‖₂ always: it is an
       estimate from below, never a bound, and ‖M‖₂ can exceed β until u has converged. The
-      series therefore takes T = ``series_terms(2β, tol)`` terms: its tail stays below tol
-      while ‖M‖₂ ≤ 2β, i.e. while the estimate is at least half the true norm; nothing is
-      guaranteed beyond. :meth:`norm_bound` gives the guaranteed bound of the current kernel to
-      check it. The reference also sums a fixed 6 terms in training and 13 in eval, whatever the
-      norm; here the series follows the norm as with ``"bound"``.
+      series therefore takes T = ``series_terms(2β, tol)`` terms (15 in float32), whatever the
+      estimate: its tail stays below tol while ‖M‖₂ ≤ 2β, i.e. while the estimate is at least
+      half the true norm (at the bound); nothing is guaranteed beyond. :meth:`norm_bound` gives the guaranteed bound of the current
+      kernel to check it. The reference sums a fixed 6 powers in training and 13 in eval,
+      whatever the norm (a tail up to 0.9⁷/7! ≈ 1e-4 in training).
 
     The log-det is that of e^M exactly (det e^M = e^{tr M}) plus the 1×1 conv's. Inverse:
     e^{−M} (y − b₂), the same series with −K, then W⁻¹ and − b₁. Init: W_M ~ N(0, 1/(C·k²)²)
@@ -142,7 +145,8 @@ class ConvExp(FlowLayer):
     size.
 
     Cost per sample: T − 1 convs (O(T·k²·C²·n)) forward and inverse, plus O(C³·n) per call for
-    the bound (singular values only) or three single-sample convs for the power step.
+    the bound (singular values only) or three single-sample convs for the power step, and one
+    read of the norm back to the host (T is chosen from it).
     """
 
     info = LayerInfo(
@@ -205,18 +209,20 @@ class ConvExp(FlowLayer):
             )
         self._cache = EvalCache()
 
-    def terms(self, dtype: torch.dtype) -> int:
-        """T: the number of series terms that brings the tail under dtype's tolerance at ‖M‖ = max_norm
-        (at POWER_MARGIN·max_norm with the power normaliser)."""
-        norm = self.max_norm * (POWER_MARGIN if self.normaliser == "power" else 1.0)
-        return series_terms(norm, taylor_tolerance(dtype))
+    def terms(self, dtype: torch.dtype, norm: float | None = None) -> int:
+        """T: the number of series terms that brings the tail under dtype's tolerance at ‖M‖ = norm
+        (default max_norm, the most a call uses; POWER_MARGIN·norm with the power normaliser)."""
+        norm = self.max_norm if norm is None or not math.isfinite(norm) else min(norm, self.max_norm)
+        return series_terms(norm * (POWER_MARGIN if self.normaliser == "power" else 1.0), taylor_tolerance(dtype))
 
     def norm_bound(self, h: int, w: int) -> Tensor:
         """A guaranteed upper bound on ‖M‖₂ of the current kernel on h×w images (no autograd)."""
         with torch.no_grad():
-            return conv_norm_bound(self._kernel(h, w, step=False), h, w)
+            return conv_norm_bound(self._kernel(h, w, step=False)[0], h, w)
 
-    def _kernel(self, h: int, w: int, step: bool) -> Tensor:
+    def _kernel(self, h: int, w: int, step: bool) -> tuple[Tensor, float]:
+        """(K, n): the normalised kernel and n = min(b, β), the bound on its ‖M‖₂ that the series
+        length follows (β with the power normaliser, whose estimate bounds nothing)."""
         if self.normaliser == "bound":
             norm = conv_norm_bound(self.weight, h, w)
         else:
@@ -229,12 +235,18 @@ class ConvExp(FlowLayer):
             r = self.kernel_size // 2
             norm = torch.sum(self.power_u * F.conv2d(self.power_v[None], self.weight, padding=r)[0])
         # = min(1, β / norm), with no 0/0 for a zero kernel
-        return self.weight * (self.max_norm / torch.clamp(norm, min=self.max_norm))
+        K = self.weight * (self.max_norm / torch.clamp(norm, min=self.max_norm))
+        if self.normaliser == "power":  # an estimate (negative, even, before the first step): no T from it
+            return K, self.max_norm
+        return K, min(float(norm.detach()), self.max_norm)
+
+    def _normalised(self, h: int, w: int) -> tuple[Tensor, float]:
+        return self._cache.get(self, "kernel", lambda: self._kernel(h, w, step=False), h, w)
 
     def kernel(self, h: int, w: int) -> Tensor:
         """K, the spectrally normalised kernel for h×w images (‖M‖₂ ≤ max_norm with the bound);
         no power step."""
-        return self._cache.get(self, "kernel", lambda: self._kernel(h, w, step=False), h, w)
+        return self._normalised(h, w)[0]
 
     def _check(self, x: Tensor) -> None:
         check_input(x, self.channels, "ConvExp", self)
@@ -254,33 +266,36 @@ class ConvExp(FlowLayer):
             logdet = logdet + self.conv1x1.logdet(size)
         return logdet
 
-    def _normalised(self, x: Tensor, step: bool) -> Tensor:
-        """K for this call: built once (the log-det and the series share it), cached in eval."""
+    def _for_call(self, x: Tensor, step: bool) -> tuple[Tensor, int]:
+        """K for this call and the series length its norm needs: built once (the log-det and the
+        series share it), cached in eval; a training forward takes the power step."""
         if self.training and step and self.normaliser == "power":
-            return self._kernel(*x.shape[2:], step=True)
-        return self.kernel(*x.shape[2:])
+            K, norm = self._kernel(*x.shape[2:], step=True)
+        else:
+            K, norm = self._normalised(*x.shape[2:])
+        return K, self.terms(x.dtype, norm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        K = self._normalised(x, step=True)
+        K, terms = self._for_call(x, step=True)
         logdet = self._trace(K, x.shape[2:])
         if self.pre_bias is not None:
             x = x + self.pre_bias
         if self.conv1x1 is not None:
             x, ld = self.conv1x1(x)
             logdet = logdet + ld
-        y = conv_exp(x, K, self.terms(x.dtype))
+        y = conv_exp(x, K, terms)
         if self.post_bias is not None:
             y = y + self.post_bias
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         self._check(y)
-        K = self._normalised(y, step=False)
+        K, terms = self._for_call(y, step=False)
         logdet = -self._trace(K, y.shape[2:])
         if self.post_bias is not None:
             y = y - self.post_bias
-        x = conv_exp(y, -K, self.terms(y.dtype))
+        x = conv_exp(y, -K, terms)
         if self.conv1x1 is not None:
             x, ld = self.conv1x1.inverse(x)
             logdet = logdet + ld
