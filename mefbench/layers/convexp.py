@@ -155,7 +155,7 @@ class ConvExp(FlowLayer):
             "Hoogeboom, Garcia Satorras, Tomczak & Welling 2020 (The convolution exponential; "
             "code: ehoogeboom/convolution_exponential_and_sylvester)"
         ),
-        cost=Cost("O(T·k²·C²·n + C³·n)", "O(C)", "O(T·k²·C²·n)"),
+        cost=Cost("O(T·k²·C²·n + C³·n)", "O(C³·n) (the bound)", "O(T·k²·C²·n + C³·n)"),
         inverse="series",
     )
 

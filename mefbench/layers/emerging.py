@@ -126,7 +126,11 @@ class EmergingConv(FlowLayer):
     info = LayerInfo(
         family="spatial",
         reference="Hoogeboom, van den Berg & Welling 2019 (Emerging convolutions; code: ehoogeboom/emerging)",
-        cost=Cost("O(k²·C²·n)", "O(C)", "O(k²·C²·n) in H + W − 1 sequential steps"),
+        cost=Cost(
+            "O(k²·C²·n)",
+            "O(C³) (the 1×1 conv's slogdet; O(C) without)",
+            "O(k²·C²·n + C³) in H + W − 1 sequential steps",
+        ),
         inverse="sequential",
     )
 
