@@ -352,6 +352,8 @@ def test_convexp_power_normaliser_estimates_from_below_and_converges():
     buffers saved with the layer; a training forward and its inverse use the same kernel."""
     layer = moved(L.ConvExp(3, size=(5, 6), normaliser="power"), 1.0).train()
     x = torch.randn(2, 3, 5, 6)
+    tol = 1e-16  # float64
+    assert layer._for_call(x, step=False)[1] == convexp.series_terms(2 * 0.9, tol)  # no step yet: T at β
     true = _operator_norm(layer.weight.detach(), 5, 6)
     with torch.no_grad():
         for _ in range(60):
@@ -360,6 +362,12 @@ def test_convexp_power_normaliser_estimates_from_below_and_converges():
             sigma = torch.sum(layer.power_u * F.conv2d(layer.power_v[None], layer.weight, padding=1)[0])
             assert float(sigma) <= true * (1 + 1e-9)
     assert abs(float(sigma) - true) < 0.01 * true
+    # after a step, T follows the estimate: 2·min(σ̂, β) (here the kernel is normalised to β)
+    assert int(layer.power_steps) == 60
+    assert layer._for_call(x, step=False)[1] == convexp.series_terms(2 * min(float(sigma), 0.9), tol)
+    small = L.ConvExp(3, size=(5, 6), normaliser="power").train()  # the init: ‖M‖ well below β
+    small(x)
+    assert small._for_call(x, step=False)[1] < convexp.series_terms(2 * 0.9, tol)
     assert _operator_norm(layer.kernel(5, 6).detach(), 5, 6) <= 0.9 * 1.01
     assert float(layer.norm_bound(5, 6)) <= 2 * layer.max_norm  # within the series' margin
     assert {"power_u", "power_v"} <= set(layer.state_dict())
