@@ -8,7 +8,9 @@ repeats: its rows are a smoke check, never judged against the full-size targets.
 
 The parts ``layers`` and ``couplings`` have one row per entry (and variant) of the layer
 registries: every mixing layer's time against Glow's 1×1 conv, every coupling's time beyond its
-own net.
+own net. The part ``references`` times each layer with a port of its reference code
+(:mod:`mefbench.references`) against that port, the convolution exponential against the code it
+replaced, and each inverse's factor build against its forward's.
 
 On a GPU (``--device cuda``) every timing is bracketed by a device synchronisation, and the layer
 and model rows use the paper's batch of 64 instead of the CPU's 16.
