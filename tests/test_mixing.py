@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import mefbench.layers as L
-from mefbench.layers.base import flip
+from mefbench.layers import periodic
 from mefbench.layers.checks import EvalCache
 from mefbench.layers.convexp import NORM_LIMIT, conv_norm_bound
-from mefbench.layers.emerging import _wavefronts, solve_causal_conv
+from mefbench.layers.emerging import quadrant_wavefronts, solve_quadrant_conv
 from mefbench.linalg import MAX_TERMS, series_terms, taylor_tolerance
 from mefbench.models import FlowConfig, MultiScaleFlow
 
@@ -116,32 +116,47 @@ def test_me_woodbury_is_channel_height_width_in_turn():
 # ------------------------------------------------------------------ emerging
 
 
-@pytest.mark.parametrize("shape,k", [((4, 4, 6), 3), ((3, 5, 7), 5), ((2, 3, 3), 3), ((3, 2, 2), 3)])
-def test_emerging_is_upper_times_lower_and_its_inverse_is_the_dense_solve(shape, k):
-    layer = perturbed(L.EmergingConv(shape[0], size=shape[1:], kernel_size=k), 0.3)
+@pytest.mark.parametrize(
+    "shape,k,d", [((4, 4, 6), 3, 1), ((3, 5, 7), 5, 1), ((2, 3, 3), 3, 1), ((3, 2, 2), 3, 1), ((2, 5, 6), 3, 2)]
+)
+def test_emerging_is_two_triangular_convs_and_its_inverse_is_the_dense_solve(shape, k, d):
+    layer = perturbed(L.EmergingConv(shape[0], size=shape[1:], kernel_size=k, dilation=d, conv1x1=False), 0.3)
     K1, K2 = layer.kernels()
-    r = k // 2
-    A1 = dense(lambda x: F.conv2d(x, K1, padding=r), shape)
-    A2 = dense(lambda x: flip(F.conv2d(flip(x), K2, padding=r)), shape)
-    # triangular in raster × channel order, with the centre diagonals on the diagonal
-    n = shape[1] * shape[2]
+    p = (k // 2) * d
+    A1 = dense(lambda x: F.conv2d(F.pad(x, (0, p, 0, p)), K1, dilation=d), shape)
+    A2 = dense(lambda x: F.conv2d(F.pad(x, (p, 0, p, 0)), K2, dilation=d), shape)
+    # K₁ reads the pixels below and right and, at the centre, channels ≤ c: lower triangular with
+    # the pixels in reverse raster order and the channels ascending; K₂ reads the pixels above and
+    # left and channels ≥ c: lower triangular in raster order with the channels descending
+    n, c = shape[1] * shape[2], shape[0]
     P1, P2 = pixel_major(A1, shape), pixel_major(A2, shape)
-    assert _lower(P1) and _lower(P2.T)
-    torch.testing.assert_close(torch.diagonal(P1), torch.exp(layer.log_diag1).repeat(n))
-    # K₂ acts on the channel-flipped input: its diagonal runs backwards over the channels
-    torch.testing.assert_close(torch.diagonal(P2), torch.exp(layer.log_diag2.flip(0)).repeat(n))
-    A = dense(lambda x: layer(x)[0], shape)
+    order1 = (torch.arange(n).flip(0)[:, None] * c + torch.arange(c)).reshape(-1)
+    order2 = (torch.arange(n)[:, None] * c + torch.arange(c).flip(0)).reshape(-1)
+    assert _lower(P1[order1][:, order1]) and _lower(P2[order2][:, order2])
+    q = k // 2
+    torch.testing.assert_close(torch.diagonal(P1), torch.diagonal(layer.weight1[:, :, 0, 0]).repeat(n))
+    torch.testing.assert_close(torch.diagonal(P2), torch.diagonal(layer.weight2[:, :, q, q]).repeat(n))
+    bias = layer.bias.repeat_interleave(n)
+    A = dense(lambda x: layer(x)[0] - layer.bias[:, None, None], shape)
     torch.testing.assert_close(A, A2 @ A1)
     y = torch.randn(3, *shape)
-    expected = torch.linalg.solve(A, y.reshape(3, -1).T).T.reshape(y.shape)
+    expected = torch.linalg.solve(A, y.reshape(3, -1).T - bias[:, None]).T.reshape(y.shape)
     torch.testing.assert_close(layer.inverse(y)[0], expected, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(layer(y)[1][0], torch.linalg.slogdet(A).logabsdet)
 
 
 def test_emerging_inverse_runs_in_wavefronts():
-    for h, w, r in [(4, 6, 1), (5, 7, 2), (1, 1, 0), (3, 1, 0), (32, 32, 1)]:
-        steps = _wavefronts(h, w, r, torch.device("cpu"))
-        assert len(steps) == (r + 1) * (h - 1) + w
+    for h, w, r, d in [
+        (4, 6, 1, 1),
+        (5, 7, 2, 1),
+        (1, 1, 0, 1),
+        (3, 1, 0, 1),
+        (16, 16, 1, 1),
+        (7, 6, 1, 2),
+        (8, 8, 1, 3),
+    ]:
+        steps = quadrant_wavefronts(h, w, r, d, torch.device("cpu"))
+        assert len(steps) == (h - 1) // d + (w - 1) // d + 1
         assert sorted(torch.cat([pixels for pixels, _ in steps]).tolist()) == list(range(h * w))
         solved = torch.zeros(h * w + 1, dtype=torch.bool)
         solved[h * w] = True  # the zero row off the image
@@ -152,24 +167,28 @@ def test_emerging_inverse_runs_in_wavefronts():
 
 def test_emerging_solve_is_differentiable():
     layer = perturbed(L.EmergingConv(2, size=(3, 3)), 0.3)
-    K = layer.kernels()[0].detach().requires_grad_()
+    K = layer.kernels()[1].detach().requires_grad_()
     y = torch.randn(1, 2, 3, 3, requires_grad=True)
-    schedule = _wavefronts(3, 3, 1, torch.device("cpu"))
-    assert torch.autograd.gradcheck(lambda y, K: solve_causal_conv(y, K, schedule), (y, K))
+    schedule = quadrant_wavefronts(3, 3, 1, 1, torch.device("cpu"))
+    assert torch.autograd.gradcheck(lambda y, K: solve_quadrant_conv(y, K, 1, schedule), (y, K))
 
 
 # ------------------------------------------------------------------ periodic
 
 
+@pytest.mark.parametrize("path", ["direct", "fourier"])
 @pytest.mark.parametrize("shape,k", [((3, 4, 5), 3), ((3, 5, 4), 3), ((2, 2, 2), 3), ((2, 3, 6), 5), ((2, 4, 4), 1)])
-def test_periodic_is_the_circular_convolution_and_its_logdet_the_full_grid(shape, k):
+def test_periodic_is_the_circular_convolution_and_its_logdet_the_full_grid(shape, k, path, monkeypatch):
+    """Both forwards (the direct circular conv and the one through Fourier space) are the same map."""
+    monkeypatch.setattr(periodic, "DIRECT_MAX_KERNEL", k if path == "direct" else k - 2)
     layer = perturbed(L.PeriodicConv(shape[0], kernel_size=k), 0.3)
     r = k // 2
-    A = dense(lambda x: layer(x)[0], shape)
+    A = dense(lambda x: layer(x)[0] - layer.bias[:, None, None], shape)
     circular = dense(lambda x: F.conv2d(F.pad(x, (r, r, r, r), mode="circular"), layer.weight, padding=0), shape)
     torch.testing.assert_close(A, circular)
     torch.testing.assert_close(layer(torch.randn(1, *shape))[1][0], torch.linalg.slogdet(A).logabsdet)
-    torch.testing.assert_close(dense(lambda x: layer.inverse(x)[0], shape), torch.linalg.inv(A))
+    bias = layer.bias[:, None, None]
+    torch.testing.assert_close(dense(lambda x: layer.inverse(x + bias)[0], shape), torch.linalg.inv(A))
 
 
 # ------------------------------------------------------------------ convolution exponential
@@ -198,7 +217,7 @@ def test_convexp_at_its_norm_bound(max_norm, dtype):
       truncated map (D = C·H·W)."""
     shape = (3, 5, 6)
     D = math.prod(shape)
-    layer = L.ConvExp(3, size=shape[1:], max_norm=max_norm)
+    layer = L.ConvExp(3, size=shape[1:], max_norm=max_norm, conv1x1=False)
     with torch.no_grad():
         layer.weight.mul_(1000)
     K = layer.kernel(*shape[1:]).detach()
@@ -229,7 +248,7 @@ def test_convexp_at_its_norm_bound(max_norm, dtype):
 def test_butterfly_is_a_product_of_pairwise_levels():
     shape = (4, 2, 3)
     D = math.prod(shape)
-    layer = L.ButterflyConv(4, size=(2, 3))
+    layer = L.ButterflyConv(4, size=(2, 3), levels=None, init="rotation", conv1x1=False)
     assert layer.levels == 3  # 24 = 2³·3
     A = dense(lambda x: layer(x)[0], shape)
     torch.testing.assert_close(A @ A.T, torch.eye(D), atol=1e-12, rtol=0)  # rotations at init
@@ -271,6 +290,35 @@ def _errors():
         (lambda: L.ConvExp(4, size=(1, 5), kernel_size=3), "ConvExp: image 1×5 is too small for kernel_size 3"),
         (lambda: L.ConvExp(4, max_norm=0), r"ConvExp option max_norm must be a number in \(0, 4\], got 0"),
         (lambda: L.ConvExp(4, max_norm=4.5), r"ConvExp option max_norm must be a number in \(0, 4\], got 4.5"),
+        (
+            lambda: L.ConvExp(4, size=(4, 4), normaliser="power", max_norm=2.5),
+            r"ConvExp option max_norm must be a number in \(0, 2\] \(normaliser 'power' sums the terms for 2·max_norm\)",
+        ),
+        (lambda: L.ConvExp(4, normaliser="exact"), "ConvExp option normaliser must be one of"),
+        (
+            lambda: L.ConvExp(4, normaliser="power"),
+            r"ConvExp needs size=\(H, W\) at construction with normaliser='power'",
+        ),
+        (lambda: L.ConvExp(4, bias=True), r"ConvExp needs size=\(H, W\) at construction with bias=True"),
+        (lambda: L.ConvExp(4, conv1x1=1), "ConvExp option conv1x1 must be True or False, got 1"),
+        (
+            lambda: L.ConvExp(2, size=(4, 4), bias=True)(torch.zeros(1, 2, 4, 5)),
+            "ConvExp with bias=True was built for 4×4 images, got 4×5",
+        ),
+        (
+            lambda: L.ConvExp(2, size=(4, 4), normaliser="power").inverse(torch.zeros(1, 2, 5, 4)),
+            "ConvExp with normaliser='power' was built for 4×4 images, got 5×4",
+        ),
+        (lambda: L.EmergingConv(4, diagonal="log"), "EmergingConv option diagonal must be one of"),
+        (lambda: L.EmergingConv(4, dilation=0), "EmergingConv option dilation must be an integer >= 1, got 0"),
+        (lambda: L.EmergingConv(4, bias="yes"), "EmergingConv option bias must be True or False"),
+        (
+            lambda: L.EmergingConv(4, size=(3, 8), dilation=3),
+            "EmergingConv: image 3×8 is too small for kernel_size 3 with dilation 3",
+        ),
+        (lambda: L.PeriodicConv(4, bias=None), "PeriodicConv option bias must be True or False, got None"),
+        (lambda: L.ButterflyConv(4, size=(2, 2), init="random"), "ButterflyConv option init must be one of"),
+        (lambda: L.ButterflyConv(4, size=(2, 2), conv1x1=0), "ButterflyConv option conv1x1 must be True or False"),
         (
             lambda: L.WoodburyConv(4, size=(2, 3), rank=9),
             r"WoodburyConv option rank must be at most 4 \(the channels\), got 9",

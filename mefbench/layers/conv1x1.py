@@ -57,8 +57,9 @@ def _apply(W: Tensor, x: Tensor) -> Tensor:
 class Conv1x1(FlowLayer):
     """Shared bookkeeping: a per-pixel matrix, its inverse and log|det| per pixel.
 
-    Subclasses define ``weight()``, ``inverse_weight()`` and ``pixel_logdet()``. In eval mode both
-    matrices are cached and rebuilt only when a parameter changes (its version counter moves).
+    Subclasses define ``weight()``, ``inverse_weight()`` and ``pixel_logdet()``. Outside eval mode
+    each call builds only the matrix it applies (the forward W, the inverse W⁻¹); in eval mode both
+    are cached and rebuilt only when a parameter changes (its version counter moves).
     """
 
     def __init__(self, channels: int, *, size: tuple[int, int] | None = None) -> None:
@@ -77,10 +78,15 @@ class Conv1x1(FlowLayer):
     def pixel_logdet(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _matrices(self, need_inverse: bool) -> tuple[Tensor, Tensor | None]:
-        if self.training or torch.is_grad_enabled():  # built each call (the inverse only if needed)
-            return self.weight(), (self.inverse_weight() if need_inverse else None)
-        return self._cache.get(self, "matrices", lambda: (self.weight(), self.inverse_weight()))
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """(W, W⁻¹) together, for the eval cache; a subclass whose two share a factor overrides it."""
+        return self.weight(), self.inverse_weight()
+
+    def _matrix(self, inverse: bool) -> Tensor:
+        """W (or W⁻¹): built alone on each call outside eval, both from the cache in eval."""
+        if self.training or torch.is_grad_enabled():
+            return self.inverse_weight() if inverse else self.weight()
+        return self._cache.get(self, "matrices", self.matrices)[int(inverse)]
 
     def logdet(self, size: tuple[int, int]) -> Tensor:
         """log|det| of the map on an input of spatial size (H, W): H·W·log|det W| (no input needed)."""
@@ -88,14 +94,13 @@ class Conv1x1(FlowLayer):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_input(x, self.channels, type(self).__name__, self)
-        W, _ = self._matrices(need_inverse=False)
+        W = self._matrix(inverse=False)
         logdet = self.pixel_logdet() * (x.shape[2] * x.shape[3])
         return _apply(W, x), logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_input(y, self.channels, type(self).__name__, self)
-        _, W_inv = self._matrices(need_inverse=True)
-        assert W_inv is not None  # need_inverse=True
+        W_inv = self._matrix(inverse=True)
         logdet = -self.pixel_logdet() * (y.shape[2] * y.shape[3])
         return _apply(W_inv, y), logdet.expand(y.shape[0])
 

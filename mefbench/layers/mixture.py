@@ -36,9 +36,10 @@ from torch import Tensor
 
 from .base import Cost, LayerInfo
 from .coupling import Coupling
-from .scale_maps import make_scale_map
+from .scale_maps import SCALE_MAPS, TanhScale, make_scale_map
 
 __all__ = [
+    "MIXTURE_SCALES",
     "LogisticMixtureCoupling",
     "float_to_key",
     "key_to_float",
@@ -48,6 +49,8 @@ __all__ = [
 
 # components' log-scales are clamped below, as in Flow++: no component narrower than e^{-7}
 LOG_SCALE_MIN = -7.0
+# the scale maps of a: Flow++'s tanh(o), or any of the affine coupling's
+MIXTURE_SCALES = ("flowpp", *SCALE_MAPS)
 
 
 def mixture_logit_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,31 +162,38 @@ def mixture_logit_cdf_inverse(
 
 
 class LogisticMixtureCoupling(Coupling):
-    """y2 = e^{a}·σ⁻¹(Σ_k π_k σ((x2 − μ_k)·e^{−s_k})) + b; log|det| = Σ [a + log F′(x2) − log F(1 − F)].
+    """y2 = e^{a}·σ⁻¹(Σ_k π_k σ((x2 − μ_k)·e^{−s_k})) + b, a = tanh(o); log|det| = Σ [a + log F′(x2) − log F(1 − F)].
 
     Flow++'s elementwise CDF coupling (the module docstring has the maths). With K components the
-    net gives each channel of x2 the log-scale a (through the scale map, the paper's bounded tanh by
-    default, as the affine coupling), the shift b and K weight logits, means and log-scales
-    (clamped below at −7, as Flow++). Zero net output gives K identical standard logistics,
-    σ⁻¹(σ(x)) = x: the identity. Cost: O(K) per element forward; the inverse is a vectorised
-    bisection on the floats (:func:`mixture_logit_cdf_inverse`), at most 32 steps in float32 and
-    64 in float64, of O(K) each, that ends on adjacent floats, with two reads back to the host per
-    call (the step count before the loop, the convergence check after).
+    net gives each channel of x2 the log-scale a, the shift b and K weight logits, means and
+    log-scales (clamped below at −7, as Flow++). The log-scale is Flow++'s a = tanh(o) by default
+    (|a| < 1, no learned parameters); ``scale`` picks any scale map of the affine coupling
+    instead (``tanh`` is the paper's learned bound α·tanh(β·o + γ) + δ). Zero net output gives K
+    identical standard logistics and a = 0, σ⁻¹(σ(x)) = x: the identity. Cost: O(K) per element
+    forward; the inverse is a vectorised bisection on the floats
+    (:func:`mixture_logit_cdf_inverse`), at most 32 steps in float32 and 64 in float64, of O(K)
+    each, that ends on adjacent floats, with two reads back to the host per call (the step count
+    before the loop, the convergence check after). Flow++ instead clamps the CDF to
+    [1e-5, 1 − 1e-5] before its bisection, so its inverse saturates beyond |σ⁻¹(F)| ≈ 11.5.
 
     Net output layout, parameter-major: h viewed as (B, 3K + 2, c, H, W) holds a, b, then the K
     logits, the K means and the K log-scales of each channel of x2 (parameter p of channel i at
-    h[:, p·c + i]).
+    h[:, p·c + i]). Flow++ interleaves them channel-major (its own net); with a net of ours the
+    layout is a naming of the output channels, not a different map.
 
     Args:
-        components: K ≥ 1 (default 4: 14 net outputs per channel of x2, near the spline's 23, so
-            that a comparison of the couplings is about the map more than the net's head; Flow++'s
-            own models used more components; each adds 3 outputs and O(1) work per bisection step).
-        scale: the scale map of a (default ``tanh``; see :data:`~mefbench.layers.scale_maps.SCALE_MAPS`).
+        components: K ≥ 1 (default 4, where Flow++'s CIFAR-10 model uses 32: the zoo's couplings
+            share one small net and compare their maps; K = 4 gives 14 net outputs per channel of
+            x2, near the spline's 23, where K = 32 would give 98 and make the mixture's head the
+            largest part of a small net. Each component adds 3 outputs and O(1) work per bisection
+            step.)
+        scale: the map of a: ``"flowpp"`` (the default, tanh(o)) or a name of
+            :data:`~mefbench.layers.scale_maps.SCALE_MAPS`.
     """
 
     info = LayerInfo(
         family="coupling",
-        reference="Ho et al. 2019 (Flow++)",
+        reference="Ho et al. 2019 (Flow++; code: aravindsrinivas/flowpp)",
         cost=Cost("net + O(K·c·n)", "O(K·c·n)", "net + O(b·K·c·n), b ≤ 32 (float32) / 64 (float64) steps"),
         inverse="iterative",
     )
@@ -193,7 +203,7 @@ class LogisticMixtureCoupling(Coupling):
         channels: int,
         *,
         components: int = 4,
-        scale: str = "tanh",
+        scale: str = "flowpp",
         **base: Any,
     ) -> None:
         name = type(self).__name__
@@ -201,9 +211,11 @@ class LogisticMixtureCoupling(Coupling):
             raise ValueError(f"{name} option components must be an integer, got {components!r}")
         if components < 1:
             raise ValueError(f"{name} option components must be at least 1, got {components}")
+        if scale not in MIXTURE_SCALES:
+            raise ValueError(f"{name}: unknown scale map {scale!r}; choose one of {', '.join(MIXTURE_SCALES)}")
         self.components = components
         super().__init__(channels, **base)
-        self.scale = make_scale_map(scale, 1.0, name)
+        self.scale = TanhScale() if scale == "flowpp" else make_scale_map(scale, 1.0, name)
 
     def num_params(self, c: int) -> int:
         return c * (3 * self.components + 2)

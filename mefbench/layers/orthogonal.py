@@ -59,6 +59,10 @@ class HouseholderConv1x1(Conv1x1):
     def inverse_weight(self) -> Tensor:
         return householder_product(self.v).T
 
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        Q = householder_product(self.v)
+        return Q, Q.T
+
     def pixel_logdet(self) -> Tensor:
         return self.v.new_zeros(())
 
@@ -118,6 +122,10 @@ class QRConv1x1(Conv1x1):
     def inverse_weight(self) -> Tensor:
         Q, R = self.factors()
         return torch.linalg.solve_triangular(R, Q.T, upper=True)
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        Q, R = self.factors()
+        return Q @ R, torch.linalg.solve_triangular(R, Q.T, upper=True)
 
     def pixel_logdet(self) -> Tensor:
         if self.diagonal == "exp":

@@ -10,6 +10,9 @@ scale is e^S, so S is a log-scale; the matrix-exponential coupling uses S as mat
 | ``exp`` | o | none | RealNVP without a bound |
 | ``softclamp`` | c·0.636·atan(o / c), c = 2 | \\|S\\| < c·π/2·0.636 ≈ 2 | FrEIA (``clamp``) |
 | ``hardclamp`` | clamp(o, −5, 3) | S ∈ [−5, 3] | pyro (``log_scale_min_clip``, ``log_scale_max_clip``) |
+
+:class:`TanhScale` (S = tanh(o), \\|S\\| < 1, Flow++'s) is the logistic-mixture coupling's default and
+not in the table: the affine coupling's zoo variants are the table's rows.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "HardClamp",
     "SigmoidScale",
     "SoftClamp",
+    "TanhScale",
     "bounded_tanh_via_sigmoid",
     "make_scale_map",
 ]
@@ -128,6 +132,16 @@ class HardClamp(nn.Module):
 
     def forward(self, o: Tensor) -> Tensor:
         return torch.clamp(o, self.low, self.high)
+
+
+class TanhScale(nn.Module):
+    """Flow++'s scale: S = tanh(o), so |S| < 1; no learned parameters."""
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__()
+
+    def forward(self, o: Tensor) -> Tensor:
+        return torch.tanh(o)
 
 
 SCALE_MAPS: dict[str, type[nn.Module]] = {
