@@ -66,6 +66,8 @@ from .distributed import (
 )
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .models import MODEL_REVISION, MultiScaleFlow, bits_per_dim, count_parameters
+from .outcomes import summarise_losses
+from .plateau import PlateauState, plateau_state
 from .record import (
     CHECKPOINT,
     ENDED,
@@ -79,6 +81,7 @@ from .record import (
     RunLock,
     RunLockedError,
     RunRecord,
+    Stop,
     derive_cells,
     now,
     read_record,
@@ -96,6 +99,7 @@ __all__ = [
     "RunLockedError",
     "RunRecord",
     "TrainConfig",
+    "batch_order",
     "evaluate",
     "load_checkpoint",
     "load_model",
@@ -370,11 +374,13 @@ class _PeakMemory:
 @dataclass
 class _Data:
     train_images: Tensor
-    test_images: Tensor
+    test_images: Tensor  # what each epoch evaluates: the test split, or a fixed subset of max_test of it
     train_eval: Tensor  # a fixed subset of training images, as many as test images, for the EMA train bits/dim
     flip: bool
     steps_per_epoch: int
     per_rank_batch: int
+    test_full: Tensor | None = None  # the whole test split, when test_images is a subset of it
+    valid_images: Tensor | None = None  # runs that validate: the validation split (or a fixed subset)
 
 
 @dataclass
@@ -530,6 +536,14 @@ def _claim_run_dir(run_dir: Path, resume: bool, lock: RunLock) -> bool:
 # ----------------------------------------------------------------------------- step 2: the data
 
 
+def _subset(images: Tensor, n: int | None, stream: int) -> Tensor:
+    """A fixed subset of n images, the same for every run and seed (so rows and seeds are compared on
+    the same images), in a random order that mixes the photographs; all of them when n is None."""
+    if n is None or n >= len(images):
+        return images
+    return images[torch.randperm(len(images), generator=_generator(0, stream))[:n]]
+
+
 def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
     info = DATASETS[cfg.dataset]
     if tuple(model_config.image_shape) != tuple(info.shape):
@@ -537,11 +551,17 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
             f"model image_shape {model_config.image_shape} does not match dataset {cfg.dataset} {info.shape}"
         )
     train_images = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    test_images = load_dataset(cfg.dataset, "test", cfg.data_dir)
-    if cfg.max_test is not None:
-        test_images = test_images[: cfg.max_test]
+    test_full = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    test_images = _subset(test_full, cfg.max_test, 8)
     if len(test_images) == 0:
         raise ValueError(f"{cfg.dataset} has no test images")
+    valid_images = None
+    if cfg.validate:
+        valid_images = _subset(load_dataset(cfg.dataset, "validation", cfg.data_dir), cfg.max_validation, 9)
+        if info.validation_tail:  # the validation split is the training split's tail: never train on it
+            train_images = train_images[: -info.validation_tail]
+        if len(valid_images) == 0:
+            raise ValueError(f"{cfg.dataset} has no validation images")
     steps_per_epoch = len(train_images) // cfg.batch_size
     if cfg.max_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
@@ -557,6 +577,8 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
         flip=info.flip if cfg.flip is None else cfg.flip,
         steps_per_epoch=steps_per_epoch,
         per_rank_batch=max(1, cfg.batch_size // world),
+        test_full=test_full if len(test_full) > len(test_images) else None,
+        valid_images=valid_images,
     )
 
 
@@ -718,9 +740,9 @@ def _run_epoch(
 ) -> EpochRecord | Divergence:
     """Train one epoch (0-based index) and evaluate; a non-finite loss ends it as a Divergence."""
     g = _generator(cfg.seed, 100, epoch)
-    n, b = data.steps_per_epoch, cfg.batch_size
-    order = torch.randperm(len(data.train_images), generator=g)[: n * b].reshape(n, b)
+    order = batch_order(g, len(data.train_images), data.steps_per_epoch, cfg.batch_size)
     order = order[:, rank * data.per_rank_batch : (rank + 1) * data.per_rank_batch]
+    n, first_step = data.steps_per_epoch, state.step + 1
     fmt = _memory_format(cfg.channels_last)
     memory = _PeakMemory(dev, state.model, state.optimizer)
     recorder, losses = ExpmRecorder(), []
@@ -740,7 +762,9 @@ def _run_epoch(
                     loss = float("nan")
             state.step += 1
             if not math.isfinite(loss):
-                return Divergence(epoch=epoch + 1, step=state.step, loss=loss)
+                seen = summarise_losses(losses, first_step)
+                return Divergence(epoch=epoch + 1, step=state.step, loss=loss, loss_first=seen.first,
+                                  loss_max=seen.max, loss_max_step=seen.max_step)  # fmt: skip
             state.scheduler.step()
             state.ema.update_parameters(state.model)
             losses.append(loss)
@@ -751,6 +775,7 @@ def _run_epoch(
     train_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     ev = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
+    seen = summarise_losses(losses, first_step)
     entry = EpochRecord(
         epoch=epoch + 1,
         step=state.step,
@@ -764,9 +789,43 @@ def _run_epoch(
         expm=recorder.summary(),
         peak_memory_bytes=memory.bytes,
         peak_memory_method=memory.method,
+        valid_bpd=_validate(state, data, cfg, dev),
+        loss_first=seen.first,
+        loss_max=seen.max,
+        loss_max_step=seen.max_step,
     )
+    entry.eval_time_s = time.perf_counter() - t1
     _test_point("evaluated", epoch + 1)
     return entry
+
+
+def batch_order(generator: torch.Generator, images: int, steps: int, batch_size: int) -> Tensor:
+    """The image indices of an epoch's batches, (steps, batch_size): the first draw of the epoch's
+    generator, seeded by (seed, epoch) alone. So runs of one seed see the same images in the same
+    order (and, drawn after it from the same generator, the same flips and dequantisation noise)
+    whatever their model: the rows of a table are paired by seed."""
+    return torch.randperm(images, generator=generator)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _validate(state: _State, data: _Data, cfg: TrainConfig, dev: torch.device) -> float | None:
+    """The EMA model's bits/dim on the validation images (None for runs that do not validate)."""
+    if data.valid_images is None:
+        return None
+    ev = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
+    return evaluate(state.ema.module, data.valid_images, seed=cfg.seed + 2, **ev)
+
+
+def _reached_plateau(record: RunRecord, cfg: TrainConfig) -> bool:
+    state = _plateau(record, cfg)
+    return state is not None and state.stop
+
+
+def _plateau(record: RunRecord, cfg: TrainConfig) -> PlateauState | None:
+    """The plateau rule's state after the recorded epochs (None without a rule): a function of the
+    record alone, so a resumed run stops where an uninterrupted one stops."""
+    if cfg.patience is None:
+        return None
+    return plateau_state([e.valid_bpd for e in record.epochs], cfg.patience, cfg.min_improvement)
 
 
 # ----------------------------------------------------------------------------- step 6: the commit
@@ -820,13 +879,36 @@ def _measure_trained(state: _State, data: _Data, cfg: TrainConfig, dev: torch.de
     return out
 
 
+def _full_test(state: _State, data: _Data, cfg: TrainConfig, dev: torch.device, record: RunRecord) -> dict:
+    """The trained EMA model's bits/dim on the whole test split (every rank: evaluate reduces):
+    evaluated here when the epochs evaluated a subset of it, else the last epoch's number."""
+    last = record.epochs[-1]
+    if data.test_full is None:
+        return {"test_bpd_full": last.test_bpd, "test_images_full": len(data.test_images)}
+    ev = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
+    value = evaluate(state.ema.module, data.test_full, seed=cfg.seed, **ev)
+    return {"test_bpd_full": value, "test_images_full": len(data.test_full)}
+
+
+def _stop(record: RunRecord, cfg: TrainConfig) -> Stop:
+    """Why the run stopped where it did (the plateau, the cap, or its configured length), and its
+    best validation bits/dim (by the plateau rule's measure of improvement, when it has one)."""
+    last = record.epochs[-1]
+    values = [e.valid_bpd for e in record.epochs]
+    rule = plateau_state(values, cfg.patience or 1, cfg.min_improvement if cfg.patience else 0.0)
+    reason = "length" if cfg.patience is None else "plateau" if rule.stop else "cap"
+    found = rule.best_epoch > 0
+    return Stop(reason=reason, epoch=last.epoch, step=last.step, best_epoch=rule.best_epoch if found else None,
+                best_valid_bpd=rule.best if found else None)  # fmt: skip
+
+
 def _finish(
-    run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device
+    run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device, full: dict
 ) -> RunRecord:
     """Measure the trained model, mark the run finished and write the record (rank 0)."""
     _test_point("finishing", len(record.epochs))
-    final = FinalMetrics.from_epochs(record.epochs, **_measure_trained(state, data, cfg, dev))
-    record = dataclasses.replace(record, status="finished", final=final, updated_at=now())
+    final = FinalMetrics.from_epochs(record.epochs, **_measure_trained(state, data, cfg, dev), **full)
+    record = dataclasses.replace(record, status="finished", final=final, stop=_stop(record, cfg), updated_at=now())
     write_record(run_dir, record)
     return record
 
@@ -885,6 +967,9 @@ def train(
         if ckpt is not None:
             state.load(ckpt, run_dir / CHECKPOINT)
             del ckpt
+        if data.valid_images is not None and not record.epochs and record.initial_valid_bpd is None:
+            # the untrained model (the EMA copy is the model before any step), recorded at the first commit
+            record = dataclasses.replace(record, initial_valid_bpd=_validate(state, data, cfg, dev))
         return _train_epochs(run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs)
     finally:
         lock.release()
@@ -894,7 +979,8 @@ def _train_epochs(
     run_dir: Path, record: RunRecord, state: _State, data: _Data, cfg: TrainConfig, dev: torch.device,
     rank: int, world: int, progress: bool, stop_after_epochs: int | None,
 ) -> RunRecord:  # fmt: skip
-    """Epochs from the last committed one to the end (or to stop_after_epochs), then finish."""
+    """Epochs from the last committed one to the end, the cap or the plateau (or to
+    stop_after_epochs), then finish."""
 
     def save(changed: RunRecord) -> RunRecord:
         changed = dataclasses.replace(changed, updated_at=now())
@@ -912,6 +998,8 @@ def _train_epochs(
     with _sigterm_as_interrupt():
         try:
             for epoch in range(start, end):
+                if _reached_plateau(record, cfg):
+                    break
                 result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
                 if isinstance(result, Divergence):
                     if progress and rank == 0:
@@ -922,17 +1010,20 @@ def _train_epochs(
                     return save(dataclasses.replace(record, status="diverged", diverged=result))
                 epochs = [*record.epochs, result]
                 changed = dataclasses.replace(record, epochs=epochs, final=FinalMetrics.from_epochs(epochs))
-                if not math.isfinite(result.test_bpd):
-                    diverged = Divergence(epoch=result.epoch, step=result.step, loss=result.test_bpd)
+                evaluated = [v for v in (result.test_bpd, result.valid_bpd) if v is not None]
+                if not all(math.isfinite(v) for v in evaluated):
+                    bad = next(v for v in evaluated if not math.isfinite(v))
+                    diverged = Divergence(epoch=result.epoch, step=result.step, loss=bad)
                     changed = dataclasses.replace(changed, status="diverged", diverged=diverged)
                 # only the committed record is ever written again (an interrupt writes `record`)
                 with _interrupts_held():
                     record = _commit(run_dir, changed, state) if rank == 0 else changed
                 if record.status == "diverged":
                     return record
-            if len(record.epochs) >= cfg.epochs:
+            if len(record.epochs) >= cfg.epochs or _reached_plateau(record, cfg):
+                full = _full_test(state, data, cfg, dev, record)
                 if rank == 0:
-                    record = _finish(run_dir, record, state, data, cfg, dev)
+                    record = _finish(run_dir, record, state, data, cfg, dev, full)
                 all_ranks_ok(True, dev)  # the other ranks wait for rank 0's measurements
                 return record
             return save(dataclasses.replace(record, status="interrupted"))
