@@ -206,8 +206,15 @@ def _cmd_migrate_records(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_tables, run_sweep
+    from .sweep import parse_tables, plan, run_sweep
 
+    if getattr(args, "dry_run", False):
+        from .budget import dry_run
+
+        specs = plan(parse_tables(args.table), args.scale, args.seeds, _data_dirs(args.data_dir))
+        for line in dry_run(specs, measure_costs=not args.no_measure):
+            print(line, flush=True)
+        return 0
     records = run_sweep(
         parse_tables(args.table),
         args.scale,
@@ -342,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run every run the report's tables need")
     sweep_args(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="train nothing: list the planned runs and their step caps, and estimate the time from step times "
+        "measured here",
+    )
+    p.add_argument("--no-measure", action="store_true", help="with --dry-run: list the runs only, measure nothing")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="write the comparison report from recorded runs")

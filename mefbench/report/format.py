@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 
-__all__ = ["DASH", "markdown_table", "number", "params", "pm", "published_pm", "slug"]
+__all__ = ["DASH", "markdown_table", "number", "params", "pm", "published_pm", "published_value", "slug"]
 
 DASH = "–"
 
@@ -44,6 +44,21 @@ def published_pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     if mean is None:
         return "see paper"
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def published_value(entry: object, digits: int = 2) -> str:
+    """A value of ``published.json`` (``{"value", "status", "read_from" | "source"}``) as the report
+    prints it: the number, marked "(unverified)" unless it was read from the paper; "not
+    transcribed" for a missing value."""
+    if entry is None:
+        return "not transcribed"
+    if isinstance(entry, (int, float)):
+        return f"{entry:.{digits}f} (unverified)"
+    value = entry.get("value")
+    if value is None:
+        return "not transcribed"
+    text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return text if entry.get("status") == "verified" else f"{text} (unverified)"
 
 
 def params(n: object) -> str:
