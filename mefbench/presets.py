@@ -155,7 +155,7 @@ _SMALL = {
     "cpu": dict(
         model=dict(image_shape=(3, 16, 16), steps=(4, 2), hidden_channels=16, num_blocks=1),
         train=dict(
-            dataset="patches16", epochs=12, batch_size=64, warmup_epochs=0.5, decay_epochs=(),
+            dataset="patches16", epochs=10, batch_size=64, warmup_epochs=0.5, decay_epochs=(),
             ema_decay=0.95, init_batch=256, max_train_batches=50, max_test=512,
             validate=True, max_validation=512, patience=4, min_improvement=0.01,
         ),
@@ -174,13 +174,16 @@ _SMALL = {
 # in the run and Polyak (EMA) weights, with the schedule scaled to the run's length as the paper's
 # is to its ~39,000 steps (warm-up over the first 2%, the decay at 80%, an EMA horizon of 1/39 of
 # the run), parameter-matched couplings, a fixed length (no early stopping: what happens late
-# counts), and the validation bits/dim before training and after every period.
+# counts), and the validation bits/dim before training and after every period. The model is the
+# cpu tables' multi-scale structure at 2 + 1 steps, so that 125 runs of 1,000 steps fit the
+# budget; width 32 is the nominal width nearest 16 at which all five couplings match within 1%
+# (the spline's head-heavy net leaves few such widths).
 _STABILITY = {
     "cpu": dict(
-        model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=16, num_blocks=1),
+        model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=32, num_blocks=1),
         train=dict(
-            dataset="patches16", epochs=30, batch_size=32, warmup_epochs=0.6, decay_epochs=(24,),
-            ema_decay=0.975, init_batch=256, max_train_batches=50, max_test=256,
+            dataset="patches16", epochs=20, batch_size=32, warmup_epochs=0.4, decay_epochs=(16,),
+            ema_decay=0.96, init_batch=256, max_train_batches=50, max_test=256,
             validate=True, max_validation=256,
         ),
     ),
@@ -338,7 +341,7 @@ def _zoo_tables(add) -> None:
     variants = {(c, lab): o for c, lab, o in layer_variants(COUPLING)}
     chosen = [(c, lab, variants[(c, lab)]) for c, lab in STABILITY_COUPLINGS if (c, lab) in variants]
     everything = layer_variants(COUPLING)
-    for table, spec, rows, search in (("stability", _STABILITY, chosen, 0.5), ("stress", _STRESS, everything, 0.0)):
+    for table, spec, rows, search in (("stability", _STABILITY, chosen, 0.25), ("stress", _STRESS, everything, 0.0)):
         for coupling, label, options in rows:
             name = _slug(coupling, label)
             for lr in STABILITY_LRS:

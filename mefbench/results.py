@@ -165,7 +165,7 @@ def _run_row(file: Path, record: RunRecord) -> dict:
         stop_reason=stop.reason if stop is not None else None,
         stop_step=_num(stop and stop.step),
         best_epoch=_num(stop and stop.best_epoch),
-        best_valid_bpd=_num(stop and stop.best_valid_bpd),
+        best_valid_bpd=outcome.best_valid,
         initial_loss=outcome.initial_loss,
         worst_spike=outcome.worst_spike,
         spike_step=_num(outcome.spike_step),

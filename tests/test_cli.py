@@ -7,6 +7,7 @@ from PIL import Image
 from mefbench.cli import main
 from mefbench.models import FlowConfig
 from mefbench.presets import PRESETS
+from mefbench.record import SCHEMA
 from mefbench.training import TrainConfig
 
 
@@ -25,7 +26,7 @@ def test_train_then_sample(tmp_path, capsys):
     # the preset the CLI names is the one that ran
     assert FlowConfig.from_dict(record["model"]) == PRESETS["smoke"].model
     assert TrainConfig.from_dict(record["train"]) == PRESETS["smoke"].train
-    assert record["schema"] == 2 and record["final"]["sample_time_per_image_s"] > 0
+    assert record["schema"] == SCHEMA and record["final"]["sample_time_per_image_s"] > 0
     png = tmp_path / "s.png"
     assert main(["sample", "--run", str(run), "--temperature", "0.7", "--n", "4", "--out", str(png)]) == 0
     with Image.open(png) as im:

@@ -52,7 +52,7 @@ def test_record_round_trips_through_json(tmp_path):
     assert record["status"] == "interrupted" and record["epochs"][0]["test_bpd"] == 4.8  # dict-style reads
     with pytest.raises(KeyError):
         record["nope"]
-    assert json.loads((tmp_path / "record.json").read_text())["schema"] == SCHEMA == 2
+    assert json.loads((tmp_path / "record.json").read_text())["schema"] == SCHEMA == 3
 
 
 def _bad(data: dict, **changes) -> str:
@@ -79,7 +79,7 @@ GOOD = _record().to_dict()
         (_bad(GOOD, tables=[4]).encode(), "field 'tables[0]' must be a string, got the number 4"),
         (_bad(GOOD, status="done").encode(), "field 'status' must be one of"),
         (_bad(GOOD, surprise=1).encode(), "unknown fields ['surprise']"),
-        (_bad(GOOD, schema=3).encode(), "schema 3, written by a newer mefbench"),
+        (_bad(GOOD, schema=SCHEMA + 1).encode(), f"schema {SCHEMA + 1}, written by a newer mefbench"),
         (_bad(GOOD, epochs=[GOOD["epochs"][0], {**GOOD["epochs"][0], "epoch": 3}]).encode(),
          "epochs are numbered [1, 3], not 1..2"),
     ],
@@ -106,7 +106,7 @@ def test_committed_schema1_records_load(run):
     raw = json.loads((COMMITTED / run / "record.json").read_text())
     assert raw["schema"] == 1
     record = read_record(COMMITTED / run)
-    assert record.schema == 2 and record.model_revision == 1
+    assert record.schema == SCHEMA and record.model_revision == 1
     assert record.tables == [str(t) for t in raw["tables"]]
     assert "scale" not in record.model and record.model["coupling_options"] == {}
     assert record.model_config().coupling == raw["model"]["coupling"]
@@ -140,11 +140,11 @@ def test_migrate_records_command(tmp_path, capsys):
     before = {name: read_record(runs / name) for name in ("cpu-t2-mef-seed0", "cpu-t5-plu-seed1")}
     assert main(["migrate-records", str(runs)]) == 1  # one record is unreadable: said, and left alone
     captured = capsys.readouterr()
-    assert "2 records migrated to schema 2, 0 already current, 0 locked, 1 unreadable" in captured.out
+    assert f"2 records migrated to schema {SCHEMA}, 0 already current, 0 locked, 1 unreadable" in captured.out
     assert "broken" in captured.err and (runs / "broken" / "record.json").read_text() == "[1, 2]"
     for name, record in before.items():
-        assert json.loads((runs / name / "record.json").read_text())["schema"] == 2
-        assert read_record(runs / name) == record  # the same record, now in schema 2 on disk
+        assert json.loads((runs / name / "record.json").read_text())["schema"] == SCHEMA
+        assert read_record(runs / name) == record  # the same record, now in today's schema on disk
         assert not (runs / name / ".lock").exists()  # no lock file is left in directories that had none
     migrated, current, locked, unreadable = migrate_records(runs)
     assert migrated == [] and len(current) == 2 and locked == [] and len(unreadable) == 1

@@ -480,7 +480,7 @@ def render_table(spec: TableSpec, runs: pd.DataFrame, epochs: pd.DataFrame, publ
     if spec.id in ("4", "5", "6"):
         out += _published_cells(f"the paper's Table {spec.id}", pub, sources)
     elif spec.id == "mixing" and pub.get("layers"):
-        out += ["Published CIFAR-10 bits/dim of each mixing layer's own paper, in that paper's own model and training "
-                "(not comparable with each other or with the rows above):", "",
+        out += ["Published (each mixing layer's own paper, CIFAR-10 bits/dim, in that paper's own model and training; "
+                "not comparable with each other or with the rows above):", "",
                 markdown_table(agg.mixing_published(pub)), "", *_unverified_note(pub, sources)]  # fmt: skip
     return out
