@@ -91,11 +91,12 @@ def measure(
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         model = MultiScaleFlow(config).float()
-        model.initialize(torch.rand(max(batch, 16), *config.image_shape, generator=gen) * 2 - 1)
+        f32 = {"generator": gen, "dtype": torch.float32}  # the flow's maths is single precision, as in training
+        model.initialize(torch.rand(max(batch, 16), *config.image_shape, **f32) * 2 - 1)
         optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
-        x = torch.rand(batch, *config.image_shape, generator=gen) * 2 - 1
+        x = torch.rand(batch, *config.image_shape, **f32) * 2 - 1
         train_step(model, optimizer, x)
-        built[name] = (model, optimizer, x, torch.rand(eval_batch, *config.image_shape, generator=gen) * 2 - 1)
+        built[name] = (model, optimizer, x, torch.rand(eval_batch, *config.image_shape, **f32) * 2 - 1)
         setup[name] = time.perf_counter() - t0
     step_times: dict[str, list[float]] = {name: [] for name in models}
     eval_times: dict[str, list[float]] = {name: [] for name in models}

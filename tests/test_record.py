@@ -203,3 +203,16 @@ def test_wilson_interval():
     for bad in ((4, 3), (-1, 3), (1, 3, 0.0)):
         with pytest.raises(ValueError, match="wilson_interval"):
             wilson_interval(*bad)
+
+
+def test_a_schema_2_record_reads_as_today_s_without_the_new_fields(tmp_path):
+    """Schema 3 only added optional fields (validation, loss summaries, stop): a schema-2 record
+    reads unchanged, with them empty."""
+    new = {"valid_bpd", "loss_first", "loss_max", "loss_max_step"}
+    data = {k: v for k, v in GOOD.items() if k not in ("stop", "initial_valid_bpd")} | {"schema": 2}
+    data["epochs"] = [{k: v for k, v in e.items() if k not in new} for e in data["epochs"]]
+    data["final"] = None
+    (tmp_path / "record.json").write_text(json.dumps(data))
+    record = read_record(tmp_path)
+    assert record.schema == SCHEMA and record.stop is None and record.initial_valid_bpd is None
+    assert all(e.valid_bpd is None and e.loss_max is None for e in record.epochs)

@@ -112,3 +112,21 @@ def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
     records = [read_record(p.parent) for p in runs.glob("*/record.json")]
     reference = next(r.num_params for r in records if r.model["coupling"] == "matexp")
     assert all(abs(r.num_params / reference - 1) <= MATCH_TOLERANCE["smoke"] for r in records)
+
+
+def test_dry_run_lists_the_runs_and_estimates_without_training(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["sweep", "--table", "4", "--scale", "smoke", "--seeds", "1", "--runs", str(runs), "--dry-run"]
+    assert main([*args, "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    planned = plan(("4",), "smoke", seeds=1)
+    assert f"{len(planned)} runs planned" in out and not runs.exists()
+    for spec in planned:
+        steps = spec.train.epochs * spec.train.max_train_batches
+        assert f"  {spec.name}: tables 4; at most {steps} steps" in out
+    assert "in all:" not in out  # nothing measured
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "in all:" in out and "ms per training step" in out and not runs.exists()
+    models = {(s.model.to_json(), s.train.batch_size) for s in planned}
+    assert out.count("×)") == len(models) == 2  # each distinct model timed once: matrix-exp and affine
