@@ -180,6 +180,9 @@ def all_runs(runs: pd.DataFrame) -> list[str]:
         "coupling": df["coupling"], "hidden": df["hidden_channels"], "blocks": df["num_blocks"],
         "lr": df["lr"].map(lambda v: f"{v:g}"), "seed": df["seed"],
         "epochs": [f"{a}/{b}" for a, b in zip(df["epochs_done"], df["epochs"], strict=True)],
+        "stopped": [f"{r} at step {s:g}" if isinstance(r, str) else DASH
+                    for r, s in zip(df.get("stop_reason", [None] * len(df)), df.get("stop_step", [np.nan] * len(df)),
+                                    strict=True)],
         "test bpd": df["test_bpd"].map(lambda v: f"{v:.4f}" if np.isfinite(v) else DASH),
         "s/epoch": df["mean_epoch_time_s"].map(lambda v: f"{v:.2f}" if np.isfinite(v) else DASH),
         "params": df["num_params"], "device": df["device"],

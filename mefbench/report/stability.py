@@ -22,7 +22,7 @@ from ..outcomes import BLOW_UP, BLOW_UP_CUTS, WORSE_CUTS, WORSE_THAN_START
 from ..presets import variant_label
 from ..stats import fisher_exact, paired_t_interval, wilson_interval
 from .aggregate import _layer_cells, counts
-from .compare import difference_text
+from .compare import convergence, difference_text
 from .format import DASH, params
 
 __all__ = [
@@ -75,7 +75,8 @@ def outcome_rows(df: pd.DataFrame) -> pd.DataFrame:
         flags = flag_frame(cell)
         tally = {k: v for k, v in counts(cell).items() if k != "diverged"}  # the diverged rate says it
         row = {"coupling": coupling, "variant": variant, "lr": lr, **tally,
-               "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique()))}  # fmt: skip
+               "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique())),
+               "stopped": convergence(cell) if "stop_reason" in cell else DASH}  # fmt: skip
         for outcome in OUTCOMES:
             row[outcome] = _rate(int(flags[outcome].sum()), len(flags))
         steps = pd.to_numeric(cell.loc[cell["status"] == "diverged", "diverged_step"], errors="coerce").dropna()
