@@ -227,6 +227,7 @@ def _table6_per_run(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
         **{c: runs[c].map(lambda v: number(v, "{:.3f}")) for c in ("m_mean", "m_std", "s_mean")},
         **{c: runs[c].map(lambda v: number(v, "{:g}")) for c in ("m_max", "m_min", "m_count", "s_max")},
     )
+    per_run.insert(2, "stopped", [compare.convergence(runs.loc[[i]]) for i in runs.index])
     return ["Per run:", "", markdown_table(per_run), ""]
 
 
