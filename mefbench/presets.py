@@ -7,9 +7,10 @@ Every preset holds the model config (``.model``) and the training settings (``.t
 Scales:
   paper: the paper's protocol on CIFAR-10 / ImageNet (L = 3 levels of [8, 4, 2] steps, hidden
          128, 8 blocks, Adamax lr 0.01, batch 64, 50 epochs); needs a GPU and the data.
-  cpu:   the same experiments on 16×16 ``patches16`` with small nets, each run trained to a
-         plateau of its validation bits/dim (:mod:`mefbench.plateau`) within a step cap;
-         the whole cpu reproduction is sized to run in about 2.5 hours on 2 cores.
+  cpu:   the same experiments on 16×16 ``patches16`` with small nets, each run of the paper's
+         tables trained to a plateau of its validation bits/dim (:mod:`mefbench.plateau`)
+         within a step cap; the whole cpu reproduction (340 runs, at most 208,500 steps) is
+         sized to run in about 2.5 hours on 2 cores (``mefbench sweep --dry-run`` estimates it).
   smoke: the same experiments on ``patches16`` with tiny nets; seconds each.
 
 Every comparison of couplings is parameter-matched (:mod:`mefbench.matching`): at cpu and smoke
