@@ -147,6 +147,7 @@ def test_header_status_duplicates_and_corrupt(report, runs_dir):
     assert "`mefbench report runs`" in text and f"`{runs_dir}`" in text
     # 31 records: one unreadable, the duplicate counted once
     assert "- Runs: 29 (" in text and "2 diverged" in text
+    assert "- Time: runs recorded from 2026-01-01T00:00+00:00 to 2026-01-01T01:00+00:00 (1.00 h, pauses included)" in text
     status = next(line for line in text.splitlines() if line.startswith("**Status:**"))
     assert "`mef-s2` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/10 epochs" in status
     dup = text[text.index("**Duplicates") :].splitlines()[2]

@@ -52,6 +52,7 @@ def header(
         f"- Date: {now}",
         f"- Runs directory: `{runs_dir}`",
         f"- Runs: {len(runs)}" + (f" ({', '.join(f'{n} {s}' for s, n in statuses.items())})" if len(runs) else ""),
+        *_time_line(runs),
         f"- Model revision: {MODEL_REVISION} (the official MEF code's model; see `mefbench.models.MODEL_REVISION`)",
         (f"- Report written with mefbench {__version__}, python {platform.python_version()}, torch {torch.__version__}, "
          f"pandas {pd.__version__}, numpy {np.__version__}, matplotlib {matplotlib.__version__}, seaborn {seaborn.__version__}"),
@@ -107,6 +108,21 @@ def header(
             "",
         ]
     return out + environment(runs)
+
+
+def _time_line(runs: pd.DataFrame) -> list[str]:
+    """How long the runs took: the span from the first run's start to the last record's update (a
+    sweep that stopped and resumed includes the pause), and the training time summed over runs."""
+    if runs.empty or "started_at" not in runs:
+        return []
+    start = pd.to_datetime(runs["started_at"], errors="coerce", utc=True).min()
+    end = pd.to_datetime(runs["updated_at"], errors="coerce", utc=True).max()
+    train = pd.to_numeric(runs["train_time_s"], errors="coerce").sum()
+    if pd.isna(start) or pd.isna(end):
+        return []
+    span = (end - start).total_seconds() / 3600
+    return [f"- Time: runs recorded from {start.isoformat(timespec='minutes')} to {end.isoformat(timespec='minutes')} "
+            f"({span:.2f} h, pauses included), {train / 3600:.2f} h of it training (evaluation excluded)"]  # fmt: skip
 
 
 def environment(runs: pd.DataFrame) -> list[str]:
