@@ -478,7 +478,7 @@ def _epoch_check(part: Part) -> None:
     """The paper preset's model through train() on patches32: run through, then stop + resume."""
     from .data import load_dataset
     from .models import bits_per_dim
-    from .training import CHECKPOINT, evaluate, load_checkpoint, load_model, train
+    from .training import CHECKPOINT, evaluate, fixed_subset, load_checkpoint, load_model, train
 
     model_cfg, train_cfg, dev = part.sizes.epoch_model, part.sizes.epoch_train, part.device
     runs = part.workdir / "epoch_check"
@@ -538,7 +538,7 @@ def _epoch_check(part: Part) -> None:
         # the EMA weights evaluated as train() evaluates them (same images, batch, seed) repeat the
         # recorded EMA test bits/dim
         model = load_model(through, device=dev)
-        images = load_dataset(train_cfg.dataset, "test", train_cfg.data_dir)[: train_cfg.max_test]
+        images = fixed_subset(load_dataset(train_cfg.dataset, "test", train_cfg.data_dir), train_cfg.max_test)
         again = evaluate(model, images, train_cfg.eval_batch_size, train_cfg.seed, dev)
         recorded = records["uninterrupted"]["epochs"][-1]["test_bpd"]
         diff = abs(again - recorded)

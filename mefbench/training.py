@@ -101,6 +101,7 @@ __all__ = [
     "TrainConfig",
     "batch_order",
     "evaluate",
+    "fixed_subset",
     "load_checkpoint",
     "load_model",
     "pool_stats",
@@ -536,9 +537,14 @@ def _claim_run_dir(run_dir: Path, resume: bool, lock: RunLock) -> bool:
 # ----------------------------------------------------------------------------- step 2: the data
 
 
-def _subset(images: Tensor, n: int | None, stream: int) -> Tensor:
-    """A fixed subset of n images, the same for every run and seed (so rows and seeds are compared on
-    the same images), in a random order that mixes the photographs; all of them when n is None."""
+TEST_SUBSET, VALIDATION_SUBSET = 8, 9  # the generator streams of the two fixed subsets
+
+
+def fixed_subset(images: Tensor, n: int | None, stream: int = TEST_SUBSET) -> Tensor:
+    """The fixed subset of n images that every epoch evaluates: the same for every run and seed (so
+    rows and seeds are compared on the same images), drawn at random so that it mixes the
+    photographs of its split; all of them when n is None. ``stream``: :data:`TEST_SUBSET` or
+    :data:`VALIDATION_SUBSET`."""
     if n is None or n >= len(images):
         return images
     return images[torch.randperm(len(images), generator=_generator(0, stream))[:n]]
@@ -552,12 +558,13 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
         )
     train_images = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test_full = load_dataset(cfg.dataset, "test", cfg.data_dir)
-    test_images = _subset(test_full, cfg.max_test, 8)
+    test_images = fixed_subset(test_full, cfg.max_test, TEST_SUBSET)
     if len(test_images) == 0:
         raise ValueError(f"{cfg.dataset} has no test images")
     valid_images = None
     if cfg.validate:
-        valid_images = _subset(load_dataset(cfg.dataset, "validation", cfg.data_dir), cfg.max_validation, 9)
+        valid_images = fixed_subset(load_dataset(cfg.dataset, "validation", cfg.data_dir), cfg.max_validation,
+                                    VALIDATION_SUBSET)  # fmt: skip
         if info.validation_tail:  # the validation split is the training split's tail: never train on it
             train_images = train_images[: -info.validation_tail]
         if len(valid_images) == 0:

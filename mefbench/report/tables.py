@@ -269,9 +269,10 @@ def _table4_extra(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
             parts.append(f"{coupling} at lr {low:g} − at lr {high:g} = {compare.difference_text(d)}: {_verdict(d)}")
     if not parts:
         return []
-    n = sorted({compare.paired(by[k], by[k]).n for k in by})
-    text = (f"**What this shows:** test bits/dim differences paired over seeds ({'/'.join(map(str, n))} seeds, 95% t "
-            "interval): " + "; ".join(parts) + ". " + compare.convergence_sentence(runs))  # fmt: skip
+    seeds = sorted({int(agg.finished(cell).sum()) for cell in by.values()})
+    text = (f"**What this shows:** test bits/dim differences paired over seeds (finished seeds per cell: "
+            f"{'/'.join(map(str, seeds))}; 95% t intervals): " + "; ".join(parts) + ". "
+            + compare.convergence_sentence(runs))  # fmt: skip
     return [text.strip(), ""]
 
 
@@ -320,7 +321,7 @@ def _stability_extra(runs: pd.DataFrame, pub: dict, group: str) -> list[str]:
     from ..matching import parameter_count
 
     out = [*stab.sensitivity(runs), ""]
-    out += [line for claim in stab.claims(runs, ours, bounded) for line in (f"- {claim}",)] + [""]
+    out += [f"- {claim}" for claim in stab.claims(runs, ours, bounded)] + [""]
     out += [stab.proxy_limits(runs, parameter_count(paper.model), PAPER_STEPS), ""]
     return out
 
