@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import stats
 from test_results import make_record, write_record
 
+from mefbench.data import split_sizes
 from mefbench.layers import COUPLING, MIXING
 from mefbench.models import MODEL_REVISION
 from mefbench.presets import PRESETS, STABILITY_COUPLINGS, STABILITY_LRS, layer_variants
@@ -114,6 +115,7 @@ def runs_dir(tmp_path_factory) -> Path:
     for coupling, lr, runs in (
         ("matexp", 0.001, ("fine", "fine", "fine")), ("affine-tanh", 0.001, ("fine", "fine", "fine")),
         ("matexp", 0.1, ("fine", "blow-up", "diverged")), ("affine-tanh", 0.1, ("worse", "fine", "fine")),
+        ("matexp", 0.01, ("fine", "blow-up")),
     ):  # fmt: skip
         for seed, outcome in enumerate(runs):
             write_record(root / "stab", f"{coupling}-lr{lr}-s{seed}", stability_record(
@@ -145,9 +147,14 @@ def test_header_status_duplicates_and_corrupt(report, runs_dir):
     assert any(bad in w for w in warned)
     assert f"`{bad}`" in text  # listed in the report too
     assert "`mefbench report runs`" in text and f"`{runs_dir}`" in text
-    # 31 records: one unreadable, the duplicate counted once
-    assert "- Runs: 29 (" in text and "2 diverged" in text
-    assert "- Time: runs recorded from 2026-01-01T00:00+00:00 to 2026-01-01T01:00+00:00 (1.00 h, pauses included)" in text
+    # 33 records: one unreadable, the duplicate counted once
+    assert "- Runs: 31 (" in text and "2 diverged" in text
+    sizes = split_sizes("patches16")
+    assert f"- Data `patches16`: train {sizes['train']['images']:,} tiles of 5 photographs (astronaut," in text
+    assert f"test {sizes['test']['images']:,} tiles of 3 photographs (chelsea, coffee, immunohistochemistry)" in text
+    assert (
+        "- Time: runs recorded from 2026-01-01T00:00+00:00 to 2026-01-01T01:00+00:00 (1.00 h, pauses included)" in text
+    )
     status = next(line for line in text.splitlines() if line.startswith("**Status:**"))
     assert "`mef-s2` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/10 epochs" in status
     dup = text[text.index("**Duplicates") :].splitlines()[2]
@@ -260,7 +267,7 @@ def test_stability_outcomes_sensitivity_and_claims(report):
     aff = _line(stab, "affine", "tanh", "0.1")
     assert "| 0/3 [0.00–0.56] | 0/3 [0.00–0.56] | 1/3 [0.06–0.79] |" in aff
     assert "- **Sensitivity of blow-up (loss > k × initial loss)**" in stab and "k = 2 (the cut used)" in stab
-    assert "k = 4 (" not in stab and "k = 4: lr 0.001: 0, lr 0.1: 0" in stab  # at k = 4 the 2.5× spike is no blow-up
+    assert "k = 4: lr 0.001: 0, lr 0.01: 0, lr 0.1: 0" in stab  # at k = 4 the 2.5× spike is no blow-up
     claim = next(line for line in stab.splitlines() if line.startswith("- **lr 0.1:**"))
     p = stats.fisher_exact([[2, 1], [0, 3]]).pvalue  # matexp failed 2/3 (diverged or blew up), affine 0/3
     assert "matexp diverged in 1/3 (at step 12); matexp blew up in 1/3" in claim
@@ -273,7 +280,8 @@ def test_figures_and_sections(report):
     figs = {p.name for p in (out / "figures").glob("*.png")}
     group = "patches16-cpu-scale"
     for name in (f"table2_curves_{group}.png", f"table4_bpd_vs_lr_{group}.png", f"table5_epoch_time_{group}.png",
-                 f"table6_m_{group}.png", f"mixing_bpd_vs_time_{group}.png", f"stability_outcomes_vs_lr_{group}.png"):  # fmt: skip
+                 f"table6_m_{group}.png", f"mixing_bpd_vs_time_{group}.png", f"stability_outcomes_vs_lr_{group}.png",
+                 f"stability_loss_curves_{group}.png"):  # fmt: skip
         assert name in figs and f"(figures/{name})" in text
         with Image.open(out / "figures" / name) as im:
             assert im.size[0] > 100

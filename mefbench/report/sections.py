@@ -53,6 +53,7 @@ def header(
         f"- Runs directory: `{runs_dir}`",
         f"- Runs: {len(runs)}" + (f" ({', '.join(f'{n} {s}' for s, n in statuses.items())})" if len(runs) else ""),
         *_time_line(runs),
+        *_data_lines(runs),
         f"- Model revision: {MODEL_REVISION} (the official MEF code's model; see `mefbench.models.MODEL_REVISION`)",
         (f"- Report written with mefbench {__version__}, python {platform.python_version()}, torch {torch.__version__}, "
          f"pandas {pd.__version__}, numpy {np.__version__}, matplotlib {matplotlib.__version__}, seaborn {seaborn.__version__}"),
@@ -123,6 +124,31 @@ def _time_line(runs: pd.DataFrame) -> list[str]:
     span = (end - start).total_seconds() / 3600
     return [f"- Time: runs recorded from {start.isoformat(timespec='minutes')} to {end.isoformat(timespec='minutes')} "
             f"({span:.2f} h, pauses included), {train / 3600:.2f} h of it training (evaluation excluded)"]  # fmt: skip
+
+
+def _data_lines(runs: pd.DataFrame) -> list[str]:
+    """The splits of every bundled dataset the runs used, counted from the loaders."""
+    from ..data import DATASETS, PATCH_PHOTOGRAPHS, split_sizes
+
+    out = []
+    for name in sorted(set(runs.get("dataset", []))):
+        info = DATASETS.get(name)
+        if info is None or info.needs_data_dir:
+            continue
+        try:
+            sizes = split_sizes(name)
+        except (RuntimeError, ValueError, OSError) as exc:
+            out.append(f"- Data `{name}`: its splits cannot be counted here ({exc})")
+            continue
+        parts = []
+        for split, n in sizes.items():
+            if n["photographs"] is None:
+                parts.append(f"{split} {n['images']:,} images")
+            else:
+                photos = ", ".join(PATCH_PHOTOGRAPHS[split])
+                parts.append(f"{split} {n['images']:,} tiles of {n['photographs']} photographs ({photos})")
+        out.append(f"- Data `{name}`: " + "; ".join(parts) + " (`mefbench.data.split_sizes`)")
+    return out
 
 
 def environment(runs: pd.DataFrame) -> list[str]:
