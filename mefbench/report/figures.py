@@ -202,10 +202,12 @@ def loss_curves(ctx: FigureContext, rates: tuple[float, float] = (0.01, 0.03)) -
         sub = ep[ep["lr"] == lr]
         if len(sub):
             sns.lineplot(data=sub, x="step", y="loss_max", hue="coupling", units="run", estimator=None, lw=0.8,
-                         alpha=0.7, ax=ax, legend=ax is axes[-1])  # fmt: skip
+                         alpha=0.7, ax=ax, legend=True)  # fmt: skip
             dead = ctx.runs[(ctx.runs["lr"] == lr) & (ctx.runs["status"] == "diverged")]
             for _, r in dead.iterrows():
                 ax.axvline(r["diverged_step"], color="black", lw=0.6, ls=":")
+        else:
+            ax.text(0.5, 0.5, "no runs at this rate", ha="center", va="center", transform=ax.transAxes)
         ax.set_yscale("log")
         ax.set(xlabel="training step", ylabel="largest training loss of the period (bits/dim)", title=f"lr {lr:g}")
     path = _save(fig, ctx, "loss_curves")
