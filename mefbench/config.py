@@ -201,6 +201,7 @@ class TrainConfig(DictConfig):
     flip: bool | None = None  # None: the dataset's standard (horizontal flips on CIFAR-10 and patches)
     max_train_batches: int | None = None  # cap on optimiser steps per epoch (CPU-scale runs)
     max_test: int | None = None  # evaluate each epoch on a fixed subset of max_test test images
+    max_final_test: int | None = None  # the trained model's final evaluation: on this many (None: the whole split)
     validate: bool = False  # evaluate the EMA model on the validation split each epoch (and before training)
     max_validation: int | None = None  # ... on a fixed subset of this many validation images
     patience: int | None = None  # stop once this many epochs in a row brought no improvement (needs validate)
@@ -230,7 +231,7 @@ class TrainConfig(DictConfig):
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not 0 < self.decay_factor <= 1:
             raise ValueError(f"TrainConfig.decay_factor must be in (0, 1], got {self.decay_factor!r}")
-        for name in ("max_train_batches", "max_test", "max_validation", "patience"):
+        for name in ("max_train_batches", "max_test", "max_final_test", "max_validation", "patience"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be None or an integer of at least 1, got {value!r}")

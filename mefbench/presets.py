@@ -165,7 +165,7 @@ _SMALL = {
         model=dict(image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=8, num_blocks=1),
         train=dict(
             dataset="patches16", epochs=3, batch_size=32, warmup_epochs=0.5, decay_epochs=(),
-            ema_decay=0.8, init_batch=64, max_train_batches=6, max_test=128,
+            ema_decay=0.8, init_batch=64, max_train_batches=6, max_test=128, max_final_test=256,
             validate=True, max_validation=64, patience=2, min_improvement=0.0,
         ),
     ),
@@ -192,7 +192,7 @@ _STABILITY = {
         model=dict(image_shape=(3, 16, 16), steps=(1, 1), hidden_channels=8, num_blocks=1),
         train=dict(
             dataset="patches16", epochs=2, batch_size=16, warmup_epochs=0.25, decay_epochs=(1,),
-            ema_decay=0.8, init_batch=32, max_train_batches=4, max_test=32,
+            ema_decay=0.8, init_batch=32, max_train_batches=4, max_test=32, max_final_test=256,
             validate=True, max_validation=32,
         ),
     ),
@@ -213,7 +213,7 @@ _STRESS = {
         model=dict(image_shape=(3, 16, 16), steps=(1, 1), hidden_channels=8, num_blocks=1),
         train=dict(
             dataset="patches16", epochs=1, batch_size=16, warmup_epochs=0.0, decay_epochs=(),
-            ema_decay=0.8, init_batch=32, max_train_batches=4, max_test=32,
+            ema_decay=0.8, init_batch=32, max_train_batches=4, max_test=32, max_final_test=256,
             validate=True, max_validation=32,
         ),
     ),

@@ -132,7 +132,8 @@ class FinalMetrics:
     peak_memory_bytes: int | None = None  # one training step, see peak_memory_method
     peak_memory_method: str | None = None
     measure_error: str | None = None  # why a measurement of the trained model failed (it is then inf / None)
-    # the trained EMA model on the whole test split (epochs evaluate a fixed subset when max_test is set)
+    # the trained EMA model on the whole test split, or the first max_final_test of a fixed shuffle of it (epochs
+    # evaluate a fixed subset when max_test is set)
     test_bpd_full: float | None = None
     test_images_full: int | None = None
 

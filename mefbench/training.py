@@ -887,14 +887,15 @@ def _measure_trained(state: _State, data: _Data, cfg: TrainConfig, dev: torch.de
 
 
 def _full_test(state: _State, data: _Data, cfg: TrainConfig, dev: torch.device, record: RunRecord) -> dict:
-    """The trained EMA model's bits/dim on the whole test split (every rank: evaluate reduces):
-    evaluated here when the epochs evaluated a subset of it, else the last epoch's number."""
+    """The trained EMA model's bits/dim on the whole test split, or on ``max_final_test`` of it
+    (every rank: evaluate reduces); the last epoch's number when the epochs evaluated exactly that."""
     last = record.epochs[-1]
-    if data.test_full is None:
+    images = fixed_subset(data.test_full, cfg.max_final_test) if data.test_full is not None else data.test_images
+    if len(images) == len(data.test_images):  # the same images: both are a prefix of one fixed shuffle
         return {"test_bpd_full": last.test_bpd, "test_images_full": len(data.test_images)}
     ev = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
-    value = evaluate(state.ema.module, data.test_full, seed=cfg.seed, **ev)
-    return {"test_bpd_full": value, "test_images_full": len(data.test_full)}
+    value = evaluate(state.ema.module, images, seed=cfg.seed, **ev)
+    return {"test_bpd_full": value, "test_images_full": len(images)}
 
 
 def _stop(record: RunRecord, cfg: TrainConfig) -> Stop:

@@ -206,13 +206,19 @@ def _seeds(cell: pd.DataFrame) -> str:
     return f"{int(finished(cell).sum())}/{len(cell)}"
 
 
+def _images(fin: pd.DataFrame) -> str:
+    """How many test images the final numbers were evaluated on ('2448', or a list when they differ)."""
+    n = pd.to_numeric(fin.get("test_images_full", pd.Series(dtype=float)), errors="coerce").dropna()
+    return ", ".join(f"{int(v):,}" for v in sorted(n.unique())) or "?"
+
+
 def table2_rows(df: pd.DataFrame) -> dict:
     fin = df[finished(df)]
     return {
         "presets": ", ".join(sorted(map(str, df["preset"].dropna().unique()))), **counts(df),
         "seeds": ", ".join(str(s) for s in sorted(fin["seed"].unique())),
         "stopped": _stopped(df),
-        "test bits/dim (EMA, whole test split)": pm(fin["final_bpd"]),
+        f"test bits/dim (EMA, {_images(fin)} test images)": pm(fin["final_bpd"]),
         "test bits/dim (raw, epoch subset)": pm(fin["test_bpd_raw"]),
         "train bits/dim": pm(fin["train_bpd"]),
         "params": ", ".join(params(p) for p in sorted(df["num_params"].dropna().unique())),

@@ -41,7 +41,7 @@ __all__ = [
     "what_this_shows",
 ]
 
-VALUE = "final_bpd"  # the run's test bits/dim: the trained EMA model on the whole test split
+VALUE = "final_bpd"  # the run's test bits/dim: the trained EMA model's final evaluation (see results.load_runs)
 
 
 def _values(runs: pd.DataFrame, value: str = VALUE) -> dict[int, float]:

@@ -356,8 +356,8 @@ TABLES: dict[str, TableSpec] = {
             "test bits/dim of MEF, beside the published RealNVP, Glow, Emerging, Flow++ and MEF",
             cell_keys=("dataset",), rows=lambda df, pub: agg.table2_rows(df), published="table2",
             preamble=_published_table2, seeds=5,
-            notes=("Test bits/dim (EMA): the trained EMA model on the whole test split (the test photographs, one "
-                   "dequantisation sample per image); raw: the raw weights on the fixed subset each epoch evaluates. "
+            notes=("Test bits/dim (EMA): the trained EMA model's final evaluation, on the whole test split at cpu scale "
+                   "(the test photographs, one dequantisation sample per image; the column says how many images); raw: the raw weights on the fixed subset each epoch evaluates. "
                    "Mean ± sample std over seeds of finished runs. Stopped: how many runs reached the plateau of "
                    "their validation bits/dim and at which step, and how many the step cap."),
         ),
@@ -371,7 +371,7 @@ TABLES: dict[str, TableSpec] = {
             "affine vs matrix-exp coupling × learning rate 1e-3 / 1e-2, parameter-matched, paired over 5 seeds",
             cell_keys=("coupling", "lr"), rows=agg.table4_rows, figures=(fig.lr_errorbars,), published="table4",
             extra=_table4_extra, seeds=5,
-            notes=("Test bits/dim: the trained EMA model on the whole test split, mean ± sample std over seeds of "
+            notes=("Test bits/dim: the trained EMA model's final evaluation (the whole test split at cpu scale), mean ± sample std over seeds of "
                    "finished runs (a diverged run is counted in `runs` and `diverged` and left out). Difference: to "
                    "the paper's MEF cell, paired by seed, mean with its 95% t interval; rank: the rank range the "
                    "paired intervals allow (rows that no interval separates share ranks; per-pair intervals, not "
@@ -384,7 +384,7 @@ TABLES: dict[str, TableSpec] = {
             "standard vs PLU vs matrix-exp 1×1 conv: bits/dim and time per epoch, paired over 5 seeds",
             cell_keys=("conv",), kind="conv", rows=agg.table5_rows, figures=(fig.epoch_time_bars,), published="table5",
             extra=_comparison_extra(lambda c: c, (next(iter(agg.MIXING)),), ("conv",), "conv", True), seeds=5,
-            notes=("bits/dim: the trained EMA model on the whole test split, mean ± sample std over seeds of finished "
+            notes=("bits/dim: the trained EMA model's final evaluation (the whole test split at cpu scale), mean ± sample std over seeds of finished "
                    "runs; difference to the standard conv paired by seed with its 95% t interval, and the rank range. "
                    "Matrix-exp coupling and lr 0.01 in all; `form` is the conv's variant (`free`: PLU with U's "
                    "diagonal learned directly, as in the official code and the paper's table)."),
@@ -406,7 +406,7 @@ TABLES: dict[str, TableSpec] = {
             extra=_comparison_extra(agg.mixing_label, (next(iter(agg.MIXING)), "default"), ("conv", "variant"),
                                     "conv", True), seeds=5,
             notes=("Every entry of `mefbench.layers.MIXING` and each of its variants in Table 5's setting (matrix-exp "
-                   "coupling, lr 0.01). bits/dim: the trained EMA model on the whole test split; difference to the "
+                   "coupling, lr 0.01). bits/dim: the trained EMA model's final evaluation (the whole test split at cpu scale); difference to the "
                    "standard conv paired by seed (95% t interval) and the rank range. Params / standard: the model's "
                    "count over the standard conv model's (the mixing layers are not matched: their counts differ by "
                    "what each layer needs). Sampling: the trained EMA model's inverse, per image; round-trip error: "
