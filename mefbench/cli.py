@@ -350,6 +350,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .status import save_plan
     from .sweep import SweepError, parse_tables, plan, run_sweep
 
+    if getattr(args, "dry_run", False):
+        from .budget import dry_run
+
+        specs = plan(parse_tables(args.table), args.scale, args.seeds, _data_dirs(args.data_dir))
+        for line in dry_run(specs, measure_costs=not args.no_measure):
+            print(line, flush=True)
+        return 0
     runs = _path(args.runs, "--runs")
     if runs.exists() and not runs.is_dir():
         raise ValueError(f"--runs {runs} is a file, not a folder: give the folder that holds (or will hold) the runs")
@@ -587,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--wait", action="store_true", help="slurm: wait for the jobs and report (exit 1 if a run did not end)"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="train nothing: list the planned runs and their step caps, and estimate the time from step times "
+        "measured here",
+    )
+    p.add_argument("--no-measure", action="store_true", help="with --dry-run: list the runs only, measure nothing")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(

@@ -295,7 +295,15 @@ def migrate_model_dict(data: dict) -> dict:
 
 @dataclass
 class TrainConfig(DictConfig):
-    """The training recipe. Defaults are the paper's CIFAR-10 settings."""
+    """The training recipe. Defaults are the paper's CIFAR-10 settings.
+
+    An epoch is ``max_train_batches`` steps when that is set (an evaluation period at CPU
+    scale), else one pass over the training images. With ``patience`` the run trains to a
+    plateau: it stops after the first epoch that ends ``patience`` epochs in a row without
+    lowering the best validation bits/dim by at least ``min_improvement``
+    (:mod:`mefbench.plateau`), and ``epochs`` is its cap. Without it the run trains ``epochs``
+    epochs, as the paper's runs do.
+    """
 
     dataset: str = "cifar10"
     data_dir: str | None = None
@@ -310,7 +318,12 @@ class TrainConfig(DictConfig):
     seed: int = 0
     flip: bool | None = None  # None: the dataset's standard (horizontal flips on CIFAR-10 and patches)
     max_train_batches: int | None = None  # cap on optimiser steps per epoch (CPU-scale runs)
-    max_test: int | None = None  # evaluate on the first max_test test images
+    max_test: int | None = None  # evaluate each epoch on a fixed subset of max_test test images
+    max_final_test: int | None = None  # the trained model's final evaluation: on this many (None: the whole split)
+    validate: bool = False  # evaluate the EMA model on the validation split each epoch (and before training)
+    max_validation: int | None = None  # ... on a fixed subset of this many validation images
+    patience: int | None = None  # stop once this many epochs in a row brought no improvement (needs validate)
+    min_improvement: float = 0.0  # in validation bits/dim: a smaller gain is not an improvement
     eval_batch_size: int = 256
     grad_clip: float | None = None  # the paper uses none
     amp: str | None = None  # None (float32) or "bf16" / "fp16": torch.autocast for the coupling nets
@@ -336,10 +349,17 @@ class TrainConfig(DictConfig):
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not 0 < self.decay_factor <= 1:
             raise ValueError(f"TrainConfig.decay_factor must be in (0, 1], got {self.decay_factor!r}")
-        for name in ("max_train_batches", "max_test"):
+        for name in ("max_train_batches", "max_test", "max_final_test", "max_validation", "patience"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"TrainConfig.{name} must be None or at least 1, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be None or an integer of at least 1, got {value!r}")
+        if not (isinstance(self.min_improvement, (int, float)) and math.isfinite(self.min_improvement)
+                and self.min_improvement >= 0):  # fmt: skip
+            raise ValueError(f"TrainConfig.min_improvement must be a finite number >= 0, got {self.min_improvement!r}")
+        if self.patience is not None and not self.validate:
+            raise ValueError(
+                "TrainConfig.patience needs validate=True: the plateau rule watches the validation bits/dim"
+            )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be None or positive, got {self.grad_clip!r}")
         if self.amp is not None and self.amp not in AMP_CHOICES:

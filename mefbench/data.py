@@ -9,18 +9,46 @@ Datasets that ship with installed packages (no ``data_dir``)
 ------------------------------------------------------------
 ``patches32``, ``patches16``
     Non-overlapping P×P tiles (stride P, row-major from the top-left corner, ragged borders
-    dropped) cut from the natural RGB photographs in scikit-image's ``skimage.data`` that load
-    offline. Whole photographs are held out: train = astronaut, rocket, motorcycle_left,
-    motorcycle_right (a stereo pair, so both stay in train), retina, hubble_deep_field,
-    immunohistochemistry; test = chelsea, coffee. Tiles whose range (max − min over all pixels
-    and channels) is at most 4 grey levels are dropped: they are the black background of
-    retina and clipped highlights, not image content. No randomness is involved.
-    Sizes with scikit-image 0.26: patches32 3881 train / 342 test, patches16 15438 train /
-    1429 test.
+    dropped) cut from every natural RGB photograph in scikit-image's ``skimage.data`` that loads
+    offline (0.26 ships nine; ``eagle``, ``lily``, ``skin`` and the rest need a pooch download,
+    and the greyscale photographs, whose tiles would have R = G = B, are left out). Tiles whose
+    range (max − min over all pixels and channels) is at most 4 grey levels are dropped: they
+    are the black background of retina and clipped highlights, not image content. No
+    randomness is involved. Whole photographs are held out, three ways
+    (:data:`PATCH_PHOTOGRAPHS`):
+
+    ==========  ========================================================================
+    split       photographs
+    ==========  ========================================================================
+    train       astronaut, motorcycle_left, motorcycle_right (a stereo pair, so both stay
+                in train), retina, hubble_deep_field
+    validation  rocket (held out from the training photographs, for early stopping)
+    test        chelsea, coffee, immunohistochemistry
+    ==========  ========================================================================
+
+    Sizes with scikit-image 0.26 (:func:`split_sizes` computes them; a test checks these):
+
+    ==========  ===========  ===================  ===================
+    split       photographs  patches16 tiles      patches32 tiles
+    ==========  ===========  ===================  ===================
+    train       5            13379                3365
+    validation  1            1040                 260
+    test        3            2448                 598
+    ==========  ===========  ===================  ===================
+
 ``digits``
     scikit-learn's ``load_digits`` 8×8 images (levels 0..16) mapped to 8 bits with
     ``floor(v * 255 / 16 + 0.5)``, shape (N, 1, 8, 8). Fixed split: the first 1500 images are
-    train, the last 297 test.
+    train, the last 297 test; validation is the last 200 training images (see below).
+
+The validation split
+--------------------
+``load_dataset(name, "validation")`` exists for every dataset. The patches hold out their own
+photographs. The others have no official validation split: theirs is the last
+``DatasetInfo.validation_tail`` images of the official training split, and a run that
+validates (``TrainConfig.validate``) trains on the images before them, so that it never
+validates on an image it trained on; a run that does not validate trains on the whole official
+split, as the paper does.
 
 Datasets read from a user's directory (CLI ``--data-dir``)
 ----------------------------------------------------------
@@ -66,15 +94,17 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "PATCH_PHOTOGRAPHS",
     "SPLITS",
     "DatasetInfo",
     "UnsafePickleError",
     "dequantize",
     "load_dataset",
     "random_hflip",
+    "split_sizes",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "test")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 Loader = Callable[[str, str | Path | None], torch.Tensor]
 
@@ -90,6 +120,9 @@ class DatasetInfo:
         loader: ``loader(split, data_dir) -> uint8 tensor (N, C, H, W)``.
         description: one line for listings.
         flip: whether random horizontal flips are the standard training augmentation.
+        validation_tail: 0 when the loader has its own validation split; otherwise the
+            validation split is the last ``validation_tail`` images of the training split (and a
+            run that validates trains on the images before them).
     """
 
     name: str
@@ -98,6 +131,7 @@ class DatasetInfo:
     loader: Loader
     description: str
     flip: bool
+    validation_tail: int = 0
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -113,7 +147,7 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None) -> t
 
     Args:
         name: a key of :data:`DATASETS`.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
         data_dir: folder with the dataset's files; required when
             ``DATASETS[name].needs_data_dir``, ignored otherwise. The expected layouts are in
             this module's docstring.
@@ -132,7 +166,10 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None) -> t
             f"dataset {name!r} is read from disk: pass --data-dir (data_dir=...) pointing at "
             f"the folder that holds it ({_LAYOUT_HINTS[name]})"
         )
-    x = info.loader(split, data_dir if info.needs_data_dir else None)
+    if split == "validation" and info.validation_tail:
+        x = info.loader("train", data_dir if info.needs_data_dir else None)[-info.validation_tail :].clone()
+    else:
+        x = info.loader(split, data_dir if info.needs_data_dir else None)
     if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != info.shape:
         raise RuntimeError(
             f"loader for {name!r} returned {x.dtype} {tuple(x.shape)}, expected uint8 "
@@ -191,16 +228,12 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 # ---------------------------------------------------------------------------------------------
 # Patches from scikit-image's photographs
 
-_TRAIN_PHOTOS: tuple[str, ...] = (
-    "astronaut",
-    "rocket",
-    "motorcycle_left",
-    "motorcycle_right",
-    "retina",
-    "hubble_deep_field",
-    "immunohistochemistry",
-)
-_TEST_PHOTOS: tuple[str, ...] = ("chelsea", "coffee")
+# Every RGB photograph scikit-image 0.26 ships without a download, split by photograph.
+PATCH_PHOTOGRAPHS: dict[str, tuple[str, ...]] = {
+    "train": ("astronaut", "motorcycle_left", "motorcycle_right", "retina", "hubble_deep_field"),
+    "validation": ("rocket",),
+    "test": ("chelsea", "coffee", "immunohistochemistry"),
+}
 _MIN_TILE_RANGE = 5  # tiles with max - min below this many grey levels are dropped
 
 
@@ -238,9 +271,18 @@ def _tiles(img: np.ndarray, size: int) -> np.ndarray:
 
 @functools.cache
 def _cached_patches(size: int, split: str) -> torch.Tensor:
-    photos = _TRAIN_PHOTOS if split == "train" else _TEST_PHOTOS
-    tiles = np.concatenate([_tiles(_photo(p), size) for p in photos])
+    tiles = np.concatenate([_tiles(_photo(p), size) for p in PATCH_PHOTOGRAPHS[split]])
     return torch.from_numpy(np.ascontiguousarray(tiles))
+
+
+def split_sizes(name: str, data_dir: str | Path | None = None) -> dict[str, dict[str, int | None]]:
+    """{split: {"images": N, "photographs": P}} of a dataset, counted from the loaded splits
+    (``photographs`` is None for datasets that are not cut from photographs)."""
+    out: dict[str, dict[str, int | None]] = {}
+    for split in SPLITS:
+        photos = len(PATCH_PHOTOGRAPHS[split]) if name.startswith("patches") else None
+        out[split] = {"images": len(load_dataset(name, split, data_dir)), "photographs": photos}
+    return out
 
 
 def _patches_loader(size: int) -> Loader:
@@ -495,7 +537,7 @@ DATASETS: dict[str, DatasetInfo] = {
             (3, 32, 32),
             False,
             _patches_loader(32),
-            "32x32 RGB tiles of scikit-image photographs; test photographs held out",
+            "32x32 RGB tiles of scikit-image photographs; validation and test photographs held out",
             True,
         ),
         DatasetInfo(
@@ -503,7 +545,7 @@ DATASETS: dict[str, DatasetInfo] = {
             (3, 16, 16),
             False,
             _patches_loader(16),
-            "16x16 RGB tiles of scikit-image photographs; test photographs held out",
+            "16x16 RGB tiles of scikit-image photographs; validation and test photographs held out",
             True,
         ),
         DatasetInfo(
@@ -513,6 +555,7 @@ DATASETS: dict[str, DatasetInfo] = {
             _load_digits,
             "scikit-learn 8x8 handwritten digits in 8 bits (1500 train / 297 test)",
             False,
+            200,
         ),
         DatasetInfo(
             "cifar10",
@@ -521,6 +564,7 @@ DATASETS: dict[str, DatasetInfo] = {
             _load_cifar10,
             "CIFAR-10 from --data-dir (binary or python version)",
             True,
+            5000,
         ),
         DatasetInfo(
             "imagenet32",
@@ -529,6 +573,7 @@ DATASETS: dict[str, DatasetInfo] = {
             _imagenet_loader(32),
             "downsampled ImageNet 32x32 from --data-dir (npz batches or PNG folders)",
             False,
+            10000,
         ),
         DatasetInfo(
             "imagenet64",
@@ -537,6 +582,7 @@ DATASETS: dict[str, DatasetInfo] = {
             _imagenet_loader(64),
             "downsampled ImageNet 64x64 from --data-dir (npz batches or PNG folders)",
             False,
+            10000,
         ),
     )
 }

@@ -14,7 +14,10 @@ read. Schema 1 (mefbench before the typed record): table numbers become ids (``"
 dict's flat ``scale``/``coupling_rank`` move into ``coupling_options``, ``model_revision`` is 1
 and the table cells are derived from the presets. Schemas 1 and 2: the mixing layer, called
 ``conv`` then, becomes ``mixing`` (``conv_options`` ``mixing_options``), in the model dict and in
-the table cells. ``mefbench migrate-records DIR`` rewrites them on disk.
+the table cells. Schema 4 added the validation bits/dim, the per-epoch loss summary (first and
+largest loss, and its step), the validation bits/dim before training, why and where the run
+stopped (:class:`Stop`) and the final test bits/dim on the whole test split; an older record
+reads as one without them. ``mefbench migrate-records DIR`` rewrites them on disk.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "RunRecord",
+    "Stop",
     "derive_cells",
     "migrate_records",
     "read_record",
@@ -59,7 +63,7 @@ __all__ = [
 RECORD = "record.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
-SCHEMA = 3
+SCHEMA = 4
 STATUSES = ("running", "finished", "diverged", "interrupted")
 ENDED = ("finished", "diverged")  # a run with one of these statuses is never trained again
 
@@ -87,7 +91,11 @@ def now() -> str:
 class EpochRecord:
     """One finished epoch. ``test_bpd`` uses the EMA weights, ``test_bpd_raw`` the raw ones;
     ``expm`` is ``{"m": stats, "s": stats}`` over the epoch's matrix-exponential calls;
-    ``peak_memory_bytes`` is measured on the epoch's first training step (``peak_memory_method``)."""
+    ``peak_memory_bytes`` is measured on the epoch's first training step (``peak_memory_method``).
+    ``valid_bpd``: the EMA weights on the validation split (runs that validate). ``loss_first``
+    is the epoch's first training loss, ``loss_max`` its largest and ``loss_max_step`` the step of
+    that (steps counted from 1 over the run): the stability benchmark's spikes, which the
+    epoch's mean ``train_bpd`` would hide."""
 
     epoch: int
     step: int
@@ -101,6 +109,10 @@ class EpochRecord:
     expm: dict = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     peak_memory_method: str | None = None
+    valid_bpd: float | None = None
+    loss_first: float | None = None
+    loss_max: float | None = None
+    loss_max_step: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -123,6 +135,10 @@ class FinalMetrics:
     peak_memory_bytes: int | None = None  # one training step, see peak_memory_method
     peak_memory_method: str | None = None
     measure_error: str | None = None  # why a measurement of the trained model failed (it is then inf / None)
+    # the trained EMA model on the whole test split, or the first max_final_test of a fixed shuffle of it (epochs
+    # evaluate a fixed subset when max_test is set)
+    test_bpd_full: float | None = None
+    test_images_full: int | None = None
 
     @classmethod
     def from_epochs(cls, epochs: list[EpochRecord], **measured: Any) -> FinalMetrics:
@@ -148,11 +164,33 @@ class FinalMetrics:
 
 @dataclass(kw_only=True)
 class Divergence:
-    """Where a run's loss (or test bits/dim) became non-finite: the run stops there, as data."""
+    """Where a run's loss (or test bits/dim) became non-finite: the run stops there, as data.
+    ``loss_first``, ``loss_max`` and ``loss_max_step`` summarise the finite losses of the epoch
+    it diverged in, as :class:`EpochRecord` does for a finished epoch."""
 
     epoch: int
     step: int
     loss: float
+    loss_first: float | None = None
+    loss_max: float | None = None
+    loss_max_step: int | None = None
+
+
+STOP_REASONS = ("plateau", "cap", "length")
+
+
+@dataclass(kw_only=True)
+class Stop:
+    """Why and where a finished run stopped: ``"plateau"`` (the validation bits/dim stopped
+    improving, :mod:`mefbench.plateau`), ``"cap"`` (it reached its epoch cap while still
+    improving) or ``"length"`` (no plateau rule: it trained its configured epochs). ``best_epoch``
+    and ``best_valid_bpd``: the plateau rule's best (runs that validate)."""
+
+    reason: str
+    epoch: int
+    step: int
+    best_epoch: int | None = None
+    best_valid_bpd: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -163,7 +201,7 @@ class Resume:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """Everything recorded about one run (schema 3), written as ``record.json``.
+    """Everything recorded about one run (schema 4), written as ``record.json``.
 
     ``model`` and ``train`` are the JSON forms of the run's :class:`~mefbench.config.FlowConfig`
     and :class:`~mefbench.config.TrainConfig` (kept as data, so that a record stays readable when
@@ -193,6 +231,8 @@ class RunRecord:
     epochs: list[EpochRecord]
     final: FinalMetrics | None = None
     diverged: Divergence | None = None
+    stop: Stop | None = None
+    initial_valid_bpd: float | None = None  # the EMA (= initial) model on the validation split before any step
     resumes: list[Resume] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
     started_at: str | None = None
@@ -258,6 +298,8 @@ class RunRecord:
                 raise _Invalid(f"missing fields {[f'{part}.{k}' for k in missing]}")
             for key, tp in required.items():
                 _check(tp, data[key], f"{part}.{key}")
+        if self.stop is not None and self.stop.reason not in STOP_REASONS:
+            raise _Invalid(f"field 'stop.reason' must be one of {list(STOP_REASONS)}, got {self.stop.reason!r}")
         numbers = [e.epoch for e in self.epochs]
         if numbers != list(range(1, len(numbers) + 1)):
             raise _Invalid(
@@ -418,7 +460,12 @@ def _v2_to_v3(data: dict) -> dict:
     return data
 
 
-_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(data: dict) -> dict:
+    """Schema 3 lacks the fields schema 4 added (validation, loss summaries, stop): all optional."""
+    return {**data, "schema": 4}
+
+
+_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def _migrate(data: object, source: str | Path) -> object:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .outcomes import run_outcome
 from .record import RECORD, RunError, RunRecord, read_record
 from .stats import as_float, pool_stats
 
@@ -43,8 +44,10 @@ RUN_COLUMNS: tuple[str, ...] = (
     *_IDENTITY,
     "config", "image_shape", "steps", "net", "hidden_channels", "num_blocks",
     "batch_size", "epochs", "epochs_done", "num_params",
-    "test_bpd", "test_bpd_raw", "train_bpd", "train_bpd_ema",
-    "mean_epoch_time_s", "train_time_s",
+    "test_bpd", "test_bpd_raw", "train_bpd", "train_bpd_ema", "test_bpd_full", "test_images_full", "final_bpd",
+    "mean_epoch_time_s", "median_epoch_time_s", "train_time_s", "steps_done",
+    "stop_reason", "stop_step", "best_epoch", "best_valid_bpd",
+    "initial_loss", "worst_spike", "spike_step", "initial_valid_bpd", "final_valid_bpd", "final_over_initial",
     "sample_time_per_image_s", "roundtrip_error", "peak_memory_bytes", "peak_memory_method", "measure_error",
     "diverged_epoch", "diverged_step", "diverged_loss", "resumes",
     "device", "world_size",
@@ -54,8 +57,8 @@ RUN_COLUMNS: tuple[str, ...] = (
 
 EPOCH_COLUMNS: tuple[str, ...] = (
     *_IDENTITY,
-    "epoch", "step", "epoch_lr", "train_bpd", "train_bpd_ema", "test_bpd", "test_bpd_raw",
-    "train_time_s", "eval_time_s", "peak_memory_bytes",
+    "epoch", "step", "epoch_lr", "train_bpd", "train_bpd_ema", "test_bpd", "test_bpd_raw", "valid_bpd",
+    "loss_first", "loss_max", "loss_max_step", "train_time_s", "eval_time_s", "peak_memory_bytes",
     *(f"m_{k}" for k in _STATS), *(f"s_{k}" for k in _STATS),
 )  # fmt: skip
 
@@ -130,6 +133,9 @@ def _run_row(file: Path, record: RunRecord) -> dict:
         k: pool_stats([e.expm.get(k, {}) for e in epochs]) for k in ("m", "s")
     }  # fmt: skip
     diverged = record.diverged
+    outcome = run_outcome(record)
+    stop = record.stop
+    full = as_float(final and final.test_bpd_full)
     row = _identity(file, record)
     row.update(
         config=config_key(model, train),
@@ -146,8 +152,23 @@ def _run_row(file: Path, record: RunRecord) -> dict:
         test_bpd_raw=as_float(last and last.test_bpd_raw),
         train_bpd=as_float(last and last.train_bpd),
         train_bpd_ema=as_float(last and last.train_bpd_ema),
+        test_bpd_full=full,
+        test_images_full=as_float(final and final.test_images_full),
+        final_bpd=full if math.isfinite(full) else as_float(last and last.test_bpd),
         mean_epoch_time_s=sum(times) / len(times) if times else math.nan,
+        median_epoch_time_s=float(pd.Series(times).median()) if times else math.nan,
         train_time_s=sum(times) if times else math.nan,
+        steps_done=last.step if last is not None else 0,
+        stop_reason=stop.reason if stop is not None else None,
+        stop_step=as_float(stop and stop.step),
+        best_epoch=as_float(stop and stop.best_epoch),
+        best_valid_bpd=outcome.best_valid,
+        initial_loss=outcome.initial_loss,
+        worst_spike=outcome.worst_spike,
+        spike_step=as_float(outcome.spike_step),
+        initial_valid_bpd=outcome.initial_valid,
+        final_valid_bpd=outcome.final_valid,
+        final_over_initial=outcome.final_over_initial,
         sample_time_per_image_s=as_float(final and final.sample_time_per_image_s),
         roundtrip_error=as_float(final and final.roundtrip_error),
         peak_memory_bytes=as_float(final and final.peak_memory_bytes),
@@ -183,6 +204,10 @@ def _epoch_rows(file: Path, record: RunRecord) -> list[dict]:
             "train_bpd_ema": e.train_bpd_ema,
             "test_bpd": e.test_bpd,
             "test_bpd_raw": e.test_bpd_raw,
+            "valid_bpd": as_float(e.valid_bpd),
+            "loss_first": as_float(e.loss_first),
+            "loss_max": as_float(e.loss_max),
+            "loss_max_step": as_float(e.loss_max_step),
             "train_time_s": e.train_time_s,
             "eval_time_s": e.eval_time_s,
             "peak_memory_bytes": as_float(e.peak_memory_bytes),
@@ -212,7 +237,11 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     """One row per run found under path (a run = a directory holding ``record.json``).
 
     Metrics are those of the last finished epoch (test_bpd: EMA weights; test_bpd_raw: raw
-    weights); ``epochs`` is the configured number, ``epochs_done`` the finished ones; times are
+    weights) on the images each epoch evaluates; ``test_bpd_full`` is the trained EMA model on the
+    whole test split and ``final_bpd`` the run's number for the tables (``test_bpd_full``, else
+    ``test_bpd``); ``epochs`` is the configured number (the cap of a run with a plateau rule),
+    ``epochs_done`` the finished ones, ``stop_reason`` "plateau", "cap" or "length" with
+    ``stop_step``; the stability outcomes are :func:`mefbench.outcomes.run_outcome`'s; times are
     training time only (evaluation excluded); ``m_*``/``s_*`` pool the run's expm statistics
     over its epochs. ``tables`` is a tuple of table ids (str), ``cells`` the cell the run fills in
     each; ``model_revision`` says which model the same config built (runs of different revisions

@@ -1,15 +1,28 @@
-"""Small statistics shared by training, results and the report: pooled summaries, Wilson intervals,
-and the one way a recorded value becomes a number.
+"""Small statistics shared by training, results and the report: pooled summaries, Wilson
+intervals for rates, paired t intervals for differences over seeds, ratios and an exact test, and
+the one way a recorded value becomes a number.
 
-Pure functions on plain numbers and dicts, each testable on its own.
+Pure functions on plain numbers and dicts, each testable on its own (and tested against scipy).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["as_float", "pool_stats", "wilson_interval"]
+import numpy as np
+
+__all__ = [
+    "Interval",
+    "as_float",
+    "fisher_exact",
+    "paired_t_interval",
+    "pool_stats",
+    "ratio_interval",
+    "wilson_interval",
+]
 
 
 def as_float(value: object) -> float:
@@ -63,3 +76,53 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     low, high = (centre - half) / denom, (centre + half) / denom
     # exact ends: k = 0 gives low 0 and k = n high 1 (rounding can leave ±1e-17)
     return (0.0 if successes == 0 else max(low, 0.0)), (1.0 if successes == n else min(high, 1.0))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its two-sided confidence interval (NaN ends when it cannot be computed)."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return bool(self.low > 0 or self.high < 0)
+
+
+def paired_t_interval(differences: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Mean of paired differences with its Student-t interval, x̄ ± t_{n−1}·s/√n (what
+    ``scipy.stats.ttest_rel(a, b).confidence_interval()`` gives for a − b). Non-finite
+    differences are left out; fewer than 2 give NaN ends."""
+    from scipy import stats
+
+    d = np.asarray([v for v in differences if np.isfinite(v)], dtype=float)
+    n = len(d)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(d.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Geometric mean of positive ratios with the t interval of their logs, mapped back
+    (exp of :func:`paired_t_interval` of the log ratios)."""
+    logs = [math.log(r) for r in ratios if np.isfinite(r) and r > 0]
+    i = paired_t_interval(logs, confidence)
+    estimate, low, high = (math.exp(v) if np.isfinite(v) else math.nan for v in (i.estimate, i.low, i.high))
+    return Interval(estimate, low, high, i.n)
+
+
+def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided p-value of Fisher's exact test that k1/n1 and k2/n2 come from one rate
+    (``scipy.stats.fisher_exact`` on the 2×2 table); 1.0 when either group is empty."""
+    from scipy import stats
+
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    return float(stats.fisher_exact(np.array([[k1, n1 - k1], [k2, n2 - k2]])).pvalue)

@@ -72,6 +72,8 @@ from .interrupts import Interrupted, interrupts_held, sigterm_as_interrupt
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .memory import PeakMemory
 from .models import MODEL_REVISION, MultiScaleFlow, bits_per_dim, count_parameters
+from .outcomes import summarise_losses
+from .plateau import PlateauState, plateau_state
 from .record import (
     CHECKPOINT,
     ENDED,
@@ -84,6 +86,7 @@ from .record import (
     RunError,
     RunLock,
     RunRecord,
+    Stop,
     derive_cells,
     now,
     read_record,
@@ -91,7 +94,7 @@ from .record import (
     write_record,
 )
 
-__all__ = ["Interrupted", "evaluate", "train", "train_step"]
+__all__ = ["Interrupted", "batch_order", "evaluate", "fixed_subset", "train", "train_step"]
 
 
 # ----------------------------------------------------------------------------- test hooks
@@ -204,11 +207,13 @@ def evaluate(
 @dataclass
 class _Data:
     train_images: Tensor
-    test_images: Tensor
+    test_images: Tensor  # what each epoch evaluates: the test split, or a fixed subset of max_test of it
     train_eval: Tensor  # a fixed subset of training images, as many as test images, for the EMA train bits/dim
     flip: bool
     steps_per_epoch: int
     per_rank_batch: int
+    test_full: Tensor | None = None  # the whole test split, when test_images is a subset of it
+    valid_images: Tensor | None = None  # runs that validate: the validation split (or a fixed subset)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -278,6 +283,19 @@ def _claim_run_dir(run_dir: Path, resume: bool, lock: RunLock) -> bool:
 # ----------------------------------------------------------------------------- step 2: the data
 
 
+TEST_SUBSET, VALIDATION_SUBSET = 8, 9  # the generator streams of the two fixed subsets
+
+
+def fixed_subset(images: Tensor, n: int | None, stream: int = TEST_SUBSET) -> Tensor:
+    """The fixed subset of n images that every epoch evaluates: the same for every run and seed (so
+    rows and seeds are compared on the same images), drawn at random so that it mixes the
+    photographs of its split; all of them when n is None. ``stream``: :data:`TEST_SUBSET` or
+    :data:`VALIDATION_SUBSET`."""
+    if n is None or n >= len(images):
+        return images
+    return images[torch.randperm(len(images), generator=_generator(0, stream))[:n]]
+
+
 def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
     info = DATASETS[cfg.dataset]
     if tuple(model_config.image_shape) != tuple(info.shape):
@@ -285,11 +303,18 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
             f"model image_shape {model_config.image_shape} does not match dataset {cfg.dataset} {info.shape}"
         )
     train_images = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    test_images = load_dataset(cfg.dataset, "test", cfg.data_dir)
-    if cfg.max_test is not None:
-        test_images = test_images[: cfg.max_test]
+    test_full = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    test_images = fixed_subset(test_full, cfg.max_test, TEST_SUBSET)
     if len(test_images) == 0:
         raise ValueError(f"{cfg.dataset} has no test images")
+    valid_images = None
+    if cfg.validate:
+        valid_images = fixed_subset(load_dataset(cfg.dataset, "validation", cfg.data_dir), cfg.max_validation,
+                                    VALIDATION_SUBSET)  # fmt: skip
+        if info.validation_tail:  # the validation split is the training split's tail: never train on it
+            train_images = train_images[: -info.validation_tail]
+        if len(valid_images) == 0:
+            raise ValueError(f"{cfg.dataset} has no validation images")
     steps_per_epoch = len(train_images) // cfg.batch_size
     if cfg.max_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
@@ -305,6 +330,8 @@ def _load_data(model_config: FlowConfig, cfg: TrainConfig, world: int) -> _Data:
         flip=info.flip if cfg.flip is None else cfg.flip,
         steps_per_epoch=steps_per_epoch,
         per_rank_batch=max(1, cfg.batch_size // world),
+        test_full=test_full if len(test_full) > len(test_images) else None,
+        valid_images=valid_images,
     )
 
 
@@ -472,12 +499,12 @@ def _run_epoch(
 ) -> EpochRecord | Divergence:
     """Train one epoch (0-based index) and evaluate; a non-finite loss ends it as a Divergence."""
     g = _generator(cfg.seed, 100, epoch)
-    n, b = data.steps_per_epoch, cfg.batch_size
-    order = torch.randperm(len(data.train_images), generator=g)[: n * b].reshape(n, b)
+    order = batch_order(g, len(data.train_images), data.steps_per_epoch, cfg.batch_size)
     order = order[:, rank * data.per_rank_batch : (rank + 1) * data.per_rank_batch]
+    n, first_step = data.steps_per_epoch, state.step + 1
     fmt = _memory_format(cfg.channels_last)
     memory = PeakMemory(dev, state.model, state.optimizer)
-    recorder, losses = ExpmRecorder(), []
+    recorder, losses = ExpmRecorder(), cast(list[float], [])
     state.model.train()
     bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
     t0 = time.perf_counter()
@@ -494,7 +521,9 @@ def _run_epoch(
                     loss = float("nan")
             state.step += 1
             if not math.isfinite(loss):
-                return Divergence(epoch=epoch + 1, step=state.step, loss=loss)
+                seen = summarise_losses(losses, first_step)
+                return Divergence(epoch=epoch + 1, step=state.step, loss=loss, loss_first=seen.first,
+                                  loss_max=seen.max, loss_max_step=seen.max_step)  # fmt: skip
             state.scheduler.step()
             state.ema.update_parameters(state.model)
             losses.append(loss)
@@ -505,6 +534,7 @@ def _run_epoch(
     train_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     ev: dict[str, Any] = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
+    seen = summarise_losses(losses, first_step)
     entry = EpochRecord(
         epoch=epoch + 1,
         step=state.step,
@@ -518,9 +548,43 @@ def _run_epoch(
         expm=recorder.summary(),
         peak_memory_bytes=memory.bytes,
         peak_memory_method=memory.method,
+        valid_bpd=_validate(state, data, cfg, dev),
+        loss_first=seen.first,
+        loss_max=seen.max,
+        loss_max_step=seen.max_step,
     )
+    entry.eval_time_s = time.perf_counter() - t1
     _test_point("evaluated", epoch + 1)
     return entry
+
+
+def batch_order(generator: torch.Generator, images: int, steps: int, batch_size: int) -> Tensor:
+    """The image indices of an epoch's batches, (steps, batch_size): the first draw of the epoch's
+    generator, seeded by (seed, epoch) alone. So runs of one seed see the same images in the same
+    order (and, drawn after it from the same generator, the same flips and dequantisation noise)
+    whatever their model: the rows of a table are paired by seed."""
+    return torch.randperm(images, generator=generator)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _validate(state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device) -> float | None:
+    """The EMA model's bits/dim on the validation images (None for runs that do not validate)."""
+    if data.valid_images is None:
+        return None
+    model = cast(MultiScaleFlow, state.ema.module)
+    return evaluate(model, data.valid_images, cfg.eval_batch_size, cfg.seed + 2, dev, channels_last=cfg.channels_last)
+
+
+def _reached_plateau(record: RunRecord, cfg: TrainConfig) -> bool:
+    state = _plateau(record, cfg)
+    return state is not None and state.stop
+
+
+def _plateau(record: RunRecord, cfg: TrainConfig) -> PlateauState | None:
+    """The plateau rule's state after the recorded epochs (None without a rule): a function of the
+    record alone, so a resumed run stops where an uninterrupted one stops."""
+    if cfg.patience is None:
+        return None
+    return plateau_state([e.valid_bpd for e in record.epochs], cfg.patience, cfg.min_improvement)
 
 
 # ----------------------------------------------------------------------------- step 6: the commit
@@ -592,13 +656,37 @@ def _measure_trained(state: TrainingState, data: _Data, cfg: TrainConfig, dev: t
     return out
 
 
+def _full_test(state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device, record: RunRecord) -> dict:
+    """The trained EMA model's bits/dim on the whole test split, or on ``max_final_test`` of it
+    (every rank: evaluate reduces); the last epoch's number when the epochs evaluated exactly that."""
+    last = record.epochs[-1]
+    images = fixed_subset(data.test_full, cfg.max_final_test) if data.test_full is not None else data.test_images
+    if len(images) == len(data.test_images):  # the same images: both are a prefix of one fixed shuffle
+        return {"test_bpd_full": last.test_bpd, "test_images_full": len(data.test_images)}
+    model = cast(MultiScaleFlow, state.ema.module)
+    value = evaluate(model, images, cfg.eval_batch_size, cfg.seed, dev, channels_last=cfg.channels_last)
+    return {"test_bpd_full": value, "test_images_full": len(images)}
+
+
+def _stop(record: RunRecord, cfg: TrainConfig) -> Stop:
+    """Why the run stopped where it did (the plateau, the cap, or its configured length), and its
+    best validation bits/dim (by the plateau rule's measure of improvement, when it has one)."""
+    last = record.epochs[-1]
+    values = [e.valid_bpd for e in record.epochs]
+    rule = plateau_state(values, cfg.patience or 1, cfg.min_improvement if cfg.patience else 0.0)
+    reason = "length" if cfg.patience is None else "plateau" if rule.stop else "cap"
+    found = rule.best_epoch > 0
+    return Stop(reason=reason, epoch=last.epoch, step=last.step, best_epoch=rule.best_epoch if found else None,
+                best_valid_bpd=rule.best if found else None)  # fmt: skip
+
+
 def _finish(
-    run_dir: Path, record: RunRecord, state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device
+    run_dir: Path, record: RunRecord, state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device, full: dict
 ) -> RunRecord:
     """Measure the trained model, mark the run finished and write the record (rank 0)."""
     _test_point("finishing", len(record.epochs))
-    final = FinalMetrics.from_epochs(record.epochs, **_measure_trained(state, data, cfg, dev))
-    record = dataclasses.replace(record, status="finished", final=final, updated_at=now())
+    final = FinalMetrics.from_epochs(record.epochs, **_measure_trained(state, data, cfg, dev), **full)
+    record = dataclasses.replace(record, status="finished", final=final, stop=_stop(record, cfg), updated_at=now())
     write_record(run_dir, record)
     return record
 
@@ -655,6 +743,9 @@ def train(
             return record
         if rank != 0 and record.epochs:
             state.load(load_checkpoint(run_dir / CHECKPOINT, map_location=dev), run_dir / CHECKPOINT)
+        if data.valid_images is not None and not record.epochs and record.initial_valid_bpd is None:
+            # the untrained model (the EMA copy is the model before any step), recorded at the first commit
+            record = dataclasses.replace(record, initial_valid_bpd=_validate(state, data, cfg, dev))
         return _train_epochs(
             run_dir, record, state, data, cfg, dev, rank, world, progress, stop_after_epochs, interrupt_signals
         )
@@ -666,7 +757,8 @@ def _train_epochs(
     run_dir: Path, record: RunRecord, state: TrainingState, data: _Data, cfg: TrainConfig, dev: torch.device,
     rank: int, world: int, progress: bool, stop_after_epochs: int | None, interrupt_signals: tuple[int, ...] = (),
 ) -> RunRecord:  # fmt: skip
-    """Epochs from the last committed one to the end (or to stop_after_epochs), then finish."""
+    """Epochs from the last committed one to the end, the cap or the plateau (or to
+    stop_after_epochs), then finish."""
 
     def save(changed: RunRecord) -> RunRecord:
         changed = dataclasses.replace(changed, updated_at=now())
@@ -684,6 +776,8 @@ def _train_epochs(
     with sigterm_as_interrupt(interrupt_signals):
         try:
             for epoch in range(start, end):
+                if _reached_plateau(record, cfg):
+                    break
                 result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
                 if isinstance(result, Divergence):
                     if progress and rank == 0:
@@ -694,17 +788,20 @@ def _train_epochs(
                     return save(dataclasses.replace(record, status="diverged", diverged=result))
                 epochs = [*record.epochs, result]
                 changed = dataclasses.replace(record, epochs=epochs, final=FinalMetrics.from_epochs(epochs))
-                if not math.isfinite(result.test_bpd):
-                    diverged = Divergence(epoch=result.epoch, step=result.step, loss=result.test_bpd)
+                evaluated = [v for v in (result.test_bpd, result.valid_bpd) if v is not None]
+                if not all(math.isfinite(v) for v in evaluated):
+                    bad = next(v for v in evaluated if not math.isfinite(v))
+                    diverged = Divergence(epoch=result.epoch, step=result.step, loss=bad)
                     changed = dataclasses.replace(changed, status="diverged", diverged=diverged)
                 # only the committed record is ever written again (an interrupt writes `record`)
                 with interrupts_held():
                     record = _commit(run_dir, changed, state) if rank == 0 else changed
                 if record.status == "diverged":
                     return record
-            if len(record.epochs) >= cfg.epochs:
+            if len(record.epochs) >= cfg.epochs or _reached_plateau(record, cfg):
+                full = _full_test(state, data, cfg, dev, record)
                 if rank == 0:
-                    record = _finish(run_dir, record, state, data, cfg, dev)
+                    record = _finish(run_dir, record, state, data, cfg, dev, full)
                 all_ranks_ok(True, dev)  # the other ranks wait for rank 0's measurements
                 return record
             return save(dataclasses.replace(record, status="interrupted"))

@@ -13,10 +13,13 @@ from PIL import Image
 
 from mefbench.data import (
     DATASETS,
+    PATCH_PHOTOGRAPHS,
+    SPLITS,
     UnsafePickleError,
     dequantize,
     load_dataset,
     random_hflip,
+    split_sizes,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -75,15 +78,36 @@ def test_patches(name: str, size: int, train_min: int, test_min: int) -> None:
     # callers get their own copy
     train[0] = 0
     assert not torch.equal(train[0], load_dataset(name, "train")[0])
-    # whole photographs held out: no tile occurs in both splits
-    train_keys = {bytes(t.numpy().tobytes()) for t in load_dataset(name, "train")}
-    assert not any(bytes(t.numpy().tobytes()) in train_keys for t in test)
+    # whole photographs held out: no tile occurs in two splits
+    keys = {split: {bytes(t.numpy().tobytes()) for t in load_dataset(name, split)} for split in SPLITS}
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+
+
+def test_patch_splits_are_whole_photographs_and_the_docstring_counts_them() -> None:
+    """Every offline RGB photograph is in exactly one split, and the module docstring's table of
+    photographs and tiles per split is what the loaders give (computed, not typed)."""
+    import mefbench.data as data
+
+    photos = [p for split in SPLITS for p in PATCH_PHOTOGRAPHS[split]]
+    assert len(photos) == len(set(photos)) and {"motorcycle_left", "motorcycle_right"} <= set(
+        PATCH_PHOTOGRAPHS["train"]
+    )
+    sizes = {name: split_sizes(name) for name in ("patches16", "patches32")}
+    for split in SPLITS:
+        row = f"{split:<10}  {len(PATCH_PHOTOGRAPHS[split]):<11}  {sizes['patches16'][split]['images']:<19}  "
+        row += f"{sizes['patches32'][split]['images']}"
+        assert row in data.__doc__, row
+        assert sizes["patches16"][split]["photographs"] == len(PATCH_PHOTOGRAPHS[split])
+    assert sizes["patches16"]["test"]["images"] > 2000 and len(PATCH_PHOTOGRAPHS["test"]) >= 3
 
 
 def test_digits() -> None:
     train = load_dataset("digits", "train")
     test = load_dataset("digits", "test")
     assert train.shape == (1500, 1, 8, 8) and test.shape == (297, 1, 8, 8)
+    # no validation split of its own: the training split's tail (a validating run trains on the rest)
+    assert torch.equal(load_dataset("digits", "validation"), train[-DATASETS["digits"].validation_tail :])
     assert train.dtype == torch.uint8
     assert int(train.max()) == 255 and int(train.min()) == 0
     # 17 grey levels mapped by round(v * 255 / 16)

@@ -94,15 +94,20 @@ def test_a_registered_layer_reaches_everything(registered, tmp_path, capsys, mon
     assert record["model"]["mixing"] == "tmpdiag" and record["model"]["mixing_options"] == {"init": 0.1}
 
     # the zoo tables' presets and sweeps plan runs for them
-    assert "smoke-mix-tmpdiag" in PRESETS and "cpu-stab-tmptanh-lr0.01" in PRESETS
-    planned = {s.name for s in plan(("mixing", "stability"), "cpu", seeds=1)}
-    assert "cpu-mix-tmpdiag-seed0" in planned and "cpu-stab-tmptanh-lr0.1-seed0" in planned
+    assert "smoke-mix-tmpdiag" in PRESETS and "cpu-stress-tmptanh-lr0.01" in PRESETS
+    planned = {s.name for s in plan(("mixing", "stress"), "cpu", seeds=1)}
+    assert "cpu-mix-tmpdiag-seed0" in planned and "cpu-stress-tmptanh-lr0.1-seed0" in planned
+    # its stress row is parameter-matched to the grid's matrix-exp model, like every other coupling's
+    assert (
+        PRESETS["cpu-stress-tmptanh-lr0.01"].model.hidden_channels
+        != PRESETS["cpu-stress-matexp-lr0.01"].model.hidden_channels
+    )
 
     # a run of its preset gets its row in the report
     assert main(["train", "--preset", "smoke-mix-tmpdiag", "--out", str(runs / "mix"), "--no-progress"]) == 0
     text = write_report(runs, tmp_path / "report", samples=False).read_text()
     mixing = text[text.index("## Every mixing layer") :]
-    assert "| tmpdiag | default | per-pixel | 1 | 1 |" in mixing
+    assert "| tmpdiag | default | per-pixel | " in mixing and "| 1 | 1 | 0 | 0 | 1/1 |" in mixing
 
     # the bench has a row for each (its timings are tested in test_bench.py), the asv grids include them
     monkeypatch.setattr(Setting, "times", lambda self, fns, repeats: {k: [1e-3] * repeats for k in fns})

@@ -82,7 +82,7 @@ GOOD = _record().to_dict()
         (_bad(GOOD, tables=[4]).encode(), "field 'tables[0]' must be a string, got the number 4"),
         (_bad(GOOD, status="done").encode(), "field 'status' must be one of"),
         (_bad(GOOD, surprise=1).encode(), "unknown fields ['surprise']"),
-        (_bad(GOOD, schema=4).encode(), "schema 4, written by a newer mefbench"),
+        (_bad(GOOD, schema=SCHEMA + 1).encode(), f"schema {SCHEMA + 1}, written by a newer mefbench"),
         (_bad(GOOD, epochs=[GOOD["epochs"][0], {**GOOD["epochs"][0], "epoch": 3}]).encode(),
          "epochs are numbered [1, 3], not 1..2"),
     ],
@@ -237,3 +237,16 @@ def test_one_number_coercer():
     assert as_float(math.inf) == math.inf
     for missing in (None, True, "4.2", [1.0], {"a": 1}):
         assert math.isnan(as_float(missing)), missing
+
+
+def test_a_schema_3_record_reads_as_today_s_without_the_new_fields(tmp_path):
+    """Schema 4 only added optional fields (validation, loss summaries, stop): a schema-3 record
+    reads unchanged, with them empty."""
+    new = {"valid_bpd", "loss_first", "loss_max", "loss_max_step"}
+    data = {k: v for k, v in GOOD.items() if k not in ("stop", "initial_valid_bpd")} | {"schema": 3}
+    data["epochs"] = [{k: v for k, v in e.items() if k not in new} for e in data["epochs"]]
+    data["final"] = None
+    (tmp_path / "record.json").write_text(json.dumps(data))
+    record = read_record(tmp_path)
+    assert record.schema == SCHEMA and record.stop is None and record.initial_valid_bpd is None
+    assert all(e.valid_bpd is None and e.loss_max is None for e in record.epochs)

@@ -4,6 +4,7 @@ recorded is destroyed."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -11,11 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats
 from test_results import make_record, write_record
 
+from mefbench.data import split_sizes
 from mefbench.layers import COUPLING, MIXING, registry_variants
 from mefbench.models import MODEL_REVISION
-from mefbench.presets import PRESETS, STABILITY_LRS
+from mefbench.presets import PRESETS, STABILITY_COUPLINGS, STABILITY_LRS
 from mefbench.record import RunRecord
 from mefbench.report import MANIFEST, TABLES, load_published, markdown_table, paper_parameter_counts, write_report
 from mefbench.report.tables import paper_count_presets
@@ -40,8 +43,8 @@ def _section(text: str, title: str) -> str:
 def _group(section: str, group: str = "patches16, cpu scale") -> str:
     """The part of a table's section for one data group ("Runs on <group>:" up to the next group)."""
     start = section.index(f"Runs on {group}:")
-    end = section.find("Runs on ", start + 1)
-    return section[start : end if end > 0 else None]
+    ends = [e for e in (section.find("Runs on ", start + 1), section.find("\nPublished (", start)) if e > 0]
+    return section[start : min(ends) if ends else None]
 
 
 def record(
@@ -58,12 +61,33 @@ def record(
     return rec
 
 
+def stability_record(preset: str, seed: int, outcome: str) -> dict:
+    """A stability run with per-epoch loss summaries and validation bits/dim: initial loss 8, initial
+    validation 8; "fine" falls to 5, "blow-up" spikes to 20 at step 33 and recovers, "worse" ends
+    at 9, "diverged" becomes non-finite at step 12 after a first epoch (loss max 9 at step 5)."""
+    status = "diverged" if outcome == "diverged" else "finished"
+    rec = record(preset, seed, 5.0, status=status, epochs_done=1 if status == "diverged" else 2,
+                 diverged={"epoch": 2, "step": 12, "loss": float("inf"), "loss_first": 7.0, "loss_max": 7.5,
+                           "loss_max_step": 11} if status == "diverged" else None)  # fmt: skip
+    finals = {"fine": 5.0, "blow-up": 6.0, "worse": 9.0, "diverged": 7.0}
+    for e in rec["epochs"]:
+        first = 8.0 if e["epoch"] == 1 else 6.0
+        peak = 20.0 if outcome == "blow-up" and e["epoch"] == 2 else 9.0 if outcome == "diverged" else first
+        e.update(loss_first=first, loss_max=peak, loss_max_step=33 if peak == 20.0 else 5 if peak == 9.0 else
+                 (e["epoch"] - 1) * 30 + 1, valid_bpd=finals[outcome] + (0.5 if e["epoch"] == 1 else 0.0))  # fmt: skip
+    rec["initial_valid_bpd"] = 8.0
+    return rec
+
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     m1, m2 = (5.0, 1.0, 7.0, 4.0, 10), (7.0, 2.0, 9.0, 5.0, 30)
     # MEF at lr 0.01: one run each for Table 2, Table 4's cell, Table 5's row, Table 6 and its mixing row
-    write_record(root, "mef-s0", record("cpu-t2-mef", 0, 4.10, m=m1, epoch_time=20.0))
+    mef0 = record("cpu-t2-mef", 0, 4.10, m=m1, epoch_time=20.0)
+    mef0["stop"] = {"reason": "plateau", "epoch": 4, "step": 120, "best_epoch": 2, "best_valid_bpd": 4.5}
+    mef0["final"].update(test_bpd_full=4.05, test_images_full=2448)  # the whole test split: the tables' number
+    write_record(root, "mef-s0", mef0)
     write_record(root, "mef-s1", record("cpu-t2-mef", 1, 4.20, m=m2, epoch_time=24.0))
     write_record(root, "mef-s2", record("cpu-t2-mef", 2, 4.7, epoch_time=22.0, epochs_done=1, status="diverged",
                                         diverged={"epoch": 2, "step": 47, "loss": float("nan")}))  # fmt: skip
@@ -85,14 +109,17 @@ def runs_dir(tmp_path_factory) -> Path:
     mixing_final = {"sample_time_per_image_s": 0.002, "roundtrip_error": 3e-6, "peak_memory_bytes": 2**21}
     write_record(root / "mix", "emerging-s0", record("cpu-mix-emerging", 0, 4.5, epoch_time=15.0, final=mixing_final))
     write_record(root / "mix", "emerging-s1", record("cpu-mix-emerging", 1, 4.7, epoch_time=17.0, final=mixing_final))
-    # lr 0.1: one seed diverges, one finishes worse than the uniform density (9.5 > 8 bits/dim)
-    for lr, outcomes in ((0.001, ((5.0, "finished"), (5.1, "finished"))),
-                         (0.1, ((5.0, "diverged"), (5.2, "finished"), (9.5, "finished")))):  # fmt: skip
-        for seed, (bpd, status) in enumerate(outcomes):
-            div = {"epoch": 1, "step": 12 + seed, "loss": float("inf")} if status == "diverged" else None
-            write_record(root / "stab", f"affine-tanh-lr{lr}-s{seed}", record(
-                f"cpu-stab-affine-tanh-lr{lr}", seed, bpd, status=status, diverged=div,
-                epochs_done=1 if status == "diverged" else None))  # fmt: skip
+    # the stability benchmark: matexp and affine (tanh) at lr 0.001 (all fine) and lr 0.1, where matexp
+    # has one fine run, one blow-up (a loss 2.5 × its initial one) and one divergence (step 12), and
+    # affine (tanh) two fine runs and one that ends worse than it started (valid 9.0 > 8.0)
+    for coupling, lr, runs in (
+        ("matexp", 0.001, ("fine", "fine", "fine")), ("affine-tanh", 0.001, ("fine", "fine", "fine")),
+        ("matexp", 0.1, ("fine", "blow-up", "diverged")), ("affine-tanh", 0.1, ("worse", "fine", "fine")),
+        ("matexp", 0.01, ("fine", "blow-up")),
+    ):  # fmt: skip
+        for seed, outcome in enumerate(runs):
+            write_record(root / "stab", f"{coupling}-lr{lr}-s{seed}", stability_record(
+                f"cpu-stab-{coupling}-lr{lr}", seed, outcome))  # fmt: skip
     bad = root / "broken" / "record.json"
     bad.parent.mkdir()
     bad.write_text('{"status": "finished", "model": ')
@@ -119,10 +146,16 @@ def test_header_status_duplicates_and_corrupt(report, runs_dir):
     assert any(bad in w for w in warned)
     assert f"`{bad}`" in text  # listed in the report too
     assert "`mefbench report runs`" in text and f"`{runs_dir}`" in text
-    # 24 records: one unreadable, the duplicate counted once
-    assert "- Runs: 22 (" in text and "2 diverged" in text
+    # 33 records: one unreadable, the duplicate counted once
+    assert "- Runs: 31 (" in text and "2 diverged" in text
+    sizes = split_sizes("patches16")
+    assert f"- Data `patches16`: train {sizes['train']['images']:,} tiles of 5 photographs (astronaut," in text
+    assert f"test {sizes['test']['images']:,} tiles of 3 photographs (chelsea, coffee, immunohistochemistry)" in text
+    assert (
+        "- Time: runs recorded from 2026-01-01T00:00+00:00 to 2026-01-01T01:00+00:00 (1.00 h, pauses included)" in text
+    )
     status = next(line for line in text.splitlines() if line.startswith("**Status:**"))
-    assert "`mef-s2` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/4 epochs" in status
+    assert "`mef-s2` diverged at epoch 2, step 47" in status and "`plu-s2` interrupted after 1/10 epochs" in status
     dup = text[text.index("**Duplicates") :].splitlines()[2]
     assert "(preset `cpu-t5-standard`, seed 0)" in dup and "`standard-s0`" in dup
     assert "**Older model revisions:** 1 runs" in text
@@ -131,43 +164,73 @@ def test_header_status_duplicates_and_corrupt(report, runs_dir):
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "README.md", "bench.json", "figures"]
 
 
-def test_table2_published_and_ours(report):
+def _ci(a: list[float], b: list[float]) -> str:
+    """The difference column for rows a and b paired by seed, from scipy."""
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    mean = sum(a) / len(a) - sum(b) / len(b)
+    return f"{mean:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+
+
+def test_table2_published_apart_and_ours(report):
     text, _, _ = report
     t2 = _section(text, "Table 2")
-    assert _line(t2, "MEF", "3.32", "4.05", "3.73") and _line(t2, "Flow++", "3.08", "3.86", "3.69")
+    published = t2[: t2.index("Runs on")]
+    assert _line(published, "MEF", "3.32 (unverified)", "4.05 (unverified)", "3.73 (unverified)")
+    assert "*(unverified)*: not checked against the paper" in published
     ours = _line(_group(t2), "cpu-t2-mef", "3", "2", "1", "0", "0, 1")
-    assert "| 4.150 ± 0.071 | 4.160 ± 0.071 |" in ours  # EMA and raw (+ 0.01 in the fixture)
+    # stopped: one run recorded its plateau, the schema-1 one did not; EMA: the whole-test-split number
+    # of seed 0 (4.05) and seed 1's last epoch (4.20); raw: each epoch's subset (+ 0.01 in the fixture)
+    assert "| plateau 1/2 (steps 120); not recorded 1/2 | 4.125 ± 0.106 | 4.160 ± 0.071 |" in ours
+    assert "3.32" not in _group(t2)  # never beside a published number
     old = _line(_group(t2, "patches16, cpu scale, model revision 1"), "cpu-t2-mef", "1", "1")
     assert "| 3.000 |" in old  # the old revision's run stands apart, never in today's mean
 
 
-def test_table3_counts_from_the_presets(report):
+def test_table3_counts_from_the_presets_and_the_matcher(report):
     text, _, _ = report
     counts = paper_parameter_counts().set_index("preset")["num_params"]
     assert list(counts.index) == [name for _, name in paper_count_presets()]
     assert counts["paper-t2-mef-cifar10"] == 37_683_752  # the official code's count
     t3 = _section(text, "Table 3")
-    assert _line(t3, "MEF", "`paper-t2-mef-cifar10`").endswith("(37,683,752) | 37.7M |")
-    assert _line(t3, "Glow", "–", "not built (baseline)", "44.0M")
+    assert _line(t3, "MEF", "`paper-t2-mef-cifar10`").endswith("(37,683,752) | 37.7 (unverified) |")
+    assert _line(t3, "Glow", "–", "not built (baseline)", "44.0 (unverified)")
     assert f"({counts['paper-t5-plu']:,})" in t3 and counts["paper-t5-plu"] == 37_691_816
-    assert _line(t3, "cpu-t5-plu", "cpu", "patches16", "plu", "matexp", "32", "1", "3", "0.01M (12,345)")
+    assert _line(t3, "affine", "132", "37.76M (37,756,808)", "1.0019")  # the matcher picks the paper's width
+    hidden = PRESETS["cpu-t5-plu"].model.hidden_channels
+    assert _line(t3, "cpu-t5-plu", "cpu", "patches16", "plu", "matexp", str(hidden), "1", "3", "0.01M (12,345)")
 
 
-def test_table4_mean_std_and_diverged(report):
+def test_table4_paired_differences_ranks_and_sentence(report):
     t4 = _group(_section(report[0], "Table 4"))
-    assert _line(t4, "affine", "0.001", "16", "2", "2", "0", "0", "4.700 ± 0.141", "see paper")
-    assert _line(t4, "affine", "0.01", "4", "2", "2", "0", "0", "4.400 ± 0.141")
-    # the diverged seed is counted but left out of the mean
-    assert _line(t4, "matexp", "0.01", "4", "3", "2", "1", "0", "4.150 ± 0.071", "see paper")
+    ref = [4.05, 4.20]  # matexp at lr 0.01, seeds 0 and 1 (seed 2 diverged)
+    aff = _line(t4, "affine", "0.01")
+    assert "| 2 | 2 | 0 | 0 | 2/2 | not recorded 2/2 | 4.400 ± 0.141 |" in aff
+    # rank 1–3: affine at 1e-3 (4.60, 4.80) is 0.30 worse for both seeds, measurably; no row is measurably better
+    assert f"| {_ci([4.30, 4.50], ref)} | 1–3 |" in aff
+    assert _line(t4, "matexp", "0.01").endswith("| 3 | 2 | 1 | 0 | 2/3 | plateau 1/2 (steps 120); not recorded 1/2 "
+                                                 "| 4.125 ± 0.106 | reference | 1–3 |")  # fmt: skip
+    assert "params / matexp, lr 0.01" in t4 and "| 1.000 |" in aff
+    sentence = next(line for line in t4.splitlines() if line.startswith("**What this shows:**"))
+    assert f"at lr 0.01, affine − matexp = {_ci([4.30, 4.50], ref)}: not distinguishable at this scale" in sentence
+    assert f"matexp at lr 0.001 − at lr 0.01 = {_ci([4.25, 4.35], ref)}" in sentence
+    published = _section(report[0], "Table 4")
+    assert "Published (the paper's Table 4" in published and "| affine | 0.001 | 200 | not transcribed |" in published
 
 
-def test_table5_bpd_time_ratio_and_form(report):
+def test_table5_time_ratio_interval_and_sentence(report):
     t5 = _group(_section(report[0], "Table 5"))
     # the duplicate standard-s0 (9.99 bits/dim, 99 s) is not a third seed
-    assert _line(t5, "standard", "default", "2", "2", "0", "0", "4.500 ± 0.141", "11.00 ± 1.41", "1.00")
+    std = _line(t5, "standard", "default")
+    assert "| 4.500 ± 0.141 | reference | " in std and "| 11.00 ± 1.41 | reference |" in std
     # the interrupted third PLU run is counted, its epoch time (10 s) is included, its bpd is not
-    assert _line(t5, "plu", "free", "3", "2", "0", "1", "4.450 ± 0.000", "10.67 ± 0.58", "0.97")
-    assert _line(t5, "matexp", "default", "3", "2", "1", "0", "4.150 ± 0.071", "22.00 ± 2.00", "2.00")
+    plu = _line(t5, "plu", "free")
+    assert "| 3 | 2 | 0 | 1 | 2/3 |" in plu and "| 4.450 ± 0.000 |" in plu
+    ratio = stats.ttest_1samp([math.log(11 / 10), math.log(11 / 12)], 0).confidence_interval(0.95)
+    gm = math.exp((math.log(11 / 10) + math.log(11 / 12)) / 2)
+    assert f"| 10.67 ± 0.58 | {gm:.2f} [{math.exp(ratio.low):.2f}, {math.exp(ratio.high):.2f}] |" in plu
+    sentence = next(line for line in t5.splitlines() if line.startswith("**What this shows:**"))
+    assert "paired over 2 seeds" in sentence and "distinguishable from standard at this scale: plu" in sentence
+    assert "timed one after another on one machine" in t5
 
 
 def test_table6_pooled(report):
@@ -179,24 +242,37 @@ def test_table6_pooled(report):
 
 
 def test_mixing_table(report):
-    mixing = _group(_section(report[0], "Every mixing layer"))
-    row = _line(mixing, "emerging", "default", "spatial", "2", "2", "0", "0", "4.600 ± 0.141")
+    section = _section(report[0], "Every mixing layer")
+    mixing = _group(section)
+    row = _line(mixing, "emerging", "default", "spatial", "0.01M (12,345)", "1.000", "2", "2", "0", "0", "2/2")
     cells = row.split(" | ")
-    assert "16.00 ± 1.41" in cells and "1.45" in cells  # s/epoch, and / the standard conv's 11.00
-    assert "2.000 ± 0.000" in cells and "3.0e-06" in cells and "2.0 ± 0.0" in cells  # ms/image, round trip, MB
-    assert row.endswith("| 3.34 (Hoogeboom, van den Berg & Welling 2019, Emerging convolutions) |")
+    assert "4.600 ± 0.141" in cells and "16.00 ± 1.41" in cells  # bits/dim, s/epoch
+    assert row.endswith("| 2.000 ± 0.000 | 3.0e-06 | 2.0 ± 0.0 |")  # ms/image, round trip, MiB
+    assert "peak memory (MiB)" in mixing and "(MB)" not in mixing
+    assert "3.34" not in mixing  # the published numbers have their own table
+    assert _line(section, "emerging", "all", "3.34 (unverified)")
     # the three Table 5 convs are rows of it: their runs are shared
-    assert _line(mixing, "standard", "default", "per-pixel", "2")
+    assert _line(mixing, "standard", "default", "per-pixel")
+    assert "**What this shows:**" in mixing
 
 
-def test_stability_table_and_finding(report):
+def test_stability_outcomes_sensitivity_and_claims(report):
     stab = _group(_section(report[0], "Stability"))
-    assert _line(stab, "affine", "tanh", "0.001", "2", "2", "0", "0", "0.00", "0.00–0.66", "–", "0", "0.00")
-    # divergence rate 1/3 with its Wilson interval, the step, one worse than uniform, failure rate 2/3
-    high = _line(stab, "affine", "tanh", "0.1", "3", "2", "1", "0", "0.33", "0.06–0.79", "12", "1", "0.67", "0.21–0.94")
-    assert high.endswith("| 7.350 [5.200, 9.500] |")  # median [min, max] of the finished runs
-    assert _line(stab, "affine", "tanh", "0.001", "0.001", "1 / 5", "2 / 5")  # largest safe lr, totals
-    assert "**What this shows about the paper's claim:**" in stab and "needs runs of both" in stab
+    fine = _line(stab, "affine", "tanh", "0.001")
+    assert "| 0/3 [0.00–0.56] | 0/3 [0.00–0.56] | 0/3 [0.00–0.56] |" in fine
+    mat = _line(stab, "matexp", "default", "0.1")
+    assert "| 1/3 [0.06–0.79] | 1/3 [0.06–0.79] | 0/3 [0.00–0.56] | 12 |" in mat  # diverged, blow-up, worse; step
+    # worst spike × initial loss, median [min, max] (fine 1, diverged 9/8 before it diverged, blow-up 20/8), the step
+    assert "| 1.12 [1.00, 2.50] | 33 |" in mat
+    aff = _line(stab, "affine", "tanh", "0.1")
+    assert "| 0/3 [0.00–0.56] | 0/3 [0.00–0.56] | 1/3 [0.06–0.79] |" in aff
+    assert "- **Sensitivity of blow-up (loss > k × initial loss)**" in stab and "k = 2 (the cut used)" in stab
+    assert "k = 4: lr 0.001: 0, lr 0.01: 0, lr 0.1: 0" in stab  # at k = 4 the 2.5× spike is no blow-up
+    claim = next(line for line in stab.splitlines() if line.startswith("- **lr 0.1:**"))
+    p = stats.fisher_exact([[2, 1], [0, 3]]).pvalue  # matexp failed 2/3 (diverged or blew up), affine 0/3
+    assert "matexp diverged in 1/3 (at step 12); matexp blew up in 1/3" in claim
+    assert f"failed 2/3 vs 0/3 (Fisher's exact p = {p:.2f}, not distinguishable)" in claim
+    assert "**What the proxy scale cannot show:**" in stab
 
 
 def test_figures_and_sections(report):
@@ -204,7 +280,8 @@ def test_figures_and_sections(report):
     figs = {p.name for p in (out / "figures").glob("*.png")}
     group = "patches16-cpu-scale"
     for name in (f"table2_curves_{group}.png", f"table4_bpd_vs_lr_{group}.png", f"table5_epoch_time_{group}.png",
-                 f"table6_m_{group}.png", f"mixing_bpd_vs_time_{group}.png", f"stability_divergence_vs_lr_{group}.png"):  # fmt: skip
+                 f"table6_m_{group}.png", f"mixing_bpd_vs_time_{group}.png", f"stability_outcomes_vs_lr_{group}.png",
+                 f"stability_loss_curves_{group}.png"):  # fmt: skip
         assert name in figs and f"(figures/{name})" in text
         with Image.open(out / "figures" / name) as im:
             assert im.size[0] > 100
@@ -214,7 +291,7 @@ def test_figures_and_sections(report):
     assert _line(text, "expm_action fwd+bwd", "16384×6×6", "1.234", "ms", "< 2", "yes", "level 1")
     assert "produced by `mefbench bench --quick`" in text
     assert "Not included: no asv results directory was given." in text
-    assert "## All runs" in text and "arXiv 2007.09651" in text and "check every value against the paper" in text
+    assert "## All runs" in text and "arXiv 2007.09651" in text and "checked against the paper" in text
     assert "No GPU results" in text or "no GPU results folder was given" in text
 
 
@@ -223,15 +300,42 @@ def test_every_table_spec_is_rendered(report):
         assert f"## {spec.title}" in report[0]
 
 
-def test_published_json_has_sources_and_no_guesses():
+def _numbers(value):
+    """Every number of published.json with the object holding it (None for a bare number)."""
+    if isinstance(value, dict):
+        if "value" in value:
+            yield value
+            return
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield None
+
+
+def test_published_json_labels_every_value_and_guesses_none():
     pub = load_published()
-    assert pub["source"]["arxiv"] == "2007.09651" and "check" in pub["note"]
-    assert pub["table2"]["models"]["MEF"] == {"cifar10": 3.32, "imagenet32": 4.05, "imagenet64": 3.73}
-    assert pub["table3"]["models"] == {"Glow": 44.0, "Emerging": 44.7, "Flow++": 31.4, "MEF": 37.7}
+    assert pub["source"]["arxiv"] == "2007.09651" and "never replace it with a guess" in pub["note"]
+    entries = [
+        e
+        for section in ("table2", "table3", "mixing")
+        for e in _numbers(pub[section]["models" if section != "mixing" else "layers"])
+    ]
+    assert entries and None not in entries  # no bare number
+    for e in entries:
+        assert e["status"] in ("verified", "unverified")
+        assert e.get("read_from") if e["status"] == "verified" else e.get("source") in pub["sources"]
+    assert {k: v["value"] for k, v in pub["table2"]["models"]["MEF"].items()} == {
+        "cifar10": 3.32, "imagenet32": 4.05, "imagenet64": 3.73}  # fmt: skip
+    assert {k: v["value"] for k, v in pub["table3"]["models"].items()} == {
+        "Glow": 44.0, "Emerging": 44.7, "Flow++": 31.4, "MEF": 37.7}  # fmt: skip
     assert all(c["mean"] is None and c["std"] is None for t in ("table4", "table5") for c in pub[t]["cells"])
     assert all(v is None for v in pub["table6"]["m"].values())
     layers = pub["mixing"]["layers"]
-    assert set(layers) <= set(MIXING) and all(v["source"] for v in layers.values())
+    assert set(layers) <= set(MIXING) and all(v["paper"] for v in layers.values())
+    assert layers["woodbury"]["cifar10"]["status"] == "unverified"
 
 
 def test_a_missing_or_empty_runs_dir_is_refused_and_nothing_is_written(tmp_path, runs_dir):
@@ -444,7 +548,10 @@ def test_real_run_report_with_samples(tmp_path):
 
 
 def test_layers_of_the_zoo_tables_come_from_the_registries():
+    stress = {(p.cell["coupling"], p.cell["variant"]) for p in PRESETS.values() if "stress" in p.tables}
+    assert stress == {(n, v) for n, v, _ in registry_variants(COUPLING)}
     stab = {(p.cell["coupling"], p.cell["variant"]) for p in PRESETS.values() if "stability" in p.tables}
-    assert stab == {(n, v) for n, v, _ in registry_variants(COUPLING)}
-    lrs = {p.cell["lr"] for p in PRESETS.values() if "stability" in p.tables and p.scale == "cpu"}
-    assert lrs == set(STABILITY_LRS)
+    assert stab == set(STABILITY_COUPLINGS) and len(stab) >= 5
+    for table in ("stability", "stress"):
+        lrs = {p.cell["lr"] for p in PRESETS.values() if table in p.tables and p.scale == "cpu"}
+        assert lrs == set(STABILITY_LRS)

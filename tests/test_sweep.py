@@ -4,8 +4,8 @@ import shutil
 import pytest
 
 from mefbench.cli import main
-from mefbench.layers import COUPLING, MIXING, registry_variants
-from mefbench.presets import PRESETS
+from mefbench.layers import MIXING, registry_variants
+from mefbench.presets import MATCH_TOLERANCE, PRESETS, STABILITY_COUPLINGS
 from mefbench.record import RunLock, read_record
 from mefbench.report.tables import TABLES
 from mefbench.sweep import _key, parse_tables, plan
@@ -37,7 +37,9 @@ def test_seeds_default_to_the_tables_own():
     stability = plan(("stability",), "smoke")
     presets = [p for p in PRESETS.values() if p.scale == "smoke" and "stability" in p.tables]
     assert len(stability) == TABLES["stability"].seeds * len(presets)
-    assert TABLES["stability"].seeds >= 5 and len(plan(("4",), "smoke")) == TABLES["4"].seeds * 4
+    # the tables that decide something run at least 5 seeds
+    assert min(TABLES[t].seeds for t in ("4", "5", "mixing", "stability")) >= 5
+    assert len(plan(("4",), "smoke")) == TABLES["4"].seeds * 4
     # planned together, each run keeps its own tables' seeds
     both = plan(("4", "stability"), "smoke")
     assert len(both) == len(stability) + len(plan(("4",), "smoke"))
@@ -123,8 +125,8 @@ def test_a_finished_run_of_another_configuration_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
-    """The stability benchmark's smoke grid: every coupling and variant at the grid's two rates, one
-    seed, swept and reported (CI runs it; the cpu grid is the committed report's)."""
+    """The stability benchmark's smoke grid: its couplings at the grid's two rates, one seed, swept
+    and reported (CI runs it; the cpu grid is the committed report's)."""
     from mefbench.report import write_report
 
     runs = tmp_path / "runs"
@@ -139,7 +141,29 @@ def test_the_stability_grid_end_to_end_at_smoke_scale(tmp_path, capsys):
     assert f"{len(planned)} runs under" in out
     text = write_report(runs, tmp_path / "report", samples=False).read_text()
     section = text[text.index("## Stability") :].split("\n## ")[0]
-    for coupling, label, _ in registry_variants(COUPLING):
+    for coupling, label in STABILITY_COUPLINGS:
         assert f"| {coupling} | {label} | 0.001 |" in section and f"| {coupling} | {label} | 0.1 |" in section
-    assert "largest lr with no divergence" in section and "**What this shows about the paper's claim:**" in section
-    assert "(figures/stability_divergence_vs_lr_patches16-smoke-scale.png)" in section
+    assert "- **lr 0.001:**" in section and "- **lr 0.1:**" in section and "Sensitivity of blow-up" in section
+    assert "(figures/stability_outcomes_vs_lr_patches16-smoke-scale.png)" in section
+    # the couplings of a row are parameter-matched to the matrix-exp model (within the smoke tolerance)
+    records = [read_record(p.parent) for p in runs.glob("*/record.json")]
+    reference = next(r.num_params for r in records if r.model["coupling"] == "matexp")
+    assert all(abs(r.num_params / reference - 1) <= MATCH_TOLERANCE["smoke"] for r in records)
+
+
+def test_dry_run_lists_the_runs_and_estimates_without_training(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["sweep", "--table", "4", "--scale", "smoke", "--seeds", "1", "--runs", str(runs), "--dry-run"]
+    assert main([*args, "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    planned = plan(("4",), "smoke", seeds=1)
+    assert f"{len(planned)} runs planned" in out and not runs.exists()
+    for spec in planned:
+        steps = spec.train.epochs * spec.train.max_train_batches
+        assert f"  {spec.name}: tables 4; at most {steps} steps" in out
+    assert "in all:" not in out  # nothing measured
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "in all:" in out and "ms per training step" in out and not runs.exists()
+    models = {(s.model.to_json(), s.train.batch_size) for s in planned}
+    assert out.count("×)") == len(models) == 2  # each distinct model timed once: matrix-exp and affine

@@ -467,3 +467,122 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
     record = read_record(tmp_path / "run")
     assert record.status == "interrupted" and 1 <= len(record.epochs) < 30
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] == len(record.epochs)
+
+
+# ----------------------------------------------------------------------------- plateau, validation, losses
+
+
+def _plateau_cfg(**changes):
+    # min_improvement 50 bits/dim: epoch 1 sets the best and no later epoch can beat it by that much,
+    # so patience 1 stops the run after epoch 2, far below its cap of 4
+    return _tiny(epochs=4, validate=True, max_validation=32, patience=1, min_improvement=50.0, **changes)
+
+
+def test_a_run_stops_at_its_plateau_and_says_so(tmp_path):
+    model, cfg = _plateau_cfg()
+    record = train(model, cfg, tmp_path / "run", progress=False)
+    assert record.status == "finished" and len(record.epochs) == 2
+    assert record.stop.reason == "plateau" and record.stop.epoch == 2 and record.stop.step == record.epochs[-1].step
+    assert record.stop.best_epoch == 1 and record.stop.best_valid_bpd == record.epochs[0].valid_bpd
+    assert all(math.isfinite(e.valid_bpd) for e in record.epochs)
+    assert math.isfinite(record.initial_valid_bpd) and record.initial_valid_bpd > record.epochs[0].valid_bpd
+    # the whole test split is evaluated once at the end; the epochs saw a fixed subset of it
+    assert record.final.test_images_full > cfg.max_test and math.isfinite(record.final.test_bpd_full)
+    # without a plateau rule the same run trains to its length; with a patience it cannot reach, to its cap
+    length = train(model, dataclasses.replace(cfg, patience=None, epochs=2), tmp_path / "length", progress=False)
+    assert length.stop.reason == "length" and len(length.epochs) == 2
+    assert _numbers([e.__dict__ for e in length.epochs]) == _numbers([e.__dict__ for e in record.epochs])
+    capped = train(model, dataclasses.replace(cfg, min_improvement=0.0, patience=3, epochs=2), tmp_path / "cap",
+                   progress=False)  # fmt: skip
+    assert capped.stop.reason == "cap" and capped.stop.epoch == 2
+
+
+@pytest.mark.parametrize("cut", ["after epoch 1", "before finishing"])
+def test_a_resumed_run_stops_where_an_uninterrupted_one_stops(tmp_path, monkeypatch, cut):
+    """Interrupted after epoch 1 (before its plateau) or once epoch 2 is committed (the plateau
+    reached, the run not yet finished): the resumed run records what the uninterrupted one does."""
+    model, cfg = _plateau_cfg()
+    full = train(model, cfg, tmp_path / "full", progress=False)
+    if cut == "after epoch 1":
+        part = train(model, cfg, tmp_path / "part", progress=False, stop_after_epochs=1)
+    else:
+        with monkeypatch.context() as m:
+            m.setattr(mefbench.training, "_finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                train(model, cfg, tmp_path / "part", progress=False)
+        part = read_record(tmp_path / "part")
+    assert part.status == "interrupted" and len(part.epochs) == (1 if cut == "after epoch 1" else 2)
+    resumed = train(model, cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed.stop == full.stop and len(resumed.epochs) == 2
+    assert _numbers(resumed.to_dict()) == _numbers(full.to_dict())
+
+
+def test_each_epoch_records_its_first_and_largest_loss(tmp_path, monkeypatch):
+    model, cfg = _tiny(epochs=2)
+    seen = []
+    original = mefbench.training.train_step
+
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(mefbench.training, "train_step", recording)
+    record = train(model, cfg, tmp_path / "run", progress=False)
+    steps = cfg.max_train_batches
+    for e in record.epochs:
+        mine = seen[(e.epoch - 1) * steps : e.epoch * steps]
+        assert e.loss_first == mine[0] and e.loss_max == max(mine)
+        assert e.loss_max_step == (e.epoch - 1) * steps + mine.index(max(mine)) + 1
+        assert e.train_bpd == pytest.approx(sum(mine) / len(mine))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_a_divergence_keeps_the_losses_before_it(tmp_path, monkeypatch):
+    model, cfg = _tiny(epochs=2)
+    losses = iter([7.0, 9.5, 8.0, 6.0, float("nan")])  # epoch 1: steps 1-3; epoch 2 diverges at step 5
+    monkeypatch.setattr(mefbench.training, "train_step", lambda *a, **k: next(losses))
+    record = train(model, cfg, tmp_path / "run", progress=False)
+    assert record.status == "diverged" and record.diverged.step == 5
+    assert (record.epochs[0].loss_first, record.epochs[0].loss_max, record.epochs[0].loss_max_step) == (7.0, 9.5, 2)
+    d = record.diverged
+    assert (d.loss_first, d.loss_max, d.loss_max_step) == (6.0, 6.0, 4)
+
+
+def test_runs_of_one_seed_see_the_same_data_whatever_their_model(tmp_path, monkeypatch):
+    """The rows of a table are paired: the same seed gives the same batches in the same order (and
+    the same flips and noise, drawn after them from the same generator) for every model."""
+    orders: dict[str, list] = {}
+    original = mefbench.training.batch_order
+
+    def recording(generator, *args):
+        order = original(generator, *args)
+        orders.setdefault(current, []).append((order.clone(), generator.get_state().clone()))
+        return order
+
+    monkeypatch.setattr(mefbench.training, "batch_order", recording)
+    model, cfg = _tiny(epochs=2)
+    for current, changes in (("matexp", {}), ("affine", {"coupling": "affine", "hidden_channels": 5}),
+                             ("standard", {"mixing": "standard"})):  # fmt: skip
+        train(dataclasses.replace(model, **changes), cfg, tmp_path / current, progress=False)
+    current = "seed1"
+    train(model, dataclasses.replace(cfg, seed=1), tmp_path / current, progress=False)
+    for other in ("affine", "standard"):
+        for (a, ga), (b, gb) in zip(orders["matexp"], orders[other], strict=True):
+            assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert not torch.equal(orders["matexp"][0][0], orders["seed1"][0][0])
+
+
+def test_a_validating_run_never_trains_on_its_validation_images():
+    from mefbench.config import FlowConfig, TrainConfig
+    from mefbench.data import DATASETS, load_dataset
+    from mefbench.training import _load_data
+
+    model = FlowConfig(image_shape=(1, 8, 8), steps=(1,), hidden_channels=4, num_blocks=0)
+    tail = DATASETS["digits"].validation_tail
+    data = _load_data(model, TrainConfig(dataset="digits", validate=True, batch_size=32), 1)
+    assert torch.equal(data.train_images, load_dataset("digits", "train")[:-tail])
+    assert torch.equal(data.valid_images, load_dataset("digits", "validation"))
+    plain = _load_data(model, TrainConfig(dataset="digits", batch_size=32), 1)  # the paper's protocol: all of it
+    assert len(plain.train_images) == len(load_dataset("digits", "train")) and plain.valid_images is None
+    with pytest.raises(ValueError, match="patience needs validate=True"):
+        TrainConfig(dataset="digits", patience=3)

@@ -333,7 +333,7 @@ def _epoch_check(part: Part) -> None:
     from ..memory import PeakMemory
     from ..models import bits_per_dim
     from ..record import CHECKPOINT
-    from ..training import evaluate, train
+    from ..training import evaluate, fixed_subset, train
 
     model_cfg, train_cfg, dev = part.sizes.epoch_model, part.sizes.epoch_train, part.device
     runs = part.workdir / "epoch_check"
@@ -386,7 +386,7 @@ def _epoch_check(part: Part) -> None:
         # the EMA weights evaluated as train() evaluates them (same images, batch, seed) repeat the
         # recorded EMA test bits/dim
         model = load_model(through, device=dev)
-        images = load_dataset(train_cfg.dataset, "test", train_cfg.data_dir)[: train_cfg.max_test]
+        images = fixed_subset(load_dataset(train_cfg.dataset, "test", train_cfg.data_dir), train_cfg.max_test)
         again = evaluate(model, images, train_cfg.eval_batch_size, train_cfg.seed, dev)
         recorded = records["uninterrupted"].epochs[-1].test_bpd
         diff = abs(again - recorded)

@@ -15,8 +15,8 @@ import pandas as pd
 
 from ..layers import COUPLING, MIXING, canonical_options, layer_variants
 from ..models import MODEL_REVISION
-from ..stats import as_float, pool_stats, wilson_interval
-from .format import DASH, number, params, pm, published_pm
+from ..stats import as_float, pool_stats
+from .format import DASH, number, params, pm
 
 __all__ = [
     "cell_frame",
@@ -25,11 +25,12 @@ __all__ = [
     "finished",
     "group_label",
     "in_table",
+    "mixing_label",
+    "mixing_published",
     "mixing_rows",
     "normalise",
-    "stability_rows",
-    "stability_summary",
     "table2_rows",
+    "table4_label",
     "table4_rows",
     "table5_rows",
     "table6_rows",
@@ -195,60 +196,118 @@ def _layer_cells(df: pd.DataFrame, kind: str, extra: list[str]) -> list[tuple[tu
 # ----------------------------------------------------------------------------- the tables
 
 
+def _stopped(cell: pd.DataFrame) -> str:
+    from .compare import convergence
+
+    return convergence(cell)
+
+
+def _seeds(cell: pd.DataFrame) -> str:
+    """'5/5': seeds with a finished run over the runs of the cell."""
+    return f"{int(finished(cell).sum())}/{len(cell)}"
+
+
+def _images(fin: pd.DataFrame) -> str:
+    """How many test images the final numbers were evaluated on ('2448', or a list when they differ)."""
+    n = pd.to_numeric(fin.get("test_images_full", pd.Series(dtype=float)), errors="coerce").dropna()
+    return ", ".join(f"{int(v):,}" for v in sorted(n.unique())) or "?"
+
+
 def table2_rows(df: pd.DataFrame) -> dict:
     fin = df[finished(df)]
     return {
         "presets": ", ".join(sorted(map(str, df["preset"].dropna().unique()))), **counts(df),
         "seeds": ", ".join(str(s) for s in sorted(fin["seed"].unique())),
-        "epochs": ", ".join(str(e) for e in sorted(df["epochs"].unique())),
-        "test bpd (EMA)": pm(fin["test_bpd"]), "test bpd (raw)": pm(fin["test_bpd_raw"]),
-        "train bpd": pm(fin["train_bpd"]),
+        "stopped": _stopped(df),
+        f"test bits/dim (EMA, {_images(fin)} test images)": pm(fin["final_bpd"]),
+        "test bits/dim (raw, epoch subset)": pm(fin["test_bpd_raw"]),
+        "train bits/dim": pm(fin["train_bpd"]),
         "params": ", ".join(params(p) for p in sorted(df["num_params"].dropna().unique())),
     }  # fmt: skip
 
 
-def table4_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
-    cells = published.get("cells", [])
+def _param_ratio(cell: pd.DataFrame, reference: float) -> str:
+    n = pd.to_numeric(cell["num_params"], errors="coerce").dropna()
+    if n.empty or not reference or not np.isfinite(reference):
+        return DASH
+    return ", ".join(f"{v / reference:.3f}" for v in sorted(n.unique()))
 
-    def paper(coupling: str, lr: float) -> str:
-        for c in cells:
-            if c["coupling"] == coupling and math.isclose(c["lr"], lr, rel_tol=1e-9):
-                return published_pm(c["mean"], c["std"])
-        return "not in the paper"
 
+def _reference_params(cells: list[tuple[tuple, pd.DataFrame]], reference: tuple) -> float:
+    for key, cell in cells:
+        if key == reference:
+            n = pd.to_numeric(cell["num_params"], errors="coerce").dropna()
+            return float(n.iloc[0]) if len(n) else math.nan
+    return math.nan
+
+
+def _compared(cells: list[tuple[tuple, pd.DataFrame]], labels: list[str], reference: tuple):
+    from .compare import compare_rows
+
+    ref_label = next((lab for (key, _), lab in zip(cells, labels, strict=True) if key == reference), None)
+    return compare_rows([(lab, cell) for (_, cell), lab in zip(cells, labels, strict=True)], ref_label), ref_label
+
+
+def table4_label(coupling: str, lr: float) -> str:
+    return f"{coupling}, lr {lr:g}"
+
+
+def table4_rows(df: pd.DataFrame, published: dict, reference: tuple = ("matexp", 0.01)) -> pd.DataFrame:
+    """Per (coupling, lr): runs, parameters and their ratio to the reference row, how the runs
+    stopped, test bits/dim, the paired difference to the reference row with its 95% interval and
+    the rank range (:mod:`.compare`)."""
+    from .compare import difference_text, rank_text
+
+    cells = _cells(df, ["coupling", "lr"])
+    labels = [table4_label(c, lr) for (c, lr), _ in cells]
+    compared, _ = _compared(cells, labels, reference)
+    ref_params = _reference_params(cells, reference)
     rows = []
-    for (coupling, lr), cell in _cells(df, ["coupling", "lr"]):
+    for ((coupling, lr), cell), row in zip(cells, compared, strict=True):
         rows.append({
-            "coupling": coupling, "lr": f"{lr:g}", "epochs": ", ".join(str(e) for e in sorted(cell["epochs"].unique())),
-            **counts(cell), "test bits/dim": pm(cell.loc[finished(cell), "test_bpd"]),
-            "published (CIFAR-10)": paper(coupling, lr),
+            "coupling": coupling, "lr": f"{lr:g}", "hidden": ", ".join(str(h) for h in sorted(cell["hidden_channels"].unique())),
+            "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique())),
+            f"params / {table4_label(*reference)}": _param_ratio(cell, ref_params),
+            **counts(cell), "seeds": _seeds(cell), "stopped": _stopped(cell),
+            "test bits/dim": pm(cell.loc[finished(cell), "final_bpd"]),
+            f"difference to {table4_label(*reference)} [95% CI]": difference_text(row.diff), "rank": rank_text(row.rank),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def _reference_time(df: pd.DataFrame, key: str, reference: str | None) -> float:
-    timed = df[df["epochs_done"] > 0]
-    ref = timed.loc[timed[key] == reference, "mean_epoch_time_s"]
-    return float(ref.mean()) if len(ref) else math.nan
+def _time_columns(cell: pd.DataFrame, ref_cell: pd.DataFrame | None, reference: str | None) -> dict:
+    from .compare import ratio_text, time_ratio
+
+    t = cell.loc[cell["epochs_done"] > 0, "median_epoch_time_s"]
+    if ref_cell is not None and ref_cell is cell:
+        ratio = "reference"
+    else:
+        ratio = ratio_text(time_ratio(cell, ref_cell)) if ref_cell is not None else DASH
+    return {"time per epoch (s)": pm(t, 2), f"time / {reference} [95% CI]": ratio}
 
 
 def table5_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
-    cells = {c["mixing"]: c for c in published.get("cells", [])}
+    """Per 1×1 conv: parameters, how the runs stopped, bits/dim with the paired difference to the
+    reference conv and the rank range, epoch time and its paired ratio to the reference's."""
+    from .compare import difference_text, rank_text
+
     reference = next(iter(MIXING), None)  # the registry's first: the standard 1×1 conv
-    ref_time = _reference_time(df, "mixing", reference)
+    cells = _cells(df, ["mixing"])
+    labels = [c for (c,), _ in cells]
+    compared, _ = _compared(cells, labels, (reference,))
+    ref_cell = next((cell for (c,), cell in cells if c == reference), None)
+    ref_params = _reference_params(cells, (reference,))
     rows = []
-    for (mixing,), cell in _cells(df, ["mixing"]):
-        t = cell.loc[cell["epochs_done"] > 0, "mean_epoch_time_s"]
-        ratio = t.mean() / ref_time if len(t) and ref_time > 0 else math.nan
-        pub = cells.get(mixing)
-        form = ", ".join(sorted({variant_of("mixing", mixing, o) for o in cell["mixing_options"]}))
+    for ((mixing,), cell), row in zip(cells, compared, strict=True):
         rows.append({
-            "mixing": mixing, "form": form, **counts(cell),
-            "bits/dim": pm(cell.loc[finished(cell), "test_bpd"]), "time per epoch (s)": pm(t, 2),
-            f"time / {reference}": number(ratio, "{:.2f}"),
+            "mixing": mixing, "form": ", ".join(sorted({variant_of("mixing", mixing, o) for o in cell["mixing_options"]})),
+            "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique())),
+            f"params / {reference}": _param_ratio(cell, ref_params),
+            **counts(cell), "seeds": _seeds(cell), "stopped": _stopped(cell),
+            "bits/dim": pm(cell.loc[finished(cell), "final_bpd"]),
+            f"difference to {reference} [95% CI]": difference_text(row.diff), "rank": rank_text(row.rank),
+            **_time_columns(cell, ref_cell, reference),
             "device": ", ".join(sorted(map(str, cell["device"].unique()))),
-            "published bits/dim (CIFAR-10)": published_pm(pub["mean"], pub["std"]) if pub else "not in the paper",
-            "published time": "see paper" if pub and pub.get("epoch_time") is None else (pub or {}).get("epoch_time", DASH),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -286,28 +345,53 @@ def table6_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mixing_label(mixing: str, variant: str) -> str:
+    from ..presets import variant_label
+
+    return variant_label(mixing, variant)
+
+
 def mixing_rows(df: pd.DataFrame, published: dict) -> pd.DataFrame:
-    layers = published.get("layers", {})
-    reference = next(iter(MIXING), None)
-    ref_time = _reference_time(df, "mixing", reference)
+    """Per mixing layer and variant: family, parameters and their ratio to the standard 1×1 conv's
+    model, how the runs stopped, bits/dim with the paired difference to the standard conv and the
+    rank range, time per epoch with its paired ratio, sampling time, round-trip error and peak
+    memory (MiB). Published numbers are in a table of their own (:func:`mixing_published`)."""
+    from .compare import difference_text, rank_text
+
+    reference = (next(iter(MIXING), None), "default")
+    cells = _layer_cells(df, "mixing", [])
+    labels = [mixing_label(c, v) for (c, v), _ in cells]
+    compared, _ = _compared(cells, labels, reference)
+    ref_cell = next((cell for key, cell in cells if key == reference), None)
+    ref_params = _reference_params(cells, reference)
     rows = []
-    for (mixing, variant), cell in _layer_cells(df, "mixing", []):
+    for ((mixing, variant), cell), row in zip(cells, compared, strict=True):
         fin = cell[finished(cell)]
-        t = cell.loc[cell["epochs_done"] > 0, "mean_epoch_time_s"]
         cls = MIXING.get(mixing)
-        pub = layers.get(mixing, {})
-        value = pub.get("cifar10") if (variant in pub.get("variants", [variant])) else None
         rows.append({
-            "layer": mixing, "variant": variant, "family": cls.info.family if cls else DASH, **counts(cell),
-            "bits/dim": pm(fin["test_bpd"]),
+            "layer": mixing, "variant": variant, "family": cls.info.family if cls else DASH,
             "params": ", ".join(params(p) for p in sorted(cell["num_params"].dropna().unique())),
-            "time per epoch (s)": pm(t, 2),
-            f"time / {reference}": number(t.mean() / ref_time if len(t) and ref_time > 0 else math.nan, "{:.2f}"),
+            f"params / {reference[0]}": _param_ratio(cell, ref_params),
+            **counts(cell), "seeds": _seeds(cell), "stopped": _stopped(cell),
+            "bits/dim": pm(fin["final_bpd"]),
+            f"difference to {reference[0]} [95% CI]": difference_text(row.diff), "rank": rank_text(row.rank),
+            **_time_columns(cell, ref_cell, reference[0]),
             "sampling (ms / image)": pm(1e3 * _col(fin, "sample_time_per_image_s"), 3),
             "round-trip error": _roundtrip(_col(fin, "roundtrip_error")),
-            "peak memory (MB)": pm(_col(fin, "peak_memory_bytes") / 2**20, 1),
-            "published bits/dim (own paper, CIFAR-10)": f"{value:.2f} ({pub.get('source')})" if value is not None else "not available",
+            "peak memory (MiB)": pm(_col(fin, "peak_memory_bytes") / 2**20, 1),
         })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def mixing_published(published: dict) -> pd.DataFrame:
+    """The published CIFAR-10 bits/dim of each mixing layer's own paper, with its status and source."""
+    from .format import published_value
+
+    rows = []
+    for mixing, entry in published.get("layers", {}).items():
+        rows.append({"layer": mixing, "variants": ", ".join(entry.get("variants", [])) or "all",
+                     "CIFAR-10 bits/dim (own paper)": published_value(entry.get("cifar10")),
+                     "paper": entry.get("paper", DASH)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -324,75 +408,3 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     if name not in df:
         return pd.Series(np.nan, index=df.index, dtype=float)
     return pd.to_numeric(df[name], errors="coerce")
-
-
-# The uniform density on the 256 levels of 8-bit data scores exactly 8 bits/dim: a run that ends
-# above it has learned less than nothing, whatever its loss did on the way.
-UNIFORM_BPD = 8.0
-
-
-def stability_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (coupling, variant, lr): runs, diverged, divergence rate with its Wilson 95% interval,
-    the steps at which runs diverged, the finished runs that ended worse than the uniform density
-    (> 8 bits/dim), the failure rate (diverged or worse than uniform), and bits/dim of the finished
-    runs (median and range: a failed run's can be astronomically large). Unfinished runs (still
-    running or interrupted) are counted apart and left out of the rates."""
-    rows = []
-    for (coupling, variant, lr), cell in _layer_cells(df, "coupling", ["lr"]):
-        c = counts(cell)
-        decided = c["finished"] + c["diverged"]
-        low, high = wilson_interval(c["diverged"], decided) if decided else (math.nan, math.nan)
-        steps = pd.to_numeric(cell.loc[cell["status"] == "diverged", "diverged_step"], errors="coerce").dropna()
-        bpd = pd.to_numeric(cell.loc[finished(cell), "test_bpd"], errors="coerce")
-        worse = int((bpd > UNIFORM_BPD).sum())
-        failed = c["diverged"] + worse
-        f_low, f_high = wilson_interval(failed, decided) if decided else (math.nan, math.nan)
-        rows.append({
-            "coupling": coupling, "variant": variant, "lr": lr, **c,
-            "divergence rate": c["diverged"] / decided if decided else math.nan,
-            "rate 95% CI low": low, "rate 95% CI high": high,
-            "diverged at step": ", ".join(f"{int(s)}" for s in sorted(steps)) or DASH,
-            "worse than uniform": worse,
-            "failure rate": failed / decided if decided else math.nan,
-            "failure 95% CI low": f_low, "failure 95% CI high": f_high,
-            "bits/dim (finished): median [min, max]": _median_range(bpd),
-        })  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def _median_range(values: pd.Series) -> str:
-    v = values[np.isfinite(values)]
-    if v.empty:
-        return DASH
-    fmt = lambda x: f"{x:.3f}" if abs(x) < 1e4 else f"{x:.2e}"  # noqa: E731
-    return fmt(v.median()) if len(v) == 1 else f"{fmt(v.median())} [{fmt(v.min())}, {fmt(v.max())}]"
-
-
-def stability_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (coupling, variant): the largest rate of the grid at which no run diverged (and every
-    smaller rate had none either), the same for failures (diverged or worse than uniform), and the
-    totals."""
-    out: list[dict] = []
-    if rows.empty:
-        return pd.DataFrame(out)
-    for (coupling, variant), g in rows.groupby(["coupling", "variant"], sort=False):
-        g = g.sort_values("lr")
-        decided = int((g["finished"] + g["diverged"]).sum())
-        out.append({
-            "coupling": coupling, "variant": variant,
-            "largest lr with no divergence": number(_largest_safe(g, g["diverged"]), "{:g}"),
-            "largest lr with no failure": number(_largest_safe(g, g["diverged"] + g["worse than uniform"]), "{:g}"),
-            "diverged / decided runs": f"{int(g['diverged'].sum())} / {decided}",
-            "failed / decided runs": f"{int((g['diverged'] + g['worse than uniform']).sum())} / {decided}",
-        })  # fmt: skip
-    return pd.DataFrame(out)
-
-
-def _largest_safe(rows: pd.DataFrame, bad: pd.Series) -> float:
-    """The largest rate at which, and below which, every decided run was good (NaN if none)."""
-    safe = math.nan
-    for lr, decided, b in zip(rows["lr"], rows["finished"] + rows["diverged"], bad.loc[rows.index], strict=True):
-        if decided == 0 or b > 0:
-            break
-        safe = lr
-    return safe

@@ -12,16 +12,17 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..presets import variant_label
-from .aggregate import finished, stability_rows
+from .aggregate import finished
 from .format import slug
 
 __all__ = [
     "FigureContext",
     "curves",
-    "divergence_vs_lr",
     "epoch_time_bars",
+    "loss_curves",
     "lr_errorbars",
     "m_per_run",
+    "outcomes_vs_lr",
     "quality_vs_time",
 ]
 
@@ -69,12 +70,14 @@ def curves(ctx: FigureContext) -> list[str]:
     labels = {r["run"]: ctx.cell_label(r) for _, r in ctx.runs.iterrows()}
     ep = ep.assign(cell=ep["run"].map(labels))
     fig, ax = _figure()
-    sns.lineplot(data=ep, x="epoch", y="test_bpd", hue="cell", errorbar="sd", marker="o", ax=ax)
-    ax.set(xlabel="epoch", ylabel="test bits/dim (EMA weights)", title=f"{ctx.title}: training curves ({ctx.group})")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # a MaxNLocator; stubs: Locator
+    sns.lineplot(data=ep, x="step", y="test_bpd", hue="cell", errorbar="sd", marker="o", ax=ax)
+    ax.set(xlabel="training step", ylabel="test bits/dim (EMA weights)",
+           title=f"{ctx.title}: training curves ({ctx.group})")  # fmt: skip
     path = _save(fig, ctx, "curves")
     return [f"![{ctx.title} training curves, {ctx.group}]({path})", "",
-            "*Test bits/dim (EMA weights) after each epoch; line = mean over seeds, band = ± sd.*", ""]  # fmt: skip
+            "*Test bits/dim (EMA weights, on the fixed subset of the test split each evaluation uses) after each "
+            "evaluation period; line = mean over the seeds still running, band = ± sd. A line ends where its runs "
+            "reached their plateau or cap.*", ""]  # fmt: skip
 
 
 def lr_errorbars(ctx: FigureContext) -> list[str]:
@@ -82,7 +85,7 @@ def lr_errorbars(ctx: FigureContext) -> list[str]:
     fin = ctx.runs[finished(ctx.runs)]
     if fin.empty:
         return []
-    agg = fin.groupby(["coupling", "lr"])["test_bpd"].agg(["mean", "std"]).reset_index()
+    agg = fin.groupby(["coupling", "lr"])["final_bpd"].agg(["mean", "std"]).reset_index()
     fig, ax = _figure()
     for coupling in list(dict.fromkeys(ctx.runs["coupling"])):
         a = agg[agg["coupling"] == coupling].sort_values("lr")
@@ -107,7 +110,7 @@ def epoch_time_bars(ctx: FigureContext) -> list[str]:
         return []
     timed = timed.assign(cell=[ctx.cell_label(r) for _, r in timed.iterrows()])
     fig, ax = _figure(max(6.4, 0.9 * timed["cell"].nunique() + 2), 4.0)
-    sns.barplot(data=timed, x="cell", y="mean_epoch_time_s", order=list(dict.fromkeys(timed["cell"])),
+    sns.barplot(data=timed, x="cell", y="median_epoch_time_s", order=list(dict.fromkeys(timed["cell"])),
                 errorbar="sd", capsize=0.2, ax=ax)  # fmt: skip
     ax.set(xlabel="", ylabel="training time per epoch (s)", title=f"{ctx.title}: time per epoch ({ctx.group})")
     ax.tick_params(axis="x", rotation=30)
@@ -141,7 +144,7 @@ def quality_vs_time(ctx: FigureContext) -> list[str]:
         return []
     fin = fin.assign(layer=[ctx.cell_label(r) for _, r in fin.iterrows()])
     fig, ax = _figure(7.0, 4.5)
-    sns.scatterplot(data=fin, x="mean_epoch_time_s", y="test_bpd", hue="layer", style="layer", s=60, ax=ax)
+    sns.scatterplot(data=fin, x="median_epoch_time_s", y="final_bpd", hue="layer", style="layer", s=60, ax=ax)
     ax.set(xlabel="training time per epoch (s)", ylabel="test bits/dim (EMA weights)",
            title=f"{ctx.title}: quality vs cost ({ctx.group})")  # fmt: skip
     ax.legend(fontsize="small", ncol=2)
@@ -150,33 +153,65 @@ def quality_vs_time(ctx: FigureContext) -> list[str]:
             "*One point per finished run; lower left is better.*", ""]  # fmt: skip
 
 
-def divergence_vs_lr(ctx: FigureContext) -> list[str]:
-    """Stability: the probability that a run diverged, and that it failed (diverged or ended worse
-    than the uniform density), against learning rate, per coupling and variant, with Wilson 95%
-    intervals."""
-    rows = stability_rows(ctx.runs)
-    rows = rows[(rows["finished"] + rows["diverged"]) > 0] if len(rows) else rows
+def outcomes_vs_lr(ctx: FigureContext) -> list[str]:
+    """Stability: per coupling, the rate of each outcome (diverged, blow-up, worse than start)
+    against the learning rate, with Wilson 95% intervals."""
+    from .stability import OUTCOMES, outcome_rows
+
+    rows = outcome_rows(ctx.runs)
+    rows = rows[rows["diverged"].map(lambda o: o["n"]) > 0] if len(rows) else rows
     if rows.empty:
         return []
-    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    rows = rows.assign(label=[variant_label(c, v) for c, v in zip(rows["coupling"], rows["variant"], strict=True)])
-    names = list(dict.fromkeys(rows["label"]))
-    panels = (("divergence rate", "rate 95% CI low", "rate 95% CI high", "P(diverged)"),
-              ("failure rate", "failure 95% CI low", "failure 95% CI high", "P(diverged or > 8 bits/dim)"))  # fmt: skip
-    for ax, (rate, low, high, ylabel) in zip(axes, panels, strict=True):
+    fig = Figure(figsize=(14.0, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(OUTCOMES), sharey=True)
+    labels = [variant_label(c, v) for c, v in zip(rows["coupling"], rows["variant"], strict=True)]
+    rows = rows.assign(label=labels)
+    names = list(dict.fromkeys(labels))
+    for ax, outcome in zip(axes, OUTCOMES, strict=True):
         for i, label in enumerate(names):
             r = rows[rows["label"] == label].sort_values("lr")
-            jitter = 1 + 0.03 * (i - len(names) / 2)  # keep overlapping points apart
-            err = np.vstack([r[rate] - r[low], r[high] - r[rate]])
-            ax.errorbar(r["lr"] * jitter, r[rate], yerr=err, marker="o", capsize=3, label=label)
+            rate = np.array([o["k"] / o["n"] for o in r[outcome]])
+            err = np.vstack([rate - np.array([o["low"] for o in r[outcome]]),
+                             np.array([o["high"] for o in r[outcome]]) - rate])  # fmt: skip
+            jitter = 1 + 0.04 * (i - len(names) / 2)  # keep the points of one rate apart
+            ax.errorbar(r["lr"] * jitter, rate, yerr=err, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_ylim(-0.05, 1.05)
-        ax.set(xlabel="learning rate", ylabel=ylabel)
-    axes[0].set_title(f"{ctx.title}: divergence ({ctx.group})")
-    axes[1].set_title("failure: diverged or worse than uniform")
-    axes[1].legend(fontsize="small", ncol=2)
-    path = _save(fig, ctx, "divergence_vs_lr")
-    return [f"![divergence and failure probability vs learning rate, {ctx.group}]({path})", "",
-            "*Fraction of runs that diverged (left) and that failed (right), with Wilson 95% intervals; points of "
-            "one rate are spread sideways.*", ""]  # fmt: skip
+        ax.set(xlabel="learning rate", ylabel="fraction of runs", title=outcome)
+    axes[0].set_title(f"diverged ({ctx.title}, {ctx.group})")
+    axes[-1].legend(fontsize="small")
+    path = _save(fig, ctx, "outcomes_vs_lr")
+    return [f"![outcome rates vs learning rate, {ctx.group}]({path})", "",
+            "*Per coupling, the fraction of runs that diverged, blew up or ended worse than they started, with Wilson "
+            "95% intervals; the points of one rate are spread sideways.*", ""]  # fmt: skip
+
+
+def loss_curves(ctx: FigureContext, rates: tuple[float, float] = (0.01, 0.03)) -> list[str]:
+    """Stability: training-loss curves at the paper's lr 0.01 and the next rate up: per evaluation
+    period, the largest training loss (spikes) of every run, coloured by coupling."""
+    import seaborn as sns
+
+    ep = ctx.epochs[ctx.epochs["lr"].isin(rates)]
+    ep = ep[np.isfinite(pd.to_numeric(ep["loss_max"], errors="coerce"))]
+    if ep.empty:
+        return []
+    labels = {r["run"]: variant_label(r["coupling"], r["variant"]) for _, r in ctx.runs.iterrows()}
+    ep = ep.assign(coupling=ep["run"].map(labels))
+    fig = Figure(figsize=(12.0, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(rates), sharey=True)
+    for ax, lr in zip(axes, rates, strict=True):
+        sub = ep[ep["lr"] == lr]
+        if len(sub):
+            sns.lineplot(data=sub, x="step", y="loss_max", hue="coupling", units="run", estimator=None, lw=0.8,
+                         alpha=0.7, ax=ax, legend=True)  # fmt: skip
+            dead = ctx.runs[(ctx.runs["lr"] == lr) & (ctx.runs["status"] == "diverged")]
+            for _, r in dead.iterrows():
+                ax.axvline(r["diverged_step"], color="black", lw=0.6, ls=":")
+        else:
+            ax.text(0.5, 0.5, "no runs at this rate", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yscale("log")
+        ax.set(xlabel="training step", ylabel="largest training loss of the period (bits/dim)", title=f"lr {lr:g}")
+    path = _save(fig, ctx, "loss_curves")
+    return [f"![training-loss curves at lr {rates[0]:g} and {rates[1]:g}, {ctx.group}]({path})", "",
+            "*The largest training loss of each evaluation period, one line per run (seeds of a coupling share its "
+            "colour); dotted lines: where a run diverged.*", ""]  # fmt: skip

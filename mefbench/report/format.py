@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..stats import as_float
 
-__all__ = ["DASH", "markdown_table", "number", "params", "pm", "published_pm", "slug"]
+__all__ = ["DASH", "markdown_table", "number", "params", "pm", "published_pm", "published_value", "slug"]
 
 DASH = "–"
 
@@ -46,6 +46,23 @@ def published_pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     if mean is None:
         return "see paper"
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def published_value(entry: object, digits: int = 2) -> str:
+    """A value of ``published.json`` (``{"value", "status", "read_from" | "source"}``) as the report
+    prints it: the number, marked "(unverified)" unless it was read from the paper; "not
+    transcribed" for a missing value."""
+    if entry is None:
+        return "not transcribed"
+    if isinstance(entry, (int, float)):
+        return f"{entry:.{digits}f} (unverified)"
+    if not isinstance(entry, dict):
+        raise ValueError(f"published.json: a value must be a number or an object with 'value', got {entry!r}")
+    value = entry.get("value")
+    if value is None:
+        return "not transcribed"
+    text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return text if entry.get("status") == "verified" else f"{text} (unverified)"
 
 
 def params(n: object) -> str:

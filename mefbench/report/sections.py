@@ -54,6 +54,8 @@ def header(
         f"- Date: {now}",
         f"- Runs directory: `{runs_dir}`",
         f"- Runs: {len(runs)}" + (f" ({', '.join(f'{n} {s}' for s, n in statuses.items())})" if len(runs) else ""),
+        *_time_line(runs),
+        *_data_lines(runs),
         f"- Model revision: {MODEL_REVISION} (the official MEF code's model; see `mefbench.models.MODEL_REVISION`)",
         "- Report written with " + ", ".join(f"{k} {v}" for k, v in software.items() if k != "git_commit")
         + (f" (commit {software['git_commit']})" if software["git_commit"] else ""),
@@ -109,6 +111,46 @@ def header(
             "",
         ]
     return out + environment(runs)
+
+
+def _time_line(runs: pd.DataFrame) -> list[str]:
+    """How long the runs took: the span from the first run's start to the last record's update (a
+    sweep that stopped and resumed includes the pause), and the training time summed over runs."""
+    if runs.empty or "started_at" not in runs:
+        return []
+    start = pd.to_datetime(runs["started_at"], errors="coerce", utc=True).min()
+    end = pd.to_datetime(runs["updated_at"], errors="coerce", utc=True).max()
+    train = pd.to_numeric(runs["train_time_s"], errors="coerce").sum()
+    if pd.isna(start) or pd.isna(end):
+        return []
+    span = (end - start).total_seconds() / 3600
+    return [f"- Time: runs recorded from {start.isoformat(timespec='minutes')} to {end.isoformat(timespec='minutes')} "
+            f"({span:.2f} h, pauses included), {train / 3600:.2f} h of it training (evaluation excluded)"]  # fmt: skip
+
+
+def _data_lines(runs: pd.DataFrame) -> list[str]:
+    """The splits of every bundled dataset the runs used, counted from the loaders."""
+    from ..data import DATASETS, PATCH_PHOTOGRAPHS, split_sizes
+
+    out = []
+    for name in sorted(set(runs.get("dataset", []))):
+        info = DATASETS.get(name)
+        if info is None or info.needs_data_dir:
+            continue
+        try:
+            sizes = split_sizes(name)
+        except (RuntimeError, ValueError, OSError) as exc:
+            out.append(f"- Data `{name}`: its splits cannot be counted here ({exc})")
+            continue
+        parts = []
+        for split, n in sizes.items():
+            if n["photographs"] is None:
+                parts.append(f"{split} {n['images']:,} images")
+            else:
+                photos = ", ".join(PATCH_PHOTOGRAPHS[split])
+                parts.append(f"{split} {n['images']:,} tiles of {n['photographs']} photographs ({photos})")
+        out.append(f"- Data `{name}`: " + "; ".join(parts) + " (`mefbench.data.split_sizes`)")
+    return out
 
 
 def environment(runs: pd.DataFrame) -> list[str]:
@@ -182,6 +224,9 @@ def all_runs(runs: pd.DataFrame) -> list[str]:
         "coupling": df["coupling"], "hidden": df["hidden_channels"], "blocks": df["num_blocks"],
         "lr": df["lr"].map(lambda v: f"{v:g}"), "seed": df["seed"],
         "epochs": [f"{a}/{b}" for a, b in zip(df["epochs_done"], df["epochs"], strict=True)],
+        "stopped": [f"{r} at step {s:g}" if isinstance(r, str) else DASH
+                    for r, s in zip(df.get("stop_reason", [None] * len(df)), df.get("stop_step", [np.nan] * len(df)),
+                                    strict=True)],
         "test bpd": df["test_bpd"].map(lambda v: f"{v:.4f}" if np.isfinite(v) else DASH),
         "s/epoch": df["mean_epoch_time_s"].map(lambda v: f"{v:.2f}" if np.isfinite(v) else DASH),
         "params": df["num_params"], "device": df["device"],
