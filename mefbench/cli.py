@@ -133,6 +133,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.channels_last:
         cfg = _replace(cfg, "--channels-last", channels_last=True)
         changed.append("channels-last")
+    if args.compile is not None:
+        cfg = _replace(cfg, "--compile", compile=args.compile)
+        changed.append("compile" if args.compile == "inductor" else f"compile-{args.compile}")
     if args.data_dir:
         cfg = _replace(cfg, "--data-dir", data_dir=args.data_dir)
     out = Path(args.out) if args.out else Path("runs") / "-".join([preset.name, *changed, f"seed{cfg.seed}"])
@@ -258,7 +261,7 @@ def _command_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AMP_CHOICES
+    from .config import AMP_CHOICES, COMPILE_CHOICES
     from .layers import COUPLING, MIXING  # read when the parser is built: layers registered at run time are choices
 
     parser = argparse.ArgumentParser(prog="mefbench", description=__doc__)
@@ -294,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--channels-last", action="store_true", help="model and batches in torch.channels_last memory format"
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=list(COMPILE_CHOICES),
+        help="torch.compile the training step's forward and loss (backend: inductor, or aot_eager without "
+        "code generation); the optimiser and EMA stay eager, the first step compiles (minutes on a CPU)",
     )
     _add_common_train(p)
     p.set_defaults(func=_cmd_train)

@@ -15,13 +15,24 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ACTNORM_CHOICES", "AMP_CHOICES", "PRIOR_CHOICES", "DictConfig", "FlowConfig", "TrainConfig"]
+__all__ = [
+    "ACTNORM_CHOICES",
+    "AMP_CHOICES",
+    "COMPILE_CHOICES",
+    "PRIOR_CHOICES",
+    "DictConfig",
+    "FlowConfig",
+    "TrainConfig",
+]
 
 T = TypeVar("T", bound="DictConfig")
 
 ACTNORM_CHOICES = ("activation", "channel")
 PRIOR_CHOICES = ("standard", "learned")
 AMP_CHOICES = ("bf16", "fp16")
+# torch.compile backends of the training step: inductor generates kernels; aot_eager captures the
+# same graphs without generating code (seconds instead of minutes to compile: tests, debugging)
+COMPILE_CHOICES = ("inductor", "aot_eager")
 
 
 class DictConfig:
@@ -197,6 +208,7 @@ class TrainConfig(DictConfig):
     grad_clip: float | None = None  # the paper uses none
     amp: str | None = None  # None (float32) or "bf16" / "fp16": torch.autocast for the coupling nets
     channels_last: bool = False  # model and batches in torch.channels_last memory format
+    compile: str | None = None  # None (eager) or a torch.compile backend for the step's forward and loss
 
     def __post_init__(self) -> None:
         from .data import DATASETS
@@ -226,3 +238,5 @@ class TrainConfig(DictConfig):
             raise ValueError(f"TrainConfig.grad_clip must be None or positive, got {self.grad_clip!r}")
         if self.amp is not None and self.amp not in AMP_CHOICES:
             raise ValueError(f"TrainConfig.amp must be None or one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.compile is not None and self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"TrainConfig.compile must be None or one of {COMPILE_CHOICES}, got {self.compile!r}")

@@ -84,7 +84,9 @@ def now() -> str:
 class EpochRecord:
     """One finished epoch. ``test_bpd`` uses the EMA weights, ``test_bpd_raw`` the raw ones;
     ``expm`` is ``{"m": stats, "s": stats}`` over the epoch's matrix-exponential calls;
-    ``peak_memory_bytes`` is measured on the epoch's first training step (``peak_memory_method``)."""
+    ``peak_memory_bytes`` is measured on the epoch's first training step (``peak_memory_method``);
+    ``compile_time_s`` is the first step of a compiled training step in this process (compilation
+    plus one step; left out of ``train_time_s``), None when nothing was compiled in the epoch."""
 
     epoch: int
     step: int
@@ -98,6 +100,7 @@ class EpochRecord:
     expm: dict = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     peak_memory_method: str | None = None
+    compile_time_s: float | None = None
 
 
 @dataclass(kw_only=True)

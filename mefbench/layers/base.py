@@ -238,13 +238,15 @@ class EvalCache:
     gradients). In eval mode a value is rebuilt when any parameter's storage, version counter
     (moved by every in-place change), dtype or device differs from when it was built, or when the
     extra key (an image size) does. Used by every layer with such values (``Conv1x1``, the spatial layers).
+    Inside ``torch.compile`` nothing is kept either: the values are built in the graph, which
+    cannot read version counters or storage addresses.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple, Any]] = {}
 
     def get(self, module: nn.Module, name: str, build: Callable[[], Any], *extra: object) -> Any:
-        if module.training or torch.is_grad_enabled():
+        if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._entries.clear()
             return build()
         key = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters()), extra)

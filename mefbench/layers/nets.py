@@ -36,6 +36,7 @@ __all__ = [
     "ResidualBlock",
     "coupling_net",
     "init_stats",
+    "sync_init_flags",
 ]
 
 NetFactory = Callable[[int, int], nn.Module]
@@ -88,6 +89,17 @@ class InitFlag:
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._init_seen = False
         super()._load_from_state_dict(*args, **kwargs)
+
+
+def sync_init_flags(module: nn.Module) -> None:
+    """Read the ``initialized`` buffer of every :class:`InitFlag` in module back once, now.
+
+    Before ``torch.compile``: compiled code then reads a plain Python flag instead of breaking
+    its graph at the buffer's read-back (and recompiling when the flag changes on its first read).
+    """
+    for m in module.modules():
+        if isinstance(m, InitFlag):
+            m._init_seen = bool(m.initialized)
 
 
 class DataInitAffine(InitFlag, nn.Module):
