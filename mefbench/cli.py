@@ -371,7 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="cpu or cuda[:index]; on a GPU the layer and model rows use batch 64"
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model, layers, couplings")
+    p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model, layers, couplings, scaling")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=list(COMPILE_CHOICES),
+        help="model rows also time the training step compiled (torch.compile; default backend inductor) against eager",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="add the scaling part: time of every mixing layer and coupling over C and H = W, fitted exponents "
+        "against each layer's stated cost (10-25 minutes on 2 cores, --quick about one; alone: --only scaling)",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

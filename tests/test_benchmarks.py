@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ["linalg", "mixing", "coupling", "model", "targets"]
+MODULES = ["linalg", "mixing", "coupling", "model", "scaling", "targets"]
 PREFIXES = ("time_", "timeraw_", "peakmem_", "mem_", "track_")
 
 
@@ -99,10 +99,10 @@ def test_benchmark_runs(module: str, cls_name: str, point: tuple):
 
 
 def test_targets_name_every_quick_bench_row():
-    from mefbench.bench import PARTS
+    from mefbench.bench import DEFAULT_PARTS, PARTS
 
     targets = _module("targets")
-    assert set(targets.ROWS_PER_PART) == set(PARTS)
+    assert set(targets.ROWS_PER_PART) == set(DEFAULT_PARTS) == set(PARTS) - {"scaling"}  # scaling: scaling.py
     assert max(targets.ROWS_PER_PART.values()) == len(targets.Targets.params[1])
     with pytest.raises(NotImplementedError):
         targets.Targets().setup("accuracy", 2)
@@ -149,3 +149,10 @@ def test_asv_conf_keeps_the_torch_pin():
     for key in ("env_dir", "results_dir", "html_dir"):
         assert conf[key].startswith(".asv/")
     assert conf["benchmark_dir"] == "benchmarks"
+
+
+def test_scaling_twin_skips_points_beyond_the_work_cap():
+    scaling = _module("scaling")
+    assert set(scaling.LAYERS) == {f"{k} {n}" for k, n, _ in __import__("mefbench.scaling").scaling.layers()}
+    with pytest.raises(NotImplementedError, match="stated cost"):
+        scaling.Scaling().setup("mixing periodic", 192, 64)  # C³·n = 2.9e9 per sample, × batch 8

@@ -251,3 +251,29 @@ def test_train_compile_is_recorded_times_its_compilation_and_resumes(tmp_path):
     # compiled graphs sum in another order: equal to eager up to float32 rounding, not bit for bit
     assert record.final.test_bpd == pytest.approx(eager.final.test_bpd, abs=1e-3)
 
+
+@pytest.mark.slow
+def test_bench_compile_reports_compiled_over_eager_per_model_row():
+    """``mefbench bench --compile``: a model row's note gives each model's compiled/eager step ratio
+    and its compile time; without it the note is empty. aot_eager on the smoke model keeps it short."""
+    import re
+
+    from mefbench.bench import Setting, _step_ratio, run_bench
+    from mefbench.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--compile"]).compile == "inductor"
+    with pytest.raises(ValueError, match="--compile takes one of"):
+        run_bench(quick=True, only=("model",), compile="tvm")
+    torch.set_default_dtype(torch.float32)
+    standard = dataclasses.replace(ONE_LEVEL, conv="standard")
+    cpu = torch.device("cpu")
+    # the bench's plumbing, not a backend: dynamo's capture alone ("eager") compiles in seconds
+    ratio, note = _step_ratio(standard, ONE_LEVEL, 4, 2, Setting(cpu, True, "eager"), ("standard", "MEF"))
+    assert ratio > 0
+    number = r"\d+\.\d\d×"
+    assert re.fullmatch(
+        rf"compiled/eager step \(eager\): MEF {number}, standard {number}; "
+        r"compiling \(first call\): MEF \d+\.\d s, standard \d+\.\d s",
+        note,
+    ), note
+    assert _step_ratio(standard, ONE_LEVEL, 4, 1, Setting(cpu, True), ("standard", "MEF"))[1] == ""

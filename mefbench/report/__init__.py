@@ -89,8 +89,9 @@ def write_report(
     lines = header(runs, corrupt, duplicates, runs_dir, command)
     no_samples = ["### Samples", "", "Not drawn (`samples=False`).", ""]
     sample_lines = sample_grids(runs, figdir)[0] if samples else no_samples
+    bench = _read_bench(bench_file)
     for spec in TABLES.values():
-        lines += render_table(spec, runs, epochs, published, figdir)
+        lines += render_table(spec, runs, epochs, published, figdir, bench)
         if spec.id == "2":
             lines += sample_lines
     lines += gpu_section(gpu_dir)
@@ -100,6 +101,17 @@ def write_report(
     replace_atomic(readme, lambda f: f.write(text.encode()))
     _update_manifest(out_dir, sorted(_referenced(lines)))  # every figure made is shown
     return readme
+
+
+def _read_bench(bench_file: str | Path | None) -> dict | None:
+    """The data of a ``mefbench bench --json`` file, or None (the bench section says why)."""
+    if bench_file is None or not Path(bench_file).is_file():
+        return None
+    try:
+        data = json.loads(Path(bench_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _referenced(lines: list[str]) -> set[str]:

@@ -22,6 +22,7 @@ __all__ = [
     "lr_errorbars",
     "m_per_run",
     "quality_vs_time",
+    "scaling_curves",
 ]
 
 
@@ -179,3 +180,31 @@ def divergence_vs_lr(ctx: FigureContext) -> list[str]:
     return [f"![divergence and failure probability vs learning rate, {ctx.group}]({path})", "",
             "*Fraction of runs that diverged (left) and that failed (right), with Wilson 95% intervals; points of "
             "one rate are spread sideways.*", ""]  # fmt: skip
+
+
+def scaling_curves(points: pd.DataFrame, figdir: Path) -> list[str]:
+    """The scaling part's measured times, log-log: time against n = H·W, one line per C, a panel per
+    layer; one figure per timed call (forward+backward, inverse)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    measured = points[points["time_s"].notna()] if len(points) else points
+    out = []
+    for part in dict.fromkeys(measured["part"]) if len(measured) else ():
+        df = measured[measured["part"] == part].assign(
+            panel=lambda d: d["kind"] + " " + d["layer"], time_ms=lambda d: 1e3 * d["time_s"]
+        )
+        grid = sns.relplot(data=df, x="n", y="time_ms", hue="C", col="panel", col_wrap=4, kind="line", marker="o",
+                           palette="viridis", height=2.2, aspect=1.2, facet_kws={"sharey": False})  # fmt: skip
+        grid.set(xscale="log", yscale="log")
+        grid.set_axis_labels("n = H·W (pixels)", "time (ms)")
+        grid.set_titles("{col_name}")
+        grid.figure.suptitle(f"scaling: {part} time against pixels, one line per channel count C", y=1.02)
+        name = f"scaling_{slug(part)}.png"
+        grid.figure.savefig(figdir / name, dpi=100, bbox_inches="tight")
+        plt.close(grid.figure)
+        out += [f"![scaling of {part} time](figures/{name})", ""]
+    if out:
+        out += ["*Median time per call at each measured point (log-log); a missing point was not measured "
+                "(beyond a cap). Slope against n is the exponent in n; the spacing of the lines, in C.*", ""]  # fmt: skip
+    return out
