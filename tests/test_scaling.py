@@ -3,6 +3,7 @@ its JSON and the report's scaling table and figure."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -151,6 +152,27 @@ def test_bench_scaling_part_rows_json_and_report(monkeypatch, tmp_path, capsys):
     assert "(figures/scaling_fwd-bwd.png)" in text and (tmp_path / "scaling_inverse.png").stat().st_size > 1000
     empty = "\n".join(render_table(TABLES["scaling"], None, None, {}, tmp_path, {"rows": []}))
     assert "Not included" in empty
+
+
+def test_the_report_names_the_layers_whose_measured_exponents_disagree(tmp_path):
+    """Full-size rows (judged), built as the bench part builds them from measured points: a layer
+    whose time grows as C³·n against a stated C²·n is named, one that follows its cost is not."""
+    import torch
+
+    from mefbench.bench import Setting, _scaling_part_rows
+    from mefbench.report.tables import TABLES, render_table
+
+    setting = Setting(torch.device("cpu"), quick=False)
+    stated = Cost("O(C²·n)", "O(C)", "O(C²·n)")
+    rows = []
+    for layer, time in (("follows", lambda c, m: 1e-3 + 1e-9 * c**2 * m), ("grows", lambda c, m: 1e-11 * c**3 * m)):
+        points = _points(layer, time)
+        rows += _scaling_part_rows("mixing", layer, stated, "fwd+bwd", points, S.GRID, "grid", setting)
+    assert [r.ok for r in rows] == [True, True, False, True]  # grows: C disagrees, n agrees
+    data = {"rows": [dataclasses.asdict(r) for r in rows], "quick": False, "command": "mefbench bench --scaling"}
+    text = "\n".join(render_table(TABLES["scaling"], None, None, {}, tmp_path, data))
+    assert "wholly outside expected ± 0.3): grows fwd+bwd." in text
+    assert "| mixing | grows | fwd+bwd |" in text and text.count("| disagrees |") == 1
 
 
 def test_a_layer_info_whose_cost_has_symbols_stays_hashable():

@@ -205,6 +205,6 @@ def scaling_curves(points: pd.DataFrame, figdir: Path) -> list[str]:
         plt.close(grid.figure)
         out += [f"![scaling of {part} time](figures/{name})", ""]
     if out:
-        out += ["*Median time per call at each measured point (log-log); a missing point was not measured "
+        out += ["*Time per call (the fastest of a few) at each measured point, log-log; a missing point was not measured "
                 "(beyond a cap). Slope against n is the exponent in n; the spacing of the lines, in C.*", ""]  # fmt: skip
     return out

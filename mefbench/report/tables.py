@@ -263,7 +263,7 @@ def _scaling_section(bench: dict | None, figdir: Path) -> list[str]:
     grid = fits.attrs["grid"]
     quick = " (`--quick` sizes: a smoke check; its exponents are not judged)" if bench.get("quick") else ""
     disagree = rows[rows["verdict"] == "disagrees"]
-    listed = "; ".join(f"{r.layer} {r.part}" for r in disagree.itertuples()) or "none"
+    listed = "; ".join(f"{layer} {timed}" for layer, timed in zip(disagree["layer"], disagree["timed"], strict=True))
     out = [
         f"From `{bench.get('command', 'mefbench bench --scaling')}`{quick}: C ∈ {{{', '.join(map(str, grid['channels']))}}}, "
         f"H = W ∈ {{{', '.join(map(str, grid['sizes']))}}}, batch {grid['batch']}, float32, "
@@ -272,7 +272,7 @@ def _scaling_section(bench: dict | None, figdir: Path) -> list[str]:
         markdown_table(rows),
         "",
         f"Measured exponents that disagree with the stated cost (95% CI wholly outside expected ± "
-        f"{fits.attrs['tolerance']:g}): {listed}.",
+        f"{fits.attrs['tolerance']:g}): {listed or 'none'}.",
         "",
     ]  # fmt: skip
     return out + fig.scaling_curves(points, figdir)
