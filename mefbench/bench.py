@@ -14,6 +14,14 @@ own net. The part ``references`` times each layer with a port of its reference c
 (:mod:`mefbench.references`) against that port, the convolution exponential against the code it
 replaced, and each inverse's factor build against its forward's.
 
+``--compile`` adds to every model row the time of a training step with ``torch.compile`` (the
+forward and loss, as ``mefbench train --compile``) over the eager step, timed side by side after
+warm-up, and the time of the call that compiled (reported apart). ``--scaling`` adds the
+``scaling`` part (not run by default; :mod:`mefbench.scaling`): two rows per mixing layer and
+coupling and per timed call (forward+backward, inverse), the fitted exponents of time in C and in
+n = H·W against those of the layer's stated cost; each row carries its points and fit in
+``data`` for the report's scaling table and figure.
+
 On a GPU (``--device cuda``) every timing is bracketed by a device synchronisation, and the layer
 and model rows use the paper's batch of 64 instead of the CPU's 16.
 """
@@ -38,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import references
+from .config import COMPILE_CHOICES
 from .distributed import synchronize
 from .env import machine, versions
 from .layers import (
@@ -54,9 +63,10 @@ from .layers import (
 from .linalg import expm, expm_action, inf_norm
 from .models import FlowConfig, MultiScaleFlow
 from .presets import CPU_MEF, GLOW_LIKE, LEVELS, PRESETS, REFERENCE_MIXING, variant_label
-from .training import train_step
+from .training import compiled_loss, train_step
 
 __all__ = [
+    "DEFAULT_PARTS",
     "PARTS",
     "Row",
     "bench_json",
@@ -81,6 +91,7 @@ class Row:
     unit: str
     ok: bool | None
     note: str = ""
+    data: dict | None = None  # structured results behind the row (the scaling part's points and fit)
 
 
 def time_interleaved(
@@ -134,6 +145,7 @@ class Setting:
 
     device: torch.device
     quick: bool
+    compile: str | None = None  # a torch.compile backend: model rows also time the compiled step
 
     @property
     def batch(self) -> int:
@@ -237,13 +249,20 @@ def _coupling_rows(setting: Setting) -> list[Row]:
     return rows
 
 
-def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats: int, setting: Setting) -> float:
-    """Median time of one training step of model b over model a.
+def _step_ratio(
+    config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats: int, setting: Setting, labels: tuple[str, str]
+) -> tuple[float, str]:
+    """Median time of one training step of model b over model a, and the note on compilation.
 
     The couplings' zero-initialised output convs are redrawn small (N(0, 0.003²)), so that the
     couplings are not the identity (a matrix exponential of S = 0 costs nothing), and the step
     uses lr 1e-6, so that repeated steps stay where they started: every timed step is a full
     forward, backward and update (a non-finite loss would skip the backward, and is refused).
+
+    With ``setting.compile``, each model's step also runs with its forward and loss compiled
+    (:func:`~mefbench.training.compiled_loss`, on the same weights): its first call, which
+    compiles, is timed alone; then the four steps are timed interleaved, and the note gives each
+    model's compiled/eager ratio (median of per-repeat ratios) and its compile time.
     """
     models, opts = {}, {}
     x = (torch.rand(batch, *config_a.image_shape) * 2 - 1).to(setting.device)
@@ -255,13 +274,31 @@ def _step_ratio(config_a: FlowConfig, config_b: FlowConfig, batch: int, repeats:
         models[name] = model.train()
         opts[name] = torch.optim.Adamax(model.parameters(), lr=1e-6)
 
-    def step(k: str) -> None:
-        loss = train_step(models[k], opts[k], x)
+    def step(k: str, loss_fn=None) -> None:
+        loss = train_step(models[k], opts[k], x, loss_fn=loss_fn)
         if not math.isfinite(loss):
             raise RuntimeError(f"bench: the {k} model's loss is {loss}: the timed step would skip its backward")
 
-    times = setting.times({k: functools.partial(step, k) for k in models}, repeats=repeats)
-    return paired_ratio(times, "b", "a")
+    fns: dict[str, Callable[[], object]] = {k: functools.partial(step, k) for k in models}
+    compile_s = {}
+    if setting.compile:
+        torch._dynamo.reset()  # a fresh cache per pair: no frame falls back to eager at the recompile limit
+        for k in list(models):
+            loss_fn = compiled_loss(models[k], setting.compile)
+            setting.sync()
+            t0 = time.perf_counter()
+            step(k, loss_fn)
+            setting.sync()
+            compile_s[k] = time.perf_counter() - t0
+            fns[f"{k} compiled"] = functools.partial(step, k, loss_fn)
+    times = setting.times(fns, repeats=repeats)
+    note = ""
+    if setting.compile:
+        named = dict(zip(("a", "b"), labels, strict=True))
+        ratios = ", ".join(f"{named[k]} {paired_ratio(times, f'{k} compiled', k):.2f}×" for k in ("b", "a"))
+        first = ", ".join(f"{named[k]} {compile_s[k]:.1f} s" for k in ("b", "a"))
+        note = f"compiled/eager step ({setting.compile}): {ratios}; compiling (first call): {first}"
+    return paired_ratio(times, "b", "a"), note
 
 
 def _head_flops_floor(config: FlowConfig, baseline: FlowConfig) -> float:
@@ -288,25 +325,25 @@ def _model_rows(setting: Setting) -> list[Row]:
     # Table 5's time column: matexp vs standard 1×1 conv, both with matexp coupling
     cpu = PRESETS[CPU_MEF].model  # MEF: matrix-exp conv and coupling
     standard = dataclasses.replace(cpu, mixing=REFERENCE_MIXING)
-    ratio = _step_ratio(standard, cpu, 64 if not quick else 16, repeats, setting)
+    ratio, note = _step_ratio(standard, cpu, 64 if not quick else 16, repeats, setting, (REFERENCE_MIXING, "MEF"))
     rows.append(Row(f"training step: MEF's conv / {REFERENCE_MIXING} conv (MEF's coupling)", "CPU Table 5 model, batch 64",
-                    ratio, "≤ 1.05×", "×", _judge(setting, ratio <= 1.05)))  # fmt: skip
+                    ratio, "≤ 1.05×", "×", _judge(setting, ratio <= 1.05), note))  # fmt: skip
     # MEF vs Glow-like at the paper's net width
     mef = FlowConfig(image_shape=(3, 16, 16), steps=(8, 4), hidden_channels=128, num_blocks=8)
     if quick:
         mef = dataclasses.replace(mef, steps=(1, 1), num_blocks=1)
     glow = dataclasses.replace(mef, **GLOW_LIKE)
-    ratio = _step_ratio(glow, mef, setting.batch, repeats, setting)
+    ratio, note = _step_ratio(glow, mef, setting.batch, repeats, setting, ("Glow-like", "MEF"))
     rows.append(Row(f"training step: MEF / Glow-like ({GLOW_LIKE['mixing']} conv + {GLOW_LIKE['coupling']})",
                     f"hidden 128, {mef.num_blocks} blocks, 16×16, batch {setting.batch}", ratio, "≤ 1.1×", "×",
-                    _judge(setting, ratio <= 1.1)))  # fmt: skip
+                    _judge(setting, ratio <= 1.1), note))  # fmt: skip
     # the same at the CPU table preset, with its floor
     glow_cpu = dataclasses.replace(cpu, **GLOW_LIKE)
-    ratio = _step_ratio(glow_cpu, cpu, 64 if not quick else 16, repeats, setting)
+    ratio, note = _step_ratio(glow_cpu, cpu, 64 if not quick else 16, repeats, setting, ("Glow-like", "MEF"))
     floor = _head_flops_floor(cpu, glow_cpu)
     rows.append(Row("training step: MEF / Glow-like at the CPU preset", "CPU Table 5 model, batch 64", ratio,
                     f"report (floor {floor:.2f}×: conv flops of the larger net output)", "×", None,
-                    f"{ratio / floor:.2f}× of the floor"))  # fmt: skip
+                    "; ".join(filter(None, (f"{ratio / floor:.2f}× of the floor", note)))))  # fmt: skip
     return rows
 
 
@@ -529,6 +566,58 @@ def _reference_rows(setting: Setting) -> list[Row]:
     return rows
 
 
+def _scaling_rows(setting: Setting) -> list[Row]:
+    """Every mixing layer and coupling: exponents of time in C and n against its stated cost
+    (:mod:`mefbench.scaling`, one thread); rows per layer, timed call and variable, each with its data."""
+    from tqdm.auto import tqdm
+
+    from . import scaling
+
+    grid = scaling.QUICK_GRID if setting.quick else scaling.GRID
+    shape = (f"C ∈ {{{', '.join(map(str, grid.channels))}}}, H = W ∈ {{{', '.join(map(str, grid.sizes))}}}, "
+             f"batch {grid.batch}, 1 thread")  # fmt: skip
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the exponents of the work (mefbench.scaling's docstring)
+    try:
+        for kind, name, cls in tqdm(scaling.layers(), desc="scaling", leave=False):
+            points = scaling.measure_layer(kind, name, grid, setting.device, setting.sync)
+            for part in scaling.PARTS:
+                rows += _scaling_part_rows(kind, name, scaling.stated_cost(cls), part, points, grid, shape, setting)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _scaling_part_rows(kind, name, cost, part, points, grid, shape: str, setting: Setting) -> list[Row]:
+    """The two rows (exponent in C, in n) of one layer and timed call, with the fit and points as data."""
+    from . import scaling
+
+    mine = [p for p in points if p.part == part]
+    stated = f"{cost.forward if part == 'fwd+bwd' else cost.inverse}; log-det {cost.logdet}"
+    fit = scaling.fit_layer(mine, cost, stated)
+    data = {"scaling": {"fit": fit.to_dict(), "points": [dataclasses.asdict(p) for p in mine],
+                        "grid": dataclasses.asdict(grid), "tolerance": scaling.TOLERANCE}}  # fmt: skip
+    skipped = ""
+    if fit.skipped:
+        more = f" and {len(fit.skipped) - 1} more" if len(fit.skipped) > 1 else ""
+        skipped = f"; not measured: {fit.skipped[0]}{more}"
+    rows = []
+    for var in ("C", "n"):
+        exp = getattr(fit, var)
+        what = f"scaling {kind} {name}: {part} time ∝ {var}^a"
+        if exp is None:
+            rows.append(
+                Row(what, shape, math.nan, "report", " exponent", None, f"no fit: {fit.problem}" + skipped, data)
+            )
+            continue
+        note = (f"95% CI {exp.low:.2f} to {exp.high:.2f}; {fit.points_fitted} of {fit.points_measured} "
+                f"measured points fitted; stated {stated}" + skipped)  # fmt: skip
+        rows.append(Row(what, shape, exp.value, f"{exp.expected:.2f} ± {scaling.TOLERANCE:g} (stated cost)",
+                        " exponent", _judge(setting, not exp.disagrees), note, data))  # fmt: skip
+    return rows
+
+
 PARTS: dict[str, Callable[[Setting], list[Row]]] = {
     "accuracy": _accuracy_rows,
     "action": _action_rows,
@@ -537,7 +626,10 @@ PARTS: dict[str, Callable[[Setting], list[Row]]] = {
     "layers": _layer_rows,
     "couplings": _coupling_zoo_rows,
     "references": _reference_rows,
+    "scaling": _scaling_rows,
 }
+# what `mefbench bench` runs without --only: every part but the long scaling grid (--scaling)
+DEFAULT_PARTS = tuple(p for p in PARTS if p != "scaling")
 
 
 def _factor_rows(quick: bool) -> int:
@@ -559,6 +651,7 @@ def row_count(part: str, quick: bool = True) -> int:
         "layers": len(registry_variants(MIXING)),
         "couplings": len(registry_variants(COUPLING)),
         "references": len(references.PORTS) * len(MODES) + 1 + _factor_rows(quick),
+        "scaling": 2 * 2 * (len(MIXING) + len(COUPLING)),  # parts × variables × layers
     }
     if part not in counts:
         raise ValueError(f"unknown bench part {part!r}; choose from {list(PARTS)}")
@@ -566,7 +659,11 @@ def row_count(part: str, quick: bool = True) -> int:
 
 
 def run_bench(
-    quick: bool = False, threads: int = 2, only: tuple[str, ...] = tuple(PARTS), device: str = "cpu"
+    quick: bool = False,
+    threads: int = 2,
+    only: tuple[str, ...] = DEFAULT_PARTS,
+    device: str = "cpu",
+    compile: str | None = None,
 ) -> list[Row]:
     unknown = set(only) - set(PARTS)
     if unknown:
@@ -583,7 +680,9 @@ def run_bench(
         raise ValueError(f"--threads must be an integer of at least 1 (the CPU threads torch uses), got {threads!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    setting = Setting(dev, quick)
+    if compile is not None and compile not in COMPILE_CHOICES:
+        raise ValueError(f"--compile takes one of {list(COMPILE_CHOICES)}, got {compile!r}")
+    setting = Setting(dev, quick, compile)
     rows: list[Row] = []
     for name in only:
         rows += PARTS[name](setting)
@@ -600,34 +699,51 @@ def _format(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def command(quick: bool, threads: int, only: tuple[str, ...] = tuple(PARTS), device: str = "cpu") -> str:
+def command(
+    quick: bool, threads: int, only: tuple[str, ...] = DEFAULT_PARTS, device: str = "cpu", compile: str | None = None
+) -> str:
     """The ``mefbench bench`` command line that runs these settings."""
+    scaling = "scaling" in only and tuple(only) != ("scaling",)
+    parts = tuple(p for p in only if p != "scaling") if scaling else tuple(only)
     return (
         "mefbench bench" + (" --quick" if quick else "") + f" --threads {threads}"
-        + (f" --only {','.join(only)}" if tuple(only) != tuple(PARTS) else "")
+        + (f" --only {','.join(parts)}" if parts != DEFAULT_PARTS else "")
+        + (" --scaling" if scaling else "")
         + (f" --device {device}" if device != "cpu" else "")
+        + (f" --compile {compile}" if compile else "")
     )  # fmt: skip
 
 
-def bench_json(rows: list[Row], quick: bool, threads: int, only: tuple[str, ...], device: str) -> dict:
+def bench_json(
+    rows: list[Row], quick: bool, threads: int, only: tuple[str, ...], device: str, compile: str | None = None
+) -> dict:
     """What ``mefbench bench --json`` writes: the rows, the settings, machine, versions and command."""
     return {
         "rows": [dataclasses.asdict(r) for r in rows],
         "quick": quick,
         "threads": threads,
         "device": device,
+        "compile": compile,
         "machine": machine(device),
         "versions": versions(),
-        "command": command(quick, threads, only, device),
+        "command": command(quick, threads, only, device, compile),
     }
 
 
+def _parts(only: str | None, scaling: bool) -> tuple[str, ...]:
+    """The parts to run: --only's, or the default ones; --scaling adds the scaling part (``--only
+    scaling`` runs it alone)."""
+    parts = tuple(only.split(",")) if only else DEFAULT_PARTS
+    return parts + (("scaling",) if scaling and "scaling" not in parts else ())
+
+
 def main(args: argparse.Namespace) -> int:
-    only = tuple(args.only.split(",")) if args.only else tuple(PARTS)
-    rows = run_bench(quick=args.quick, threads=args.threads, only=only, device=args.device)
+    only = _parts(args.only, getattr(args, "scaling", False))
+    compile_backend = getattr(args, "compile", None)
+    rows = run_bench(quick=args.quick, threads=args.threads, only=only, device=args.device, compile=compile_backend)
     print(_format(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        data = bench_json(rows, quick=args.quick, threads=args.threads, only=only, device=args.device)
+        data = bench_json(rows, args.quick, args.threads, only, args.device, compile_backend)
         Path(args.json).write_text(json.dumps(data, indent=2))
     return 0

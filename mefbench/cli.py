@@ -186,6 +186,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.channels_last:
         cfg = _replace(cfg, "--channels-last", channels_last=True)
         changed.append("channels-last")
+    if args.compile is not None:
+        cfg = _replace(cfg, "--compile", compile=args.compile)
+        changed.append("compile" if args.compile == "inductor" else f"compile-{args.compile}")
     if args.data_dir:
         cfg = _replace(cfg, "--data-dir", data_dir=args.data_dir)
     out = (
@@ -462,7 +465,7 @@ def _command_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AMP_CHOICES
+    from .config import AMP_CHOICES, COMPILE_CHOICES
 
     # read when the parser is built: layers and nets registered at run time are choices
     from .layers import COUPLING, MIXING, NETS
@@ -512,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--channels-last", action="store_true", help="model and batches in torch.channels_last memory format"
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=list(COMPILE_CHOICES),
+        help="torch.compile the training step's forward and loss (backend: inductor, or aot_eager without "
+        "code generation); the optimiser and EMA stay eager, the first step compiles (minutes on a CPU)",
     )
     _add_common_train(p)
     p.set_defaults(func=_cmd_train)
@@ -628,7 +639,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="cpu or cuda[:index]; on a GPU the layer and model rows use batch 64"
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model, layers, couplings")
+    p.add_argument("--only", help="comma list of parts: accuracy, action, coupling, model, layers, couplings, scaling")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=list(COMPILE_CHOICES),
+        help="model rows also time the training step compiled (torch.compile; default backend inductor) against eager",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="add the scaling part: time of every mixing layer and coupling over C and H = W, fitted exponents "
+        "against each layer's stated cost (10-25 minutes on 2 cores, --quick about one; alone: --only scaling)",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

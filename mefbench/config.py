@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTNORM_CHOICES",
     "AMP_CHOICES",
+    "COMPILE_CHOICES",
     "PAPER_STEP",
     "PRIOR_CHOICES",
     "SEED_MAX",
@@ -41,6 +42,9 @@ ACTNORM_CHOICES = ("activation", "channel")
 PRIOR_CHOICES = ("standard", "learned")
 AMP_CHOICES = ("bf16", "fp16")
 SEED_MAX = 2**63 - 1  # torch's generators take a 64-bit seed; a signed one also fits every JSON reader and pandas
+# torch.compile backends of the training step: inductor generates kernels; aot_eager captures the
+# same graphs without generating code (seconds instead of minutes to compile: tests, debugging)
+COMPILE_CHOICES = ("inductor", "aot_eager")
 
 
 class DictConfig:
@@ -328,6 +332,7 @@ class TrainConfig(DictConfig):
     grad_clip: float | None = None  # the paper uses none
     amp: str | None = None  # None (float32) or "bf16" / "fp16": torch.autocast for the coupling nets
     channels_last: bool = False  # model and batches in torch.channels_last memory format
+    compile: str | None = None  # None (eager) or a torch.compile backend for the step's forward and loss
 
     def __post_init__(self) -> None:
         from .data import DATASETS
@@ -364,3 +369,5 @@ class TrainConfig(DictConfig):
             raise ValueError(f"TrainConfig.grad_clip must be None or positive, got {self.grad_clip!r}")
         if self.amp is not None and self.amp not in AMP_CHOICES:
             raise ValueError(f"TrainConfig.amp must be None or one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.compile is not None and self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"TrainConfig.compile must be None or one of {COMPILE_CHOICES}, got {self.compile!r}")

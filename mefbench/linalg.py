@@ -29,6 +29,12 @@ autograd node (the matrix-exponential coupling does, with its scale map): :func:
 what the backward needs), :func:`action_backward` (the hand-written gradients) and
 :func:`workspace` (per-thread scratch buffers for values that die inside one pass). They use the
 channels layout, S (B, n, n, P) and x (B, n, P).
+Under ``torch.compile`` the three entry points (:func:`expm`, :func:`expm_action_trace` and so
+:func:`expm_action`, :func:`phi`) run eagerly (``torch.compiler.disable``): the series length
+follows from a norm read back to the host, which a compiled graph would either break at or
+specialise on (a recompilation per new length), and the hand-written backward writes into
+per-thread scratch buffers with ``out=``, which inductor cannot trace once shapes are dynamic
+(fake-tensor ``set_`` on a symbolic storage size). The code around them compiles.
 """
 
 from __future__ import annotations
@@ -307,6 +313,7 @@ def _scaled_and_squared(X: Tensor, m: int, s: int) -> Tensor:
     return E
 
 
+@torch.compiler.disable  # plans the series from a norm read back to the host (module docstring)
 def expm(X: Tensor) -> Tensor:
     """e^X for a batch of square matrices (..., n, n): scaling and squaring with a Taylor series.
 
@@ -601,6 +608,7 @@ def expm_action(S: Tensor, x: Tensor, layout: str = "last") -> Tensor:
     raise ValueError(f"expm_action layout must be 'last' or 'channels', got {layout!r}")
 
 
+@torch.compiler.disable  # host-planned series, scratch buffers written with out= (module docstring)
 def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(e^S x, Σ tr S per sample) in the channels layout: S (B, n, n, *spatial), x (B, n, *spatial).
 
@@ -621,6 +629,7 @@ def expm_action_trace(S: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return y.reshape(x.shape), trace
 
 
+@torch.compiler.disable  # plans the series from a norm read back to the host (module docstring)
 def phi(X: Tensor) -> Tensor:
     """φ(X) = Σ_k X^k/(k+1)! = X⁻¹(e^X − I), for the low-rank form e^{AB} = I + A φ(BA) B.
 

@@ -95,7 +95,9 @@ class EpochRecord:
     ``valid_bpd``: the EMA weights on the validation split (runs that validate). ``loss_first``
     is the epoch's first training loss, ``loss_max`` its largest and ``loss_max_step`` the step of
     that (steps counted from 1 over the run): the stability benchmark's spikes, which the
-    epoch's mean ``train_bpd`` would hide."""
+    epoch's mean ``train_bpd`` would hide. ``compile_time_s`` is the first step of a compiled
+    training step in this process (compilation plus one step; left out of ``train_time_s``), None
+    when nothing was compiled in the epoch."""
 
     epoch: int
     step: int
@@ -113,6 +115,7 @@ class EpochRecord:
     loss_first: float | None = None
     loss_max: float | None = None
     loss_max_step: int | None = None
+    compile_time_s: float | None = None
 
 
 @dataclass(kw_only=True)

@@ -69,6 +69,7 @@ from .distributed import (
 )
 from .env import machine, versions
 from .interrupts import Interrupted, interrupts_held, sigterm_as_interrupt
+from .layers.nets import sync_init_flags
 from .linalg import ExpmRecorder, NonFiniteError, record_expm
 from .memory import PeakMemory
 from .models import MODEL_REVISION, MultiScaleFlow, bits_per_dim, count_parameters
@@ -94,7 +95,7 @@ from .record import (
     write_record,
 )
 
-__all__ = ["Interrupted", "batch_order", "evaluate", "fixed_subset", "train", "train_step"]
+__all__ = ["Interrupted", "batch_order", "compiled_loss", "evaluate", "fixed_subset", "train", "train_step"]
 
 
 # ----------------------------------------------------------------------------- test hooks
@@ -140,21 +141,47 @@ def _loss(model: nn.Module, x: Tensor, dims: int) -> Tensor:
     return bits_per_dim(logp + logdet, dims).mean()
 
 
+def compiled_loss(model: nn.Module, backend: str | None = "inductor") -> Callable[[Tensor], Tensor]:
+    """The training step's forward and loss, x -> mean bits/dim, compiled with ``torch.compile``.
+
+    ``backend`` is torch.compile's (``"inductor"``: generated kernels; ``"aot_eager"``: the same
+    graph capture without code generation); None gives the eager function. Static shapes
+    (``dynamic=False``): a training batch keeps its shape, and the few distinct shapes of a
+    model's levels are compiled once each. The matrix exponentials run eagerly inside the compiled
+    step (:mod:`mefbench.linalg`: their series length is planned on the host), so Table 6's
+    statistics are recorded as without compilation. The model (or its DDP wrapper) must have done
+    its data-dependent init: the flags are read back once here, not inside the graph. The
+    backward, the optimiser and the EMA stay eager.
+    """
+    flow = cast(MultiScaleFlow, model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    dims = flow.config.dims
+
+    def loss(x: Tensor) -> Tensor:
+        return _loss(model, x, dims)
+
+    if backend is None:
+        return loss
+    sync_init_flags(flow)
+    return torch.compile(loss, backend=backend, dynamic=False)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: Tensor,
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    loss_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """One optimiser step on a dequantised batch; returns the loss (bits/dim, possibly non-finite).
 
     A non-finite loss is returned before any parameter is touched. ``scaler`` (fp16 only) scales
-    the loss for the backward pass and skips steps whose gradients overflow.
+    the loss for the backward pass and skips steps whose gradients overflow. ``loss_fn`` computes
+    the loss of x in place of the model's own forward (:func:`compiled_loss`).
     """
     flow = cast(MultiScaleFlow, model.module if hasattr(model, "module") else model)  # a DDP wrapper's module
     optimizer.zero_grad(set_to_none=True)
-    loss = _loss(model, x, flow.config.dims)
+    loss = loss_fn(x) if loss_fn is not None else _loss(model, x, flow.config.dims)
     value = float(loss.detach())
     if not math.isfinite(value):
         return value
@@ -487,6 +514,24 @@ def _open_run(
 # ----------------------------------------------------------------------------- step 5: one epoch
 
 
+@dataclass
+class _Step:
+    """The loss of a training step: the model's own forward (``loss_fn`` None) or, with
+    ``TrainConfig.compile``, that forward and loss compiled (:func:`compiled_loss`). The first call
+    of a compiled one compiles: it is timed apart, once per process."""
+
+    loss_fn: Callable[[Tensor], Tensor] | None = None
+    compile_time_s: float | None = None
+
+    @classmethod
+    def build(cls, ddp_model: nn.Module, cfg: TrainConfig) -> _Step:
+        return cls(compiled_loss(ddp_model, cfg.compile) if cfg.compile else None)
+
+    @property
+    def compiles_next(self) -> bool:
+        return self.loss_fn is not None and self.compile_time_s is None
+
+
 def _run_epoch(
     epoch: int,
     state: TrainingState,
@@ -496,8 +541,13 @@ def _run_epoch(
     rank: int,
     progress: bool,
     ddp_model: nn.Module,
+    step: _Step,
 ) -> EpochRecord | Divergence:
-    """Train one epoch (0-based index) and evaluate; a non-finite loss ends it as a Divergence."""
+    """Train one epoch (0-based index) and evaluate; a non-finite loss ends it as a Divergence.
+
+    The step that compiles the training step (the first of a compiled run in this process) is left
+    out of the epoch's training time and recorded as its ``compile_time_s``.
+    """
     g = _generator(cfg.seed, 100, epoch)
     order = batch_order(g, len(data.train_images), data.steps_per_epoch, cfg.batch_size)
     order = order[:, rank * data.per_rank_batch : (rank + 1) * data.per_rank_batch]
@@ -507,6 +557,7 @@ def _run_epoch(
     recorder, losses = ExpmRecorder(), cast(list[float], [])
     state.model.train()
     bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
+    compile_time = None
     t0 = time.perf_counter()
     with record_expm(recorder):
         for i, idx in enumerate(bar):
@@ -514,11 +565,15 @@ def _run_epoch(
             if data.flip:
                 batch = random_hflip(batch, generator=g)
             x = dequantize(batch, generator=g).to(dev, non_blocking=True).contiguous(memory_format=fmt)
+            compiling, t_step = step.compiles_next, time.perf_counter()
             with memory.measure() if i == 0 else nullcontext():
                 try:
-                    loss = train_step(ddp_model, state.optimizer, x, cfg.grad_clip, state.scaler)
+                    loss = train_step(ddp_model, state.optimizer, x, cfg.grad_clip, state.scaler, step.loss_fn)
                 except NonFiniteError:
                     loss = float("nan")
+            if compiling:
+                synchronize(dev)
+                compile_time = step.compile_time_s = time.perf_counter() - t_step
             state.step += 1
             if not math.isfinite(loss):
                 seen = summarise_losses(losses, first_step)
@@ -531,7 +586,7 @@ def _run_epoch(
             if i + 1 == (n + 1) // 2:
                 _test_point("mid-epoch", epoch + 1)
     synchronize(dev)
-    train_time = time.perf_counter() - t0
+    train_time = time.perf_counter() - t0 - (compile_time or 0.0)
     t1 = time.perf_counter()
     ev: dict[str, Any] = {"batch_size": cfg.eval_batch_size, "device": dev, "channels_last": cfg.channels_last}
     seen = summarise_losses(losses, first_step)
@@ -552,6 +607,7 @@ def _run_epoch(
         loss_first=seen.first,
         loss_max=seen.max,
         loss_max_step=seen.max_step,
+        compile_time_s=compile_time,
     )
     entry.eval_time_s = time.perf_counter() - t1
     _test_point("evaluated", epoch + 1)
@@ -771,6 +827,7 @@ def _train_epochs(
         ddp_model = nn.parallel.DistributedDataParallel(
             state.model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
+    step = _Step.build(ddp_model, cfg)
     start = len(record.epochs)
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
     with sigterm_as_interrupt(interrupt_signals):
@@ -778,7 +835,7 @@ def _train_epochs(
             for epoch in range(start, end):
                 if _reached_plateau(record, cfg):
                     break
-                result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model)
+                result = _run_epoch(epoch, state, data, cfg, dev, rank, progress, ddp_model, step)
                 if isinstance(result, Divergence):
                     if progress and rank == 0:
                         print(

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ["linalg", "mixing", "coupling", "model", "targets"]
+MODULES = ["linalg", "mixing", "coupling", "model", "scaling", "targets"]
 PREFIXES = ("time_", "timeraw_", "peakmem_", "mem_", "track_")
 
 
@@ -125,12 +125,12 @@ def test_benchmark_runs(module: str, cls_name: str, point: tuple, monkeypatch):
 
 
 def test_targets_track_every_quick_bench_row(monkeypatch):
-    from mefbench.bench import PARTS, row_count
+    from mefbench.bench import DEFAULT_PARTS, row_count
 
     targets = _module("targets")
     calls = _stub_bench(monkeypatch)
-    assert targets.ROWS_PER_PART == {part: row_count(part, quick=True) for part in PARTS}
-    assert targets.Targets.params == [list(PARTS), list(range(max(targets.ROWS_PER_PART.values())))]
+    assert targets.ROWS_PER_PART == {part: row_count(part, quick=True) for part in DEFAULT_PARTS}
+    assert targets.Targets.params == [list(DEFAULT_PARTS), list(range(max(targets.ROWS_PER_PART.values())))]
     for part, rows in targets.ROWS_PER_PART.items():
         for row in range(len(targets.Targets.params[1])):
             bench = targets.Targets()
@@ -141,7 +141,7 @@ def test_targets_track_every_quick_bench_row(monkeypatch):
             bench.setup(part, row)
             assert bench.row.what == f"{part} row {row}" and bench.track_measured(part, row) == float(row)
     # each part measured once, at --quick sizes with the bench's 2 threads, whatever the points
-    assert calls == [(True, 2, (part,)) for part in PARTS]
+    assert calls == [(True, 2, (part,)) for part in DEFAULT_PARTS]
 
 
 def test_targets_refuse_a_part_that_prints_other_rows_than_promised(monkeypatch):
@@ -191,3 +191,10 @@ def test_asv_conf_keeps_the_torch_pin():
     for key in ("env_dir", "results_dir", "html_dir"):
         assert conf[key].startswith(".asv/")
     assert conf["benchmark_dir"] == "benchmarks"
+
+
+def test_scaling_twin_skips_points_beyond_the_work_cap():
+    scaling = _module("scaling")
+    assert set(scaling.LAYERS) == {f"{k} {n}" for k, n, _ in __import__("mefbench.scaling").scaling.layers()}
+    with pytest.raises(NotImplementedError, match="stated cost"):
+        scaling.Scaling().setup("mixing periodic", 192, 64)  # C³·n = 2.9e9 per sample, × batch 8

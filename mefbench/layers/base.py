@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, cast
 
 import torch
@@ -49,11 +49,19 @@ INVERSES = ("closed form", "solve", "series", "iterative", "sequential")
 
 @dataclass(frozen=True)
 class Cost:
-    """Costs in O-notation per sample: C channels, n = H·W pixels, k kernel size, etc."""
+    """Costs in O-notation per sample: C channels, n = H·W pixels, k kernel size, etc.
+
+    Machine-readable for the scaling fit (:mod:`mefbench.scaling`): each cost is read as the
+    argument of its first ``O(…)`` (a coupling's ``net + `` and any remark after it are left out;
+    a trailing ``, X = …`` defines X), written with ``·``, ``²``, ``³``, ``log n`` and the symbols
+    C, n, c = C/2, H = W = √n and the constants of :data:`mefbench.scaling.SYMBOLS`. ``symbols``
+    gives the layer's own other symbols as expressions in C and n (``{"K": "C"}``: K grows with C).
+    """
 
     forward: str
     logdet: str
     inverse: str
+    symbols: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("forward", "logdet", "inverse"):

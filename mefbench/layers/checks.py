@@ -295,8 +295,9 @@ class EvalCache:
     Nothing is kept in training mode or while autograd records (the values must then carry
     gradients). In eval mode a value is rebuilt when any parameter's storage, version counter
     (moved by every in-place change), dtype or device differs from when it was built, or when the
-    extra key (an image size) does. Used by every layer with such values (``Conv1x1``, the
-    spatial layers)::
+    extra key (an image size) does. Inside ``torch.compile`` nothing is kept either: the values
+    are built in the graph, which cannot read version counters or storage addresses. Used by
+    every layer with such values (``Conv1x1``, the spatial layers)::
 
         self._cache = EvalCache()                                  # in __init__
         W_inv = self._cache.get(self, "inverse", lambda: torch.linalg.inv(W))   # in forward
@@ -306,7 +307,7 @@ class EvalCache:
         self._entries: dict[str, tuple[tuple, Any]] = {}
 
     def get(self, module: nn.Module, name: str, build: Callable[[], Any], *extra: object) -> Any:
-        if module.training or torch.is_grad_enabled():
+        if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._entries.clear()
             return build()
         key = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters()), extra)

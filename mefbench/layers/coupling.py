@@ -80,6 +80,12 @@ class _TanhExpmCouplingFn(torch.autograd.Function):
         return gh, gx.view(b, c, hh, ww), g_alpha, g_beta, g_gamma, g_delta, None
 
 
+@torch.compiler.disable  # plans its series from a norm read back to the host; scratch buffers written with out=
+def _fused_tanh_expm(h: Tensor, x: Tensor, scale: BoundedTanh, c: int) -> tuple[Tensor, Tensor]:
+    """:class:`_TanhExpmCouplingFn` applied, eagerly also inside ``torch.compile`` (the net around it compiles)."""
+    return _TanhExpmCouplingFn.apply(h, x, scale.alpha, scale.beta, scale.gamma, scale.delta, c)
+
+
 # ----------------------------------------------------------------------------- the template
 
 
@@ -305,8 +311,7 @@ class MatrixExpCoupling(Coupling):
 
     def transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         if self._fused:
-            s = self.scale
-            return _TanhExpmCouplingFn.apply(h, x2, s.alpha, s.beta, s.gamma, s.delta, self.c2)
+            return _fused_tanh_expm(h, x2, self.scale, self.c2)
         t, *mats = self._unpack(h)
         y, logdet = self._exp_action(tuple(mats), x2, 1.0)
         return y + t, logdet

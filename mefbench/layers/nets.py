@@ -61,6 +61,7 @@ __all__ = [
     "net_factory",
     "output_layer",
     "perturb_output",
+    "sync_init_flags",
 ]
 
 NetFactory = Callable[[int, int], nn.Module]
@@ -119,6 +120,17 @@ class InitFlag(nn.Module):
 def _check_width_depth(name: str, hidden_channels: object, num_blocks: object) -> None:
     check_int(name, "hidden_channels", hidden_channels, minimum=1)
     check_int(name, "num_blocks", num_blocks, minimum=0)
+
+
+def sync_init_flags(module: nn.Module) -> None:
+    """Read the ``initialized`` buffer of every :class:`InitFlag` in module back once, now.
+
+    Before ``torch.compile``: compiled code then reads a plain Python flag instead of breaking
+    its graph at the buffer's read-back (and recompiling when the flag changes on its first read).
+    """
+    for m in module.modules():
+        if isinstance(m, InitFlag):
+            m._init_seen = bool(m.initialized)
 
 
 class DataInitAffine(InitFlag, nn.Module):

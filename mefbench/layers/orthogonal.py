@@ -42,7 +42,7 @@ class HouseholderConv1x1(Conv1x1):
     info = LayerInfo(
         family="per-pixel",
         reference="Tomczak & Welling 2016 (Householder flow); Hoogeboom et al. 2019 (Emerging convolutions)",
-        cost=Cost("O(K·C² + C²·n)", "O(1)", "O(K·C² + C²·n)"),
+        cost=Cost("O(K·C² + C²·n)", "O(1)", "O(K·C² + C²·n)", symbols={"K": "C"}),  # K = C by default
         inverse="closed form",
     )
 

@@ -20,6 +20,8 @@ __all__ = ["MEWoodburyConv", "WoodburyConv", "along", "woodbury_factors"]
 
 DEFAULT_RANK = 16  # the paper's d
 INIT_STD = 0.01  # U, V ~ N(0, 0.01²) as in the public code: the map starts close to the identity
+# the default ranks min(16, size of the axis), for the costs' scaling with C and n (H = W = √n)
+_DEFAULT_RANKS = {"d_c": "Min(16, C)", "d_s": "Min(16, n)", "d_h": "Min(16, sqrt(n))", "d_w": "Min(16, sqrt(n))"}
 
 
 def along(M: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -134,7 +136,7 @@ class WoodburyConv(_Woodbury):
     info = LayerInfo(
         family="spatial",
         reference="Lu & Huang 2020 (Woodbury transformations for deep generative flows)",
-        cost=Cost("O((d_c + d_s)·C·n)", "O(d_c³ + d_s³)", "O((d_c + d_s)·C·n)"),
+        cost=Cost("O((d_c + d_s)·C·n)", "O(d_c³ + d_s³)", "O((d_c + d_s)·C·n)", symbols=_DEFAULT_RANKS),
         inverse="solve",
     )
 
@@ -176,7 +178,9 @@ class MEWoodburyConv(_Woodbury):
     info = LayerInfo(
         family="spatial",
         reference="Lu & Huang 2020 (Woodbury transformations for deep generative flows, ME-Woodbury)",
-        cost=Cost("O((d_c + d_h + d_w)·C·n)", "O(d_c³ + d_h³ + d_w³)", "O((d_c + d_h + d_w)·C·n)"),
+        cost=Cost(
+            "O((d_c + d_h + d_w)·C·n)", "O(d_c³ + d_h³ + d_w³)", "O((d_c + d_h + d_w)·C·n)", symbols=_DEFAULT_RANKS
+        ),
         inverse="solve",
     )
 

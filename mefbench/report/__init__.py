@@ -138,8 +138,9 @@ def write_report(
         lines = header(runs, corrupt, duplicates, runs_dir, command)
         no_samples = ["### Samples", "", "Not drawn (`samples=False`).", ""]
         sample_lines = sample_grids(runs, staging)[0] if samples else no_samples
+        bench = _read_bench(bench_file)
         for spec in TABLES.values():
-            lines += render_table(spec, runs, epochs, published, staging)
+            lines += render_table(spec, runs, epochs, published, staging, bench)
             if spec.id == "2":
                 lines += sample_lines
         lines += gpu_section(gpu_dir)
@@ -185,6 +186,17 @@ def _publish_figures(staging: Path, figdir: Path) -> None:
     for path in sorted(staging.iterdir()):
         os.replace(path, figdir / path.name)
     _fsync_dir(figdir)
+
+
+def _read_bench(bench_file: str | Path | None) -> dict | None:
+    """The data of a ``mefbench bench --json`` file, or None (the bench section says why)."""
+    if bench_file is None or not Path(bench_file).is_file():
+        return None
+    try:
+        data = json.loads(Path(bench_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _referenced(lines: list[str]) -> set[str]:

@@ -1,7 +1,8 @@
 """Pure pandas: the run records (:func:`mefbench.results.load_runs`) aggregated per report table.
 
 Every function takes the runs of one table and one data group (dataset, scale, model revision)
-and returns the rows that table shows; nothing here draws, writes or formats markdown.
+and returns the rows that table shows; nothing here draws, writes or formats markdown. The
+scaling table's come from ``mefbench bench --scaling --json`` data instead (:func:`scaling_frames`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "mixing_published",
     "mixing_rows",
     "normalise",
+    "scaling_frames",
+    "scaling_rows",
     "table2_rows",
     "table4_label",
     "table4_rows",
@@ -408,3 +411,68 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     if name not in df:
         return pd.Series(np.nan, index=df.index, dtype=float)
     return pd.to_numeric(df[name], errors="coerce")
+
+
+# ----------------------------------------------------------------------------- scaling (bench data)
+
+
+def scaling_frames(bench: dict | None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(fits, points) of the scaling rows of ``mefbench bench --json`` data, or None without them.
+
+    fits: one row per layer and timed call (kind, layer, part, stated, C and n exponents with their
+    intervals and expectations, counts, problem), with the grid and tolerance in ``attrs``; points:
+    one row per grid point (kind, layer, part, C, H, n, time_s, repeats, skipped). Each fit comes
+    in two bench rows (its C and n exponents): it is taken once.
+    """
+    rows = (bench or {}).get("rows") or []
+    found = [r["data"]["scaling"] for r in rows if isinstance(r.get("data"), dict) and "scaling" in r["data"]]
+    if not found:
+        return None
+    fits, points, seen = [], [], set()
+    for item in found:
+        fit = item["fit"]
+        key = (fit["kind"], fit["layer"], fit["part"])
+        if key in seen:
+            continue
+        seen.add(key)
+        flat = {k: v for k, v in fit.items() if k not in ("C", "n", "skipped")}
+        flat["not measured"] = len(fit.get("skipped") or [])
+        for var in ("C", "n"):
+            exp = fit.get(var) or {}
+            for field in ("value", "low", "high", "expected", "disagrees"):
+                flat[f"{var}_{field}"] = exp.get(field, math.nan if field != "disagrees" else None)
+        fits.append(flat)
+        points += item["points"]
+    out = pd.DataFrame(fits)
+    out.attrs.update(grid=found[0]["grid"], tolerance=found[0]["tolerance"], quick=bool((bench or {}).get("quick")))
+    return out, pd.DataFrame(points)
+
+
+def scaling_rows(fits: pd.DataFrame) -> pd.DataFrame:
+    """The scaling table: per layer and timed call, the fitted exponents with their 95% intervals
+    beside those the stated cost expects on the same points, and the verdict."""
+
+    def exponent(row: pd.Series, var: str) -> str:
+        value = row[f"{var}_value"]
+        if not np.isfinite(value):
+            return DASH
+        return f"{value:.2f} [{row[f'{var}_low']:.2f}, {row[f'{var}_high']:.2f}]"
+
+    def verdict(row: pd.Series) -> str:
+        if isinstance(row.get("problem"), str) and row["problem"]:
+            return f"no fit: {row['problem']}"
+        if fits.attrs.get("quick"):
+            return "not judged (--quick)"
+        return "disagrees" if row["C_disagrees"] or row["n_disagrees"] else "agrees"
+
+    return pd.DataFrame({
+        "kind": fits["kind"], "layer": fits["layer"], "timed": fits["part"], "stated cost": fits["stated"],
+        "C: measured [95% CI]": [exponent(r, "C") for _, r in fits.iterrows()],
+        "C: stated": fits["C_expected"].map(lambda v: number(v, "{:.2f}")),
+        "n: measured [95% CI]": [exponent(r, "n") for _, r in fits.iterrows()],
+        "n: stated": fits["n_expected"].map(lambda v: number(v, "{:.2f}")),
+        "points fitted / measured / not measured": [
+            f"{r['points_fitted']} / {r['points_measured']} / {r['not measured']}" for _, r in fits.iterrows()
+        ],
+        "verdict": [verdict(r) for _, r in fits.iterrows()],
+    })  # fmt: skip

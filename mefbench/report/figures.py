@@ -24,6 +24,7 @@ __all__ = [
     "m_per_run",
     "outcomes_vs_lr",
     "quality_vs_time",
+    "scaling_curves",
 ]
 
 
@@ -215,3 +216,31 @@ def loss_curves(ctx: FigureContext, rates: tuple[float, float] = (0.01, 0.03)) -
     return [f"![training-loss curves at lr {rates[0]:g} and {rates[1]:g}, {ctx.group}]({path})", "",
             "*The largest training loss of each evaluation period, one line per run (seeds of a coupling share its "
             "colour); dotted lines: where a run diverged.*", ""]  # fmt: skip
+
+
+def scaling_curves(points: pd.DataFrame, figdir: Path) -> list[str]:
+    """The scaling part's measured times, log-log: time against n = H·W, one line per C, a panel per
+    layer; one figure per timed call (forward+backward, inverse)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    measured = points[points["time_s"].notna()] if len(points) else points
+    out = []
+    for part in dict.fromkeys(measured["part"]) if len(measured) else ():
+        df = measured[measured["part"] == part].assign(
+            panel=lambda d: d["kind"] + " " + d["layer"], time_ms=lambda d: 1e3 * d["time_s"]
+        )
+        grid = sns.relplot(data=df, x="n", y="time_ms", hue="C", col="panel", col_wrap=4, kind="line", marker="o",
+                           palette="viridis", height=2.2, aspect=1.2, facet_kws={"sharey": False})  # fmt: skip
+        grid.set(xscale="log", yscale="log")
+        grid.set_axis_labels("n = H·W (pixels)", "time (ms)")
+        grid.set_titles("{col_name}")
+        grid.figure.suptitle(f"scaling: {part} time against pixels, one line per channel count C", y=1.02)
+        name = f"scaling_{slug(part)}.png"
+        grid.figure.savefig(figdir / name, dpi=100, bbox_inches="tight")
+        plt.close(grid.figure)
+        out += [f"![scaling of {part} time](figures/{name})", ""]
+    if out:
+        out += ["*Time per call (the fastest of a few) at each measured point, log-log; a missing point was not measured "
+                "(beyond a cap). Slope against n is the exponent in n; the spacing of the lines, in C.*", ""]  # fmt: skip
+    return out

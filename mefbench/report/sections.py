@@ -277,8 +277,16 @@ def asv_section(asv_dir: str | Path | None, figdir: Path) -> tuple[list[str], li
         return out + [f"History figure not drawn: {type(exc).__name__}: {exc}", ""], []
 
 
+def _is_scaling(row: dict) -> bool:
+    return isinstance(row.get("data"), dict) and "scaling" in row["data"]
+
+
 def _bench_table(data: dict) -> pd.DataFrame:
-    rows = pd.DataFrame(data["rows"])
+    """The bench rows as a table; the scaling part's rows have their own table (the report's
+    scaling section) and are left out here."""
+    rows = pd.DataFrame([r for r in data["rows"] if not _is_scaling(r)])
+    if rows.empty:
+        return rows
     cols = [c for c in ("what", "shape", "measured", "unit", "target", "ok", "note") if c in rows.columns]
     rows = rows[cols].copy()
     if "measured" in rows:
@@ -301,7 +309,7 @@ def bench_section(bench_file: str | Path | None) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return out + [f"Not included: `{path}` cannot be read ({type(exc).__name__}: {exc}).", ""]
     out += [f"From `{path}`" + (f", produced by `{data['command']}`" if data.get("command") else "") + ".", ""]
-    out += [markdown_table(rows), ""]
+    out += [markdown_table(rows), ""] if len(rows) else ["No rows but the scaling part's (its own table, above).", ""]
     for key in ("machine", "versions"):
         if isinstance(data.get(key), dict) and data[key]:
             out += [f"{key.capitalize()}: " + ", ".join(f"{k} {v}" for k, v in data[key].items()), ""]

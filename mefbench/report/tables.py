@@ -50,6 +50,8 @@ class TableSpec:
         notes: the paragraph under the table.
         seeds: seeds a sweep runs by default.
         from_runs: False for a table computed from the models alone (Table 3).
+        from_bench: (the ``mefbench bench --json`` data or None, figure folder) -> the section's
+            lines, for a table computed from bench results (the scaling table) instead of runs.
     """
 
     id: str
@@ -67,6 +69,7 @@ class TableSpec:
     from_runs: bool = True
     curves: bool = True
     preamble: Callable[[dict, dict], list[str]] | None = field(default=None)
+    from_bench: Callable[[dict | None, Path], list[str]] | None = None
 
 
 # ----------------------------------------------------------------------------- Table 2's reference
@@ -344,6 +347,37 @@ _OUTCOME_NOTES = (
 )
 
 
+# ----------------------------------------------------------------------------- scaling (bench)
+
+
+def _scaling_section(bench: dict | None, figdir: Path) -> list[str]:
+    """The scaling rows of a ``mefbench bench --scaling --json`` file: a table of fitted exponents
+    against the stated costs, the layers that disagree, and the log-log figures."""
+    data = agg.scaling_frames(bench)
+    if data is None:
+        return ["Not included: no bench results with the scaling part were given "
+                "(`mefbench bench --scaling --json FILE`, then `mefbench report --bench FILE`).", ""]  # fmt: skip
+    assert bench is not None  # scaling_frames found its rows
+    fits, points = data
+    rows = agg.scaling_rows(fits)
+    grid = fits.attrs["grid"]
+    quick = " (`--quick` sizes: a smoke check; its exponents are not judged)" if bench.get("quick") else ""
+    disagree = rows[rows["verdict"] == "disagrees"]
+    listed = "; ".join(f"{layer} {timed}" for layer, timed in zip(disagree["layer"], disagree["timed"], strict=True))
+    out = [
+        f"From `{bench.get('command', 'mefbench bench --scaling')}`{quick}: C ∈ {{{', '.join(map(str, grid['channels']))}}}, "
+        f"H = W ∈ {{{', '.join(map(str, grid['sizes']))}}}, batch {grid['batch']}, float32, "
+        f"{(bench.get('machine') or {}).get('processor', 'unknown processor')}, one thread.",
+        "",
+        markdown_table(rows),
+        "",
+        f"Measured exponents that disagree with the stated cost (95% CI wholly outside expected ± "
+        f"{fits.attrs['tolerance']:g}): {listed or 'none'}.",
+        "",
+    ]  # fmt: skip
+    return out + fig.scaling_curves(points, figdir)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -433,6 +467,18 @@ TABLES: dict[str, TableSpec] = {
                                     "full rate, no warm-up, a small net; parameter counts matched at a fixed width "
                                     "(see each row's params)."),
         ),
+        TableSpec(
+            "scaling", "Scaling with channels and pixels (`mefbench bench --scaling`)", "scaling",
+            "exponents of every layer's time in C and n = H·W against its stated cost (bench data, no runs)",
+            from_runs=False, from_bench=_scaling_section, curves=False, seeds=0,
+            notes=("Time ∝ C^a·n^b fitted by least squares on log time over the grid's points at least 4× slower "
+                   "than the layer's fastest (where the per-call cost no longer dominates); expected: the same fit "
+                   "of the cost the layer's `LayerInfo` states (forward + log-det, inverse + log-det; a coupling "
+                   "without its net), evaluated on the same points, its constants at the zoo's defaults "
+                   "(`mefbench.scaling.SYMBOLS`). A mixing layer is timed in training mode (every call builds what "
+                   "eval mode caches), a coupling's transform given the net's output. Points beyond the time cap, "
+                   "the work cap or memory are not measured; the table counts them and the JSON lists them."),
+        ),
     )
 }  # fmt: skip
 
@@ -444,10 +490,20 @@ def _presets_for(table: str) -> str:
     return ", ".join(f"`{n}`" for n, p in PRESETS.items() if table in p.tables)
 
 
-def render_table(spec: TableSpec, runs: pd.DataFrame, epochs: pd.DataFrame, published: dict, figdir: Path) -> list[str]:
+def render_table(
+    spec: TableSpec,
+    runs: pd.DataFrame,
+    epochs: pd.DataFrame,
+    published: dict,
+    figdir: Path,
+    bench: dict | None = None,
+) -> list[str]:
     """The section of one table: its rows per data group (dataset, scale, model revision), figures,
-    extras and notes. ``runs`` has a ``group`` column and is deduplicated."""
+    extras and notes. ``runs`` has a ``group`` column and is deduplicated; ``bench`` is the data of
+    ``mefbench bench --json`` (or None), for the tables computed from it."""
     out = [f"## {spec.title}", ""]
+    if spec.from_bench is not None:
+        return out + spec.from_bench(bench, figdir) + ([spec.notes, ""] if spec.notes and bench else [])
     pub = published.get(spec.published, {}) if spec.published else {}
     sources = published.get("sources", {})
     if spec.preamble:
