@@ -7,9 +7,10 @@ chosen, not typed:
 - :func:`parameter_count` counts a :class:`~mefbench.config.FlowConfig`'s parameters at any
   ``hidden_channels`` without building the whole model there: only the couplings' nets depend on
   the width, so the count is the model's at width 1 with its couplings' counts at the width
-  asked for. A coupling's count is a quadratic in the width for the paper's net (convs of
-  width × width); it is read off builds at widths 1–3, checked at width 4, and a net whose count
-  is not quadratic is built at every width asked for instead (cached).
+  asked for. A coupling's count (its registry name and options, the config's conditioner net
+  and depth; a step may hold several couplings) is a quadratic in the width for the paper's net
+  (convs of width × width); it is read off builds at widths 1–3, checked at width 4, and a net
+  whose count is not quadratic is built at every width asked for instead (cached).
 - :func:`match_hidden_channels` gives the config the width whose count is nearest a budget
   (the count grows with the width, so a bisection finds it).
 - :func:`match_widths` matches several couplings to a reference coupling. Integer widths step
@@ -48,27 +49,46 @@ def _float32_build(make):
         torch.set_default_dtype(previous)
 
 
+def _coupling_specs(config: FlowConfig) -> list[tuple[str, str]]:
+    """(registry name, options as JSON) of each coupling of a flow step, in the step's order."""
+    out = []
+    for spec in config.step:
+        if spec == "coupling":
+            out.append((config.coupling, json.dumps(config.coupling_options, sort_keys=True)))
+        elif isinstance(spec, dict) and "coupling" in spec:
+            out.append((spec["coupling"], json.dumps(spec.get("options", {}), sort_keys=True)))
+    return out
+
+
 @functools.lru_cache(maxsize=256)
-def _slots(key: str) -> tuple[int, tuple[tuple[int, tuple[int, int]], ...]]:
-    """(the model's count at width 1, the (channels, (H, W)) of each of its couplings)."""
+def _slots(key: str) -> tuple[int, tuple[tuple[str, str, int, tuple[int, int]], ...]]:
+    """(the model's count at width 1, the (coupling, options, channels, (H, W)) of each of its
+    couplings, in the order the model builds them)."""
     from .layers import Coupling
     from .models import MultiScaleFlow, count_parameters
 
     config = FlowConfig.from_dict(json.loads(key))
+    specs = _coupling_specs(config)
     model = _float32_build(lambda: MultiScaleFlow(config))
     slots = []
     for level, (_, h, w) in zip(model.levels, model.latent_shapes, strict=True):
-        slots += [(layer.channels, (h, w)) for layer in level.layers if isinstance(layer, Coupling)]
+        couplings = [layer for layer in level.layers if isinstance(layer, Coupling)]
+        slots += [(*specs[i % len(specs)], layer.channels, (h, w)) for i, layer in enumerate(couplings)]
     return count_parameters(model), tuple(slots)
 
 
 @functools.lru_cache(maxsize=4096)
-def _built_count(coupling: str, options: str, blocks: int, channels: int, size: tuple[int, int], hidden: int) -> int:
-    from .layers import COUPLING
+def _built_count(
+    coupling: str, options: str, net: str, net_options: str, blocks: int, channels: int, size: tuple[int, int],
+    hidden: int,
+) -> int:  # fmt: skip
+    from .layers import COUPLING, net_factory
     from .models import count_parameters
 
-    kwargs = {"hidden_channels": hidden, "num_blocks": blocks, **json.loads(options)}
-    return count_parameters(_float32_build(lambda: COUPLING.build(coupling, channels, size=size, **kwargs)))
+    factory = net_factory(net, hidden_channels=hidden, num_blocks=blocks, **json.loads(net_options))
+    return count_parameters(
+        _float32_build(lambda: COUPLING.build(coupling, channels, size=size, net=factory, **json.loads(options)))
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -81,9 +101,13 @@ def _quadratic(*slot) -> tuple[int, int, int] | None:
     return (a2, b2, c2) if a2 * 16 + b2 * 4 + c2 == 2 * n4 else None
 
 
-def _coupling_count(config: FlowConfig, channels: int, size: tuple[int, int], hidden: int) -> int:
-    """One coupling's parameters at this width (its slot: the config's coupling, options and depth)."""
-    slot = (config.coupling, json.dumps(config.coupling_options, sort_keys=True), config.num_blocks, channels, size)
+def _coupling_count(
+    config: FlowConfig, coupling: str, options: str, channels: int, size: tuple[int, int], hidden: int
+) -> int:
+    """One coupling's parameters at this width (its slot: the coupling, its options, the config's
+    net and depth)."""
+    net_options = json.dumps(config.net_options, sort_keys=True)
+    slot = (coupling, options, config.net, net_options, config.num_blocks, channels, size)
     poly = _quadratic(*slot) if hidden > 4 else None
     if poly is None:
         return _built_count(*slot, hidden)
@@ -99,7 +123,8 @@ def parameter_count(config: FlowConfig, hidden_channels: int | None = None) -> i
         raise ValueError(f"hidden_channels must be at least 1, got {hidden}")
     base, slots = _slots(_key(config))
     return base + sum(
-        _coupling_count(config, c, size, hidden) - _coupling_count(config, c, size, 1) for c, size in slots
+        _coupling_count(config, name, options, c, size, hidden) - _coupling_count(config, name, options, c, size, 1)
+        for name, options, c, size in slots
     )
 
 

@@ -70,3 +70,15 @@ def test_a_reference_width_that_cannot_be_matched_moves_or_says_so():
     assert fixed.reference_hidden == 16 and not fixed.within  # reported, not raised
     moved = match_widths(mef, rows, tolerance=0.01, search=0.5)
     assert moved.within and moved.reference_hidden != 16
+
+
+def test_the_count_follows_the_net_and_every_coupling_of_the_step():
+    """A Glow net and a step with a second coupling of its own options: the count without building
+    the model at that width equals the built model's, at several widths."""
+    config = FlowConfig(
+        image_shape=(3, 16, 16), steps=(2, 1), hidden_channels=5, num_blocks=1, net="glow",
+        step=("actnorm", "mixing", "coupling", {"coupling": "affine", "options": {"scale": "sigmoid"}}),
+    )  # fmt: skip
+    for hidden in (5, 9, 13):
+        built = count_parameters(MultiScaleFlow(dataclasses.replace(config, hidden_channels=hidden)))
+        assert parameter_count(config, hidden) == built
