@@ -459,11 +459,14 @@ def job_failure(runs_dir: str | Path, job_id: str | None) -> str | None:
 def job_states(runs_dir: str | Path, jobs: Sequence[JobEntry]) -> dict[str, str]:
     """Each job's state by job id: SLURM's (squeue, else sacct), or for local jobs RUNNING while
     the process lives; a job the scheduler no longer knows gets submitit's own outcome
-    (COMPLETED or FAILED from its result file) or ENDED."""
+    (COMPLETED or FAILED from its result file) or ENDED. When the controller does not answer, a
+    job that left a result file has ended, and says how; the others stay UNREACHABLE."""
     folder = Path(runs_dir) / SUBMITIT_DIR
     slurm = [j.job_id for j in jobs if j.executor == "slurm"]
     states = _slurm_states(slurm) if slurm else {}
     for j in jobs:
+        if states.get(j.job_id) == "UNREACHABLE":
+            states[j.job_id] = _submitit_outcome(folder, j.job_id) or "UNREACHABLE"
         if j.job_id in states:
             continue
         outcome = _submitit_outcome(folder, j.job_id)  # a result file outranks a pid (pids are reused)

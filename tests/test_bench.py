@@ -106,8 +106,9 @@ def test_every_registered_layer_and_coupling_has_a_bench_row():
 
 
 def test_every_part_prints_the_rows_row_count_promises(monkeypatch):
-    """Every part builds and runs what it times; with the timings stubbed, only the row counts
-    (which the asv targets rely on) and the rows' fields are checked."""
+    """Every part builds and runs what it times; with the timings stubbed (the scaling part times
+    its own points), only the row counts (which the asv targets rely on) and the rows' fields are
+    checked."""
     import math
 
     import mefbench.bench as bench
@@ -116,7 +117,8 @@ def test_every_part_prints_the_rows_row_count_promises(monkeypatch):
     for part in bench.PARTS:
         rows = run_bench(quick=True, threads=1, only=(part,))
         assert len(rows) == bench.row_count(part, quick=True), part
-        assert all(math.isfinite(r.measured) and r.what and r.target for r in rows), part
+        # a scaling fit can be refused (too few points above the per-call floor): NaN, saying why
+        assert all((math.isfinite(r.measured) or "no fit" in r.note) and r.what and r.target for r in rows), part
     assert len(run_bench(quick=False, threads=1, only=("coupling",))) == bench.row_count("coupling", quick=False)
 
 

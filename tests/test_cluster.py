@@ -245,7 +245,10 @@ def test_status_tells_every_state_without_taking_a_lock(tmp_path, capsys, monkey
     assert rows[failed].note == "RunError: out of disk" and rows[failed].job_state == "FAILED"
     assert "not JSON" in rows[corrupt].note or "corrupt run record" in rows[corrupt].note
     first = base.epochs[0].test_bpd
-    assert f"{specs[0].presets[0]}  seed 1   running on {socket.gethostname()} (pid {holder.pid}), epoch 1/2, " in out
+    assert (
+        f"{specs[0].presets[0]}  seed 1   running on {socket.gethostname()} (pid {holder.pid}), epoch 1/{spec.train.epochs}, "
+        in out
+    )
     assert f"test bits/dim {first:.4f}" in out and f"test bits/dim {base.epochs[-1].test_bpd:.4f}" in out
     assert "ended without marking it" in out and "locked on node-elsewhere, per its record" in out
     assert "pending" in out and "corrupt run record" in out and "job 999999 FAILED (RunError: out of disk)" in out
@@ -318,6 +321,7 @@ def test_local_executor_requeues_a_preempted_run_and_a_rerun_resumes_a_cancelled
     local = [*sweep, "--runs", "runs", "--executor", "local", "--max-parallel", "2", "--cpus-per-run", "1"]
     first = cli(*local, cwd=tmp_path, env=pause_env(flag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     preempted, cancelled = names = [s.name for s in plan(("2",), "smoke", seeds=2)]
+    cap = plan(("2",), "smoke", seeds=2)[0].train.epochs
     try:
         wait_until(
             lambda: all(epochs(runs / n) == 1 and lock_holder(runs / n)[1] for n in names), "epoch 1", procs=[first]
@@ -325,7 +329,7 @@ def test_local_executor_requeues_a_preempted_run_and_a_rerun_resumes_a_cancelled
         pids = {n: lock_holder(runs / n)[0]["pid"] for n in names}
         status = run("status", "--runs", "runs", cwd=tmp_path)
         for n in names:
-            assert f"running on {socket.gethostname()} (pid {pids[n]}), epoch 1/2" in status.stdout, status.stdout
+            assert f"running on {socket.gethostname()} (pid {pids[n]}), epoch 1/{cap}" in status.stdout, status.stdout
         os.kill(pids[preempted], signal.SIGUSR2)
         os.kill(pids[cancelled], signal.SIGTERM)
         wait_until(lambda: resumes(runs / preempted) == 1, "the requeued job to resume", procs=[first])
@@ -334,7 +338,7 @@ def test_local_executor_requeues_a_preempted_run_and_a_rerun_resumes_a_cancelled
         flag.unlink()
     out = first.communicate(timeout=600)[0]
     assert first.returncode == 1, out
-    assert f"not finished: {cancelled}: interrupted, epoch 1/2" in out and f"{preempted}: finished" in out
+    assert f"not finished: {cancelled}: interrupted, epoch 1/{cap}" in out and f"{preempted}: finished" in out
     job = latest_jobs(runs)[preempted].job_id
     assert "Requeued job" in (runs / SUBMITIT_DIR / f"{job}_0_log.out").read_text()  # submitit's requeue
     kept = (runs / preempted / RECORD).read_text()
@@ -346,8 +350,8 @@ def test_local_executor_requeues_a_preempted_run_and_a_rerun_resumes_a_cancelled
     assert reference.wait(timeout=600) == 0, reference.stdout.read()
     for name in names:
         got, want = read_record(runs / name), read_record(tmp_path / "ref" / name)
-        assert got.status == "finished" and [e.epoch for e in got.epochs] == [1, 2]
-        assert [r.from_epoch for r in got.resumes] == [1]  # epoch 2 trained into the record once
+        assert got.status == "finished" and [e.epoch for e in got.epochs] == [e.epoch for e in want.epochs]
+        assert len(got.epochs) >= 2 and [r.from_epoch for r in got.resumes] == [1]  # epoch 2 trained once
         assert numbers(got) == numbers(want), name
 
 

@@ -55,7 +55,7 @@ def test_record_round_trips_through_json(tmp_path):
     assert record["status"] == "interrupted" and record["epochs"][0]["test_bpd"] == 4.8  # dict-style reads
     with pytest.raises(KeyError):
         record["nope"]
-    assert json.loads((tmp_path / "record.json").read_text())["schema"] == SCHEMA == 3
+    assert json.loads((tmp_path / "record.json").read_text())["schema"] == SCHEMA == 4
 
 
 def _bad(data: dict, **changes) -> str:

@@ -61,6 +61,7 @@ def test_a_slurm_sweep_survives_a_preemption_and_a_cancel(tmp_path):
     submitted = run(*jobs, cwd=tmp_path, env=pause_env(flag), timeout=300)
     assert submitted.returncode == 0, submitted.stdout
     preempted, cancelled = names = [s.name for s in plan(("2",), "smoke", seeds=2)]
+    cap = plan(("2",), "smoke", seeds=2)[0].train.epochs
     ids = {}
     for name in names:
         line = next(ln for ln in submitted.stdout.splitlines() if ln.startswith(f"{name}: submitted as SLURM job "))
@@ -75,7 +76,7 @@ def test_a_slurm_sweep_survives_a_preemption_and_a_cancel(tmp_path):
         for name in names:
             pid = lock_holder(runs / name)[0]["pid"]
             assert (
-                f"running on {socket.gethostname()} (pid {pid}), epoch 1/2, test bits/dim" in status.stdout
+                f"running on {socket.gethostname()} (pid {pid}), epoch 1/{cap}, test bits/dim" in status.stdout
                 and f"job {ids[name]} RUNNING" in status.stdout
             ), status.stdout
         subprocess.run(["scancel", "--signal=USR2", ids[preempted]], check=True, timeout=60)
@@ -99,8 +100,8 @@ def test_a_slurm_sweep_survives_a_preemption_and_a_cancel(tmp_path):
     assert reference.wait(timeout=600) == 0, reference.stdout.read()
     for name in names:
         got, want = read_record(runs / name), read_record(tmp_path / "ref" / name)
-        assert got.status == "finished" and [e.epoch for e in got.epochs] == [1, 2]
-        assert [r.from_epoch for r in got.resumes] == [1]  # epoch 2 trained into the record once
+        assert got.status == "finished" and [e.epoch for e in got.epochs] == [e.epoch for e in want.epochs]
+        assert len(got.epochs) >= 2 and [r.from_epoch for r in got.resumes] == [1]  # epoch 2 trained once
         assert numbers(got) == numbers(want), name
     # a third sweep has nothing to do and changes nothing
     kept = {n: (runs / n / RECORD).read_text() for n in names}
