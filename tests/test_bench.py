@@ -132,4 +132,6 @@ def test_every_part_measures_at_quick_sizes():
     for part in PARTS:
         rows = run_bench(quick=True, threads=2, only=(part,))
         assert len(rows) == row_count(part, quick=True), part
-        assert all(math.isfinite(r.measured) for r in rows), [r for r in rows if not math.isfinite(r.measured)]
+        # a scaling fit can be refused at --quick sizes (too few points above the per-call floor): NaN, saying why
+        bad = [r for r in rows if not (math.isfinite(r.measured) or "no fit" in r.note)]
+        assert not bad, bad

@@ -260,7 +260,7 @@ def test_bench_compile_reports_compiled_over_eager_per_model_row():
     with pytest.raises(ValueError, match="--compile takes one of"):
         run_bench(quick=True, only=("model",), compile="tvm")
     torch.set_default_dtype(torch.float32)
-    standard = dataclasses.replace(ONE_LEVEL, conv="standard")
+    standard = dataclasses.replace(ONE_LEVEL, mixing="standard")
     cpu = torch.device("cpu")
     # the bench's plumbing, not a backend: dynamo's capture alone ("eager") compiles in seconds
     ratio, note = _step_ratio(standard, ONE_LEVEL, 4, 2, Setting(cpu, True, "eager"), ("standard", "MEF"))
