@@ -27,7 +27,12 @@ _LOG_2PI = math.log(2 * math.pi)
 #      for low-rank factors, S stored row by row in the net output
 #   2: the official MEF code's model (ELU after every block, no bias before a Norm, kaiming init
 #      rescaled by the output std, S column by column, α = 1/c), Bessel-corrected init stds
-MODEL_REVISION = 2
+#   3: the zoo's layers follow their own papers' code by default: emerging with square-quadrant
+#      masks, a bias, Glow's 1×1 conv first and the reference init; periodic with a bias;
+#      convexp with its 1×1 conv and β = 0.9; butterfly with one level, identity init and a 1×1
+#      conv; the mixture coupling with Flow++'s scale map. The paper's layers (standard, PLU and
+#      matrix-exp 1×1 convs; additive, affine and matrix-exp couplings) build as in revision 2.
+MODEL_REVISION = 3
 
 
 class LearnedPrior(nn.Module):

@@ -56,7 +56,7 @@ def header(
         f"- Runs: {len(runs)}" + (f" ({', '.join(f'{n} {s}' for s, n in statuses.items())})" if len(runs) else ""),
         *_time_line(runs),
         *_data_lines(runs),
-        f"- Model revision: {MODEL_REVISION} (the official MEF code's model; see `mefbench.models.MODEL_REVISION`)",
+        f"- Model revision: {MODEL_REVISION} (the official MEF code's model, and every zoo layer as its own paper's code builds it; see `mefbench.models.MODEL_REVISION`)",
         "- Report written with " + ", ".join(f"{k} {v}" for k, v in software.items() if k != "git_commit")
         + (f" (commit {software['git_commit']})" if software["git_commit"] else ""),
         "",
