@@ -172,25 +172,18 @@ def train_run(
 ) -> RunRecord:
     """Train one planned run with a sweep's semantics: kept if finished or diverged, resumed if
     it has a record, started otherwise (RunError if its record is unreadable or it is locked)."""
-    from .training import train
+    from .sweep import planned_train_config, train_planned
 
     run_dir = Path(run_dir)
     existing = read_record(run_dir) if (run_dir / RECORD).exists() else None
     if existing is not None and existing.status in ENDED:
         return existing
-    train_cfg = spec.train
-    if amp is not None or channels_last:
-        train_cfg = dataclasses.replace(train_cfg, amp=amp, channels_last=channels_last)
-    return train(
-        spec.model,
-        train_cfg,
+    return train_planned(
+        spec,
         run_dir,
+        planned_train_config(spec, amp, channels_last),
         resume=existing is not None,
         device=device,
-        preset=spec.presets[0],
-        tables=spec.tables,
-        cells={str(t): dict(c) for t, c in spec.cells.items()},
-        scale=spec.scale,
         progress=progress,
         interrupt_signals=interrupt_signals,
     )
@@ -562,7 +555,7 @@ def _to_submit(
     name with the reason: unreadable, or holding another configuration than planned (a run
     trained by hand under the planned name is left as it is, as the inline sweep does)."""
     from .status import run_statuses
-    from .sweep import config_differences
+    from .sweep import config_differences, planned_train_config
 
     rows = {r.name: r for r in run_statuses(runs_dir, specs, others=False)}
     todo: list[RunSpec] = []
@@ -575,9 +568,7 @@ def _to_submit(
             continue
         run_dir = runs_dir / spec.name
         if (run_dir / RECORD).exists():
-            train_cfg = spec.train
-            if amp is not None or channels_last:
-                train_cfg = dataclasses.replace(train_cfg, amp=amp, channels_last=channels_last)
+            train_cfg = planned_train_config(spec, amp, channels_last)
             try:
                 differences = config_differences(read_record(run_dir), spec.model, train_cfg)
             except RunError as exc:  # written to since status read it

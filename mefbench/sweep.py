@@ -17,7 +17,16 @@ from .presets import PRESETS, SCALES
 from .record import ENDED, RECORD, RunError, RunRecord, read_record
 from .training import train
 
-__all__ = ["RunSpec", "SweepError", "config_differences", "parse_tables", "plan", "run_sweep"]
+__all__ = [
+    "RunSpec",
+    "SweepError",
+    "config_differences",
+    "parse_tables",
+    "plan",
+    "planned_train_config",
+    "run_sweep",
+    "train_planned",
+]
 
 
 class SweepError(RunError):
@@ -135,6 +144,39 @@ def _cells(spec: RunSpec) -> dict[str, dict]:
     return {str(t): dict(c) for t, c in spec.cells.items()}
 
 
+def planned_train_config(spec: RunSpec, amp: str | None = None, channels_last: bool = False) -> TrainConfig:
+    """The recipe a planned run trains with: its preset's, in the sweep's precision and memory format."""
+    if amp is None and not channels_last:
+        return spec.train
+    return dataclasses.replace(spec.train, amp=amp, channels_last=channels_last)
+
+
+def train_planned(
+    spec: RunSpec,
+    run_dir: Path,
+    train_cfg: TrainConfig,
+    *,
+    resume: bool,
+    device: str = "auto",
+    progress: bool = False,
+    interrupt_signals: tuple[int, ...] = (),
+) -> RunRecord:
+    """Train (or resume) one planned run in run_dir, recording its presets, tables and cells."""
+    return train(
+        spec.model,
+        train_cfg,
+        run_dir,
+        resume=resume,
+        device=device,
+        preset=spec.presets[0],
+        tables=spec.tables,
+        cells=_cells(spec),
+        scale=spec.scale,
+        progress=progress,
+        interrupt_signals=interrupt_signals,
+    )
+
+
 def config_differences(record: RunRecord, model: FlowConfig, train_cfg: TrainConfig) -> list[str]:
     """The fields in which a recorded run differs from a configuration, as "train.lr: 0.05 recorded,
     0.01 planned" (where the data lives is not compared: data may move). Empty when they agree."""
@@ -205,9 +247,7 @@ def run_sweep(
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
         head = f"[{i}/{len(specs)}] {spec.name}"
-        train_cfg = spec.train
-        if amp is not None or channels_last:
-            train_cfg = dataclasses.replace(train_cfg, amp=amp, channels_last=channels_last)
+        train_cfg = planned_train_config(spec, amp, channels_last)
         existing: RunRecord | None = None
         if (run_dir / RECORD).exists():
             try:
@@ -231,17 +271,8 @@ def run_sweep(
         verb = "resuming" if existing is not None else "running"
         print(f"{head}: {verb} (tables {', '.join(map(str, spec.tables))})", flush=True)
         try:
-            record = train(
-                spec.model,
-                train_cfg,
-                run_dir,
-                resume=existing is not None,
-                device=device,
-                preset=spec.presets[0],
-                tables=spec.tables,
-                cells=_cells(spec),
-                scale=spec.scale,
-                progress=progress,
+            record = train_planned(
+                spec, run_dir, train_cfg, resume=existing is not None, device=device, progress=progress
             )
         except RunError as exc:  # locked by another process, a corrupt checkpoint, ...: this run only
             fail(head, spec.name, f"skipped: {exc}")
